@@ -1,0 +1,63 @@
+"""The small interfaces rlhf-algos talks to. rlhf-hybrid implements them with DeepSpeed engines;
+``rlhf_algos.testing`` implements them with plain torch modules for unit tests.
+
+Shapes: ``B`` rows, ``P`` prompt columns (left-padded), ``L`` total columns.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class ScoringPolicy(Protocol):
+    """A causal LM that scores tokens (the frozen reference policy)."""
+
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 1, *,
+                       temperature: float = 1.0, return_entropy: bool = False):
+        """Log-probs (B, L - start) of ``input_ids[:, start:]``; with entropy, a (logprobs, entropy) pair."""
+        ...
+
+    def train(self) -> None: ...
+
+    def eval(self) -> None: ...
+
+
+@runtime_checkable
+class TrainablePolicy(ScoringPolicy, Protocol):
+    """A policy that also generates and learns (the actor)."""
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                 do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+        """(B, P + R) sequences; rows that stopped early are padded after their EOS."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+
+@runtime_checkable
+class ValueFunction(Protocol):
+    """A trainable critic: per-position values (B, L)."""
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+    def train(self) -> None: ...
+
+    def eval(self) -> None: ...
+
+
+@runtime_checkable
+class RewardFunction(Protocol):
+    """Sequence-level reward: a reward model's score or a verifier. Returns (B,) float."""
+
+    def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                 meta: list[dict]) -> torch.Tensor: ...

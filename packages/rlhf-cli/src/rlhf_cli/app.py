@@ -1,0 +1,242 @@
+"""The ``rlhf`` command line. Thin: parse, load the config, call one library function."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import typer
+
+from .config import ConfigError, all_keys, load_config
+
+app = typer.Typer(
+    name="rlhf",
+    help="RLHF for chat language models: SFT -> reward model -> PPO in one command.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+algos_app = typer.Typer(help="Registered algorithms.", no_args_is_help=True)
+app.add_typer(algos_app, name="algos")
+
+STAGE_CHOICES = ("sft", "rm", "ppo", "all")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _quiet_libraries() -> None:
+    # Library chatter that buries the progress bars; our own errors still surface.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="deepspeed")
+    warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def _keys_help() -> str:
+    lines = []
+    for key, (t, default, doc) in all_keys().items():
+        lines.append(f"{key} ({t.__name__}, default {default!r}): {doc}")
+    return "\n".join(lines)
+
+
+@app.command(
+    help="Run pipeline stages: sft, rm, ppo, or all (sft -> rm -> ppo). Settings come from --config (YAML), "
+    "then KEY=VALUE overrides, then the explicit options. See `rlhf config-keys` for every key."
+)
+def run(
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...",
+                                          help="Config overrides with dotted keys, e.g. ppo.kl_coef=0.05 sft.epochs=3."),
+    stage: str = typer.Option("all", "--stage", "-s", help="Which stage(s): sft, rm, ppo or all."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config file (see configs/)."),
+    out: str = typer.Option(None, "--out", "-o", help="Output directory (default: rlhf-out)."),
+    actor_model: str = typer.Option(None, "--actor-model",
+                                    help="HF hub name or local directory of the causal LM to start SFT from "
+                                         "(default: the demo's tiny Llama)."),
+    reward_model: str = typer.Option(None, "--reward-model",
+                                     help="HF hub name or local directory for the reward model and critic "
+                                          "(fresh value head; default: the SFT model)."),
+    zero_stage: int = typer.Option(None, "--zero-stage", help="DeepSpeed ZeRO stage 0-3."),
+    nproc: int = typer.Option(None, "--nproc", help="Processes on this machine (>1 relaunches under torchrun)."),
+    seed: int = typer.Option(None, "--seed", help="Global seed."),
+) -> None:
+    if stage not in STAGE_CHOICES:
+        _fail(f"--stage: {stage!r} is not a stage; allowed: {', '.join(STAGE_CHOICES)}")
+    try:
+        cfg = load_config(str(config) if config else None, overrides or [], out=out, seed=seed,
+                          **{"model.actor_model": actor_model, "model.reward_model": reward_model,
+                             "deepspeed.zero_stage": zero_stage, "deepspeed.nproc": nproc})
+    except ConfigError as e:
+        _fail(str(e))
+    for key, path in (("--actor-model", cfg.model.actor_model), ("--reward-model", cfg.model.reward_model)):
+        if path:
+            from rlhf_hybrid import resolve_model_path
+
+            try:
+                resolve_model_path(path)
+            except FileNotFoundError as e:
+                _fail(f"{key}: {e}")
+    if cfg.deepspeed.nproc > 1 and "RANK" not in os.environ:
+        _relaunch(cfg.deepspeed.nproc)
+        return
+    _quiet_libraries()
+    stages = ["sft", "rm", "ppo"] if stage == "all" else [stage]
+    if stage == "all" and cfg.ppo.reward == "verifier":
+        stages = ["sft", "ppo"]
+
+    from rlhf_hybrid import init_distributed
+
+    from .pipeline import PipelineError, run_pipeline, summary_rows
+    from .report import Reporter
+
+    if not os.environ.get("DS_ACCELERATOR"):
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    info = init_distributed()
+    reporter = Reporter(enabled=info.is_main)
+    reporter.print(f"[bold]rlhf run[/] stages={','.join(stages)} out={cfg.out} world_size={info.world_size} "
+                   f"zero_stage={cfg.deepspeed.zero_stage} device={info.device}")
+    try:
+        summary = run_pipeline(cfg, stages, reporter, info.rank, info.world_size)
+    except (PipelineError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    reporter.summary_table(summary_rows(summary))
+    reporter.print(f"outputs in {cfg.out}/ (summary.json, " + ", ".join(f"{s}/" for s in stages) + ")")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _child_args(argv: list[str]) -> list[str]:
+    """``argv`` with ``--nproc N`` rewritten as the equivalent last override ``deepspeed.nproc=N``.
+
+    torchrun's argparse classifies every ``--x`` on its command line, even those after ``-m rlhf_cli``,
+    and rejects ``--nproc`` as an ambiguous abbreviation of its ``--nproc-per-node``/``--nproc_per_node``.
+    """
+    out: list[str] = []
+    nproc = None
+    it = iter(argv)
+    for a in it:
+        if a == "--nproc":
+            nproc = next(it, None)
+        elif a.startswith("--nproc="):
+            nproc = a.partition("=")[2]
+        else:
+            out.append(a)
+    return out + ([f"deepspeed.nproc={nproc}"] if nproc is not None else [])
+
+
+def _relaunch(nproc: int) -> None:
+    """Re-run this very command under torchrun with ``nproc`` local processes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "rlhf_cli", *_child_args(sys.argv[1:])]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    rc = subprocess.call(cmd, env=env)
+    if rc:
+        raise typer.Exit(rc)
+
+
+@app.command(help="Talk to a trained model: one answer with --prompt, or an interactive session without it.")
+def chat(
+    model: Path = typer.Option(..., "--model", "-m", help="A model directory written by `rlhf run` (e.g. rlhf-out/ppo)."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Answer this one prompt and exit."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Answer length limit in tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy decoding; > 0 samples."),
+) -> None:
+    if not (model / "config.json").is_file():
+        _fail(f"--model: {str(model)!r} is not a model directory (no config.json)")
+    if max_new_tokens < 1:
+        _fail(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        _fail(f"--temperature: must be >= 0, got {temperature}")
+    _quiet_libraries()
+    import torch
+    from rlhf_data import encode_prompt
+    from rlhf_hybrid import load_causal_lm, load_tokenizer
+
+    tok = load_tokenizer(str(model))
+    lm = load_causal_lm(str(model)).eval()
+
+    def answer(text: str) -> str:
+        ids = torch.tensor([encode_prompt(tok, text)])
+        with torch.no_grad():
+            out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                              do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                              top_k=None, top_p=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+    if prompt is not None:
+        typer.echo(answer(prompt))
+        return
+    typer.echo("Interactive chat; an empty line or Ctrl-D ends it.")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        typer.echo(f"model> {answer(text)}")
+
+
+@app.command("config-keys", help="List every config key with its type, default and meaning.")
+def config_keys() -> None:
+    typer.echo(_keys_help())
+
+
+@algos_app.command("list", help="Every algorithm registered under the entry-point group rlhf.algorithms.")
+def algos_list() -> None:
+    from importlib.metadata import entry_points
+
+    eps = sorted(entry_points(group="rlhf.algorithms"), key=lambda e: e.name)
+    if not eps:
+        typer.echo("no algorithms registered under the entry-point group 'rlhf.algorithms'")
+        return
+    for ep in eps:
+        cls = ep.load()
+        typer.echo(f"{ep.name}\tdata={getattr(cls, 'data_kind', '?')}\tmodels={','.join(getattr(cls, 'required_models', ()))}"
+                   f"\t({ep.value})")
+
+
+@app.command(help="Print the versions and devices this installation sees.")
+def env() -> None:
+    import platform
+
+    import torch
+
+    typer.echo(f"python {platform.python_version()}  torch {torch.__version__}  cuda {torch.cuda.is_available()}")
+    for mod in ("transformers", "deepspeed", "datasets", "rlhf_data", "rlhf_kernels", "rlhf_hybrid", "rlhf_algos",
+                "rlhf_cli"):
+        try:
+            m = __import__(mod)
+            typer.echo(f"{mod} {getattr(m, '__version__', '?')}")
+        except Exception as e:  # pragma: no cover
+            typer.echo(f"{mod} not importable: {e}")
+
+
+def main() -> None:
+    app()

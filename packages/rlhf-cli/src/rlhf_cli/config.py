@@ -1,0 +1,361 @@
+"""The run configuration: frozen dataclasses, loaded from YAML plus ``key=value`` overrides.
+
+Every field is documented once, here; ``rlhf run --help`` and docs/configuration.md derive from it.
+Unknown keys and malformed values raise :class:`ConfigError` naming the key, the value and what is
+allowed; nothing is silently rewritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value or key (the message names it and what is allowed)."""
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """Models.
+
+    Attributes:
+        actor_model: HF hub name or local directory of a causal LM; "" = the demo's tiny Llama.
+        reward_model: HF hub name or local directory for the reward model and critic (a fresh value
+            head is added); "" = start them from the SFT model.
+        hidden_size: tiny demo model: hidden width.
+        num_layers: tiny demo model: transformer layers.
+        num_heads: tiny demo model: attention heads.
+        intermediate_size: tiny demo model: MLP width.
+    """
+
+    actor_model: str = ""
+    reward_model: str = ""
+    hidden_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 1024
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Data.
+
+    Attributes:
+        task: the data source; only the built-in "demo" (two-digit addition) so far.
+        max_prompt_len: prompt length limit in tokens (keeps the last tokens).
+        max_response_len: response length limit in tokens.
+        sft_carry_error: demo: fraction of SFT demonstrations of carry questions that forget the carry.
+        label_noise: demo: fraction of preference pairs with flipped labels.
+        num_eval: demo: held-out evaluation prompts.
+        num_valid: demo: validation prompts (RL checkpoint selection).
+        pairs_per_prompt: demo: preference pairs per reward-model prompt.
+    """
+
+    task: str = "demo"
+    max_prompt_len: int = 64
+    max_response_len: int = 16
+    sft_carry_error: float = 0.7
+    label_noise: float = 0.1
+    num_eval: int = 300
+    num_valid: int = 200
+    pairs_per_prompt: int = 4
+
+
+@dataclass(frozen=True)
+class DeepSpeedSection:
+    """DeepSpeed.
+
+    Attributes:
+        zero_stage: ZeRO stage 0-3 for every trained and frozen model.
+        dtype: fp32 or bf16 (fp16 on GPU).
+        offload_optimizer: optimizer state on the CPU (ZeRO-Offload, stage >= 1).
+        nproc: processes to launch on this machine (> 1 relaunches under torchrun).
+    """
+
+    zero_stage: int = 0
+    dtype: str = "fp32"
+    offload_optimizer: bool = False
+    nproc: int = 1
+
+
+@dataclass(frozen=True)
+class SFTSection:
+    """Stage 1, supervised fine-tuning.
+
+    Attributes:
+        epochs: passes over the SFT data.
+        lr: AdamW learning rate.
+        batch_size: per-rank micro-batch size.
+        grad_accum: micro-batches per optimizer step.
+        mask_prompt: no loss on prompt tokens (completion-only training).
+        warmup_steps: linear LR warm-up steps.
+    """
+
+    epochs: int = 20
+    lr: float = 1e-3
+    batch_size: int = 64
+    grad_accum: int = 1
+    mask_prompt: bool = True
+    warmup_steps: int = 20
+
+
+@dataclass(frozen=True)
+class RMSection:
+    """Stage 2, reward model.
+
+    Attributes:
+        epochs: passes over the preference pairs.
+        lr: AdamW learning rate.
+        batch_size: per-rank pairs per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        center_coef: weight of the centring term (r_c + r_r)^2 that keeps scores comparable across
+            prompts (a pairwise-only loss learns per-prompt offsets).
+        warmup_steps: linear LR warm-up steps.
+    """
+
+    epochs: int = 4
+    lr: float = 1e-4
+    batch_size: int = 32
+    grad_accum: int = 1
+    center_coef: float = 0.01
+    warmup_steps: int = 20
+
+
+@dataclass(frozen=True)
+class PPOSection:
+    """Stage 3, PPO.
+
+    Attributes:
+        iterations: rollout/learn iterations.
+        rollout_batch_size: prompts per rank per iteration.
+        micro_batch_size: rows per forward/backward when learning.
+        ppo_epochs: passes over each rollout.
+        actor_lr: actor learning rate.
+        critic_lr: critic learning rate.
+        kl_coef: beta of the per-token KL penalty (k1 estimator by default).
+        kl_estimator: k1, k2 or k3.
+        clip_reward: the score is clipped to +-clip_reward.
+        clip_eps: policy clip range.
+        value_clip_eps: value clip range.
+        gamma: GAE discount.
+        lam: GAE lambda.
+        whiten_advantages: normalise advantages per batch.
+        max_new_tokens: response length limit when sampling.
+        temperature: sampling temperature (also used for the "sampled" evaluation).
+        reward: "model" (the trained reward model) or "verifier" (the demo's ground truth).
+        eval_every: iterations between validation evaluations (checkpoint selection).
+        select: "best" keeps the checkpoint with the best validation score, "last" the final one.
+    """
+
+    iterations: int = 60
+    rollout_batch_size: int = 128
+    micro_batch_size: int = 64
+    ppo_epochs: int = 1
+    actor_lr: float = 1e-4
+    critic_lr: float = 5e-4
+    kl_coef: float = 0.1
+    kl_estimator: str = "k1"
+    clip_reward: float = 5.0
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    reward: str = "model"
+    eval_every: int = 5
+    select: str = "best"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one ``rlhf run`` needs.
+
+    Attributes:
+        out: output directory (``<out>/sft``, ``<out>/rm``, ``<out>/ppo``, ``<out>/summary.json``).
+        seed: global seed.
+    """
+
+    out: str = "rlhf-out"
+    seed: int = 42
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    sft: SFTSection = field(default_factory=SFTSection)
+    rm: RMSection = field(default_factory=RMSection)
+    ppo: PPOSection = field(default_factory=PPOSection)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("data.task", self.data.task, ("demo",)),
+            ("deepspeed.zero_stage", self.deepspeed.zero_stage, (0, 1, 2, 3)),
+            ("deepspeed.dtype", self.deepspeed.dtype, ("fp32", "bf16", "fp16")),
+            ("ppo.reward", self.ppo.reward, ("model", "verifier")),
+            ("ppo.select", self.ppo.select, ("best", "last")),
+            ("ppo.kl_estimator", self.ppo.kl_estimator, ("k1", "k2", "k3")),
+        ]
+        for key, value, allowed in checks:
+            if value not in allowed:
+                raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}")
+        positive = ["deepspeed.nproc", "sft.epochs", "sft.batch_size", "sft.grad_accum", "rm.epochs",
+                    "rm.batch_size", "rm.grad_accum", "ppo.iterations", "ppo.rollout_batch_size",
+                    "ppo.micro_batch_size", "ppo.ppo_epochs", "ppo.max_new_tokens", "ppo.eval_every",
+                    "data.max_prompt_len", "data.max_response_len", "data.pairs_per_prompt"]
+        for key in positive:
+            value = get_key(self, key)
+            if value < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {value!r}")
+        for key in ("sft.lr", "rm.lr", "ppo.actor_lr", "ppo.critic_lr", "ppo.temperature"):
+            if get_key(self, key) <= 0:
+                raise ConfigError(f"{key}: must be > 0, got {get_key(self, key)!r}")
+        if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1, got 0")
+
+
+def get_key(cfg, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def field_docs(cls) -> dict[str, str]:
+    """``{field: help}`` parsed from a section's ``Attributes:`` docstring block."""
+    docs: dict[str, str] = {}
+    current = None
+    in_attrs = False
+    for line in (cls.__doc__ or "").splitlines():
+        s = line.strip()
+        if s == "Attributes:":
+            in_attrs = True
+            continue
+        if not in_attrs or not s:
+            continue
+        head, sep, rest = s.partition(":")
+        if sep and head.isidentifier() and head in {f.name for f in dataclasses.fields(cls)}:
+            current = head
+            docs[current] = rest.strip()
+        elif current:
+            docs[current] += " " + s
+    return docs
+
+
+def all_keys(cls=RunConfig, prefix: str = "") -> dict[str, tuple[type, object, str]]:
+    """Every settable dotted key: ``{key: (type, default, help)}``."""
+    out = {}
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            out.update(all_keys(t, prefix + f.name + "."))
+        else:
+            out[prefix + f.name] = (t, getattr(inst, f.name), docs.get(f.name, ""))
+    return out
+
+
+def _convert(key: str, t: type, value):
+    if isinstance(value, str) and t is float:
+        try:
+            return float(value)  # YAML 1.1 reads "1e-3" as a string; a float key accepts it
+        except ValueError:
+            raise ConfigError(f"{key}: {value!r} is not a number") from None
+    if isinstance(value, str) and t is not str:
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: cannot parse {value!r}: {e}") from None
+    if t is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not a boolean; allowed: true, false")
+        return value
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: {value!r} is not an integer")
+        return value
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: {value!r} is not a number")
+        return float(value)
+    if t is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: {value!r} is not a string")
+        return str(value)
+    return value
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def build_config(values: dict[str, object]) -> RunConfig:
+    """A :class:`RunConfig` from flat dotted keys (unknown keys raise, listing the allowed ones)."""
+    keys = all_keys()
+    sections: dict[str, dict] = {}
+    top: dict[str, object] = {}
+    for key, raw in values.items():
+        if key not in keys:
+            close = [k for k in keys if k.split(".")[-1] == key.split(".")[-1]]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}; allowed keys: {', '.join(sorted(keys))}")
+        value = _convert(key, keys[key][0], raw)
+        if "." in key:
+            sec, name = key.split(".", 1)
+            sections.setdefault(sec, {})[name] = value
+        else:
+            top[key] = value
+    hints = typing.get_type_hints(RunConfig)
+    built = {sec: hints[sec](**vals) for sec, vals in sections.items()}
+    try:
+        return RunConfig(**top, **built)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def load_config(path: str | None, overrides: list[str] | None = None, **cli_values) -> RunConfig:
+    """YAML file (optional) <- ``key=value`` overrides <- explicit CLI options (highest)."""
+    values: dict[str, object] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"config file {path!r} is not valid YAML{where}: {problem}") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path!r}: the top level must be a mapping of keys, got {type(data).__name__}")
+        values.update(_flatten(data))
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. ppo.kl_coef=0.05")
+        values[key.strip()] = value
+    values.update({k: v for k, v in cli_values.items() if v is not None})
+    return build_config(values)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

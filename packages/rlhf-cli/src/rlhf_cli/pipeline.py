@@ -1,0 +1,551 @@
+"""The three-stage pipeline: SFT -> reward model -> PPO, composed from the other packages.
+
+Each stage reads the previous stage's output directory, so stages can be run one at a time
+(``rlhf run --stage rm`` after ``--stage sft``) or together (``--stage all``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .report import Reporter
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sft", "rm", "ppo")
+
+
+class PipelineError(RuntimeError):
+    """A problem with the run's inputs or outputs (missing previous stage, bad model, ...)."""
+
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    reporter: Reporter
+    rank: int = 0
+    world_size: int = 1
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.out / stage
+
+
+# ----------------------------------------------------------------------------------------------
+# shared helpers
+# ----------------------------------------------------------------------------------------------
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _task(cfg: RunConfig):
+    from rlhf_data import AdditionTask, AdditionTaskConfig
+
+    d = cfg.data
+    return AdditionTask(AdditionTaskConfig(num_eval=d.num_eval, num_valid=d.num_valid,
+                                           sft_carry_error=d.sft_carry_error, label_noise=d.label_noise,
+                                           pairs_per_prompt=d.pairs_per_prompt,
+                                           seed=cfg.seed))
+
+
+def _tok_cfg(cfg: RunConfig):
+    from rlhf_data import TokenizeConfig
+
+    return TokenizeConfig(max_prompt_len=cfg.data.max_prompt_len, max_response_len=cfg.data.max_response_len)
+
+
+def _engine_cfg(cfg: RunConfig, *, lr: float, batch: int, grad_accum: int = 1, warmup: int = 0, decay: int = 0):
+    from rlhf_hybrid import EngineConfig
+
+    ds = cfg.deepspeed
+    return EngineConfig(zero_stage=ds.zero_stage, dtype=ds.dtype, lr=lr, micro_batch_size=batch,
+                        grad_accum=grad_accum, offload_optimizer=ds.offload_optimizer, warmup_steps=warmup,
+                        decay_steps=decay)
+
+
+def _require_stage_output(ctx: Context, stage: str, needed_by: str) -> Path:
+    d = ctx.stage_dir(stage)
+    if not (d / "config.json").is_file():
+        raise PipelineError(
+            f"--stage {needed_by} needs the {stage} stage's output at {d} (no config.json there); "
+            f"run `rlhf run --stage {stage}` first or use --stage all"
+        )
+    return d
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _run_card(ctx: Context, stage: str, metrics: dict) -> str:
+    import json
+    import platform
+
+    import rlhf_algos
+    import rlhf_data
+    import rlhf_hybrid
+    import rlhf_kernels
+    import transformers
+
+    from . import __version__
+
+    try:
+        import deepspeed
+
+        ds_version = deepspeed.__version__
+    except Exception:  # pragma: no cover
+        ds_version = None
+    card = {
+        "stage": stage,
+        "command": " ".join(sys.argv),
+        "seed": ctx.cfg.seed,
+        "world_size": ctx.world_size,
+        "config": asdict(ctx.cfg),
+        "metrics": metrics,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "deepspeed": ds_version,
+            "rlhf-cli": __version__,
+            "rlhf-data": rlhf_data.__version__,
+            "rlhf-algos": rlhf_algos.__version__,
+            "rlhf-hybrid": rlhf_hybrid.__version__,
+            "rlhf-kernels": rlhf_kernels.__version__,
+        },
+    }
+    return json.dumps(card, indent=2, default=str) + "\n"
+
+
+def _save(ctx: Context, engine, stage: str, tokenizer, metrics: dict) -> None:
+    """Write ``<out>/<stage>`` atomically: model, tokenizer, run card (collective under ZeRO-3)."""
+    from rlhf_hybrid import save_hf_checkpoint
+
+    state = engine.full_state_dict()
+    if ctx.is_main:
+        jsonl = ctx.out / f".{stage}.metrics.jsonl"
+        extra = {"run_card.json": _run_card(ctx, stage, metrics)}
+        if jsonl.exists():
+            extra["metrics.jsonl"] = jsonl.read_text()
+        save_hf_checkpoint(engine.module, state, str(ctx.stage_dir(stage)), tokenizer, extra_files=extra)
+        jsonl.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 1: SFT
+# ----------------------------------------------------------------------------------------------
+def _sft_eval_loss(engine, examples: list[dict], pad_id: int, mask_prompt: bool, batch: int = 64) -> float:
+    from rlhf_algos.functional import sft_loss
+    from rlhf_data import IGNORE_INDEX, collate_sft
+
+    engine.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in _batches(examples, batch):
+            b = collate_sft(chunk, pad_id, mask_prompt=mask_prompt)
+            lp = engine.token_logprobs(b["input_ids"], b["attention_mask"], 1)
+            mask = (b["labels"][:, 1:] != IGNORE_INDEX).float().to(lp.device)
+            out = sft_loss(lp.float(), mask)
+            total += out.loss.item() * out.num_tokens.item()
+            count += out.num_tokens.item()
+    engine.train()
+    return total / max(count, 1)
+
+
+def run_sft(ctx: Context) -> dict:
+    from rlhf_algos.functional import sft_loss
+    from rlhf_data import IGNORE_INDEX, collate_sft, encode_pair, train_demo_tokenizer
+    from rlhf_hybrid import HybridEngine, load_causal_lm, load_tokenizer, tiny_llama_config
+
+    cfg, s = ctx.cfg, ctx.cfg.sft
+    _seed(cfg.seed)
+    task = _task(cfg)
+    if cfg.model.actor_model:
+        tokenizer = load_tokenizer(cfg.model.actor_model)
+        model = load_causal_lm(cfg.model.actor_model)
+    else:
+        from transformers import LlamaForCausalLM
+
+        tokenizer = train_demo_tokenizer(task.corpus())
+        m = cfg.model
+        model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
+                                                   num_heads=m.num_heads, intermediate_size=m.intermediate_size,
+                                                   pad_token_id=tokenizer.pad_token_id,
+                                                   eos_token_id=tokenizer.eos_token_id))
+    if len(tokenizer) > model.config.vocab_size:
+        raise PipelineError(f"model.actor_model: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                            f"{model.config.vocab_size}")
+    tc = _tok_cfg(cfg)
+    train = [encode_pair(tokenizer, r.prompt, r.response, tc) for r in task.sft_records("sft")]
+    evals = [encode_pair(tokenizer, r.prompt, r.response, tc) for r in task.sft_records("eval")]
+    rng = random.Random(cfg.seed)
+    steps_per_epoch = len(train) // (s.batch_size * ctx.world_size)
+    total = steps_per_epoch * s.epochs
+    engine = HybridEngine(model, _engine_cfg(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
+                                             warmup=s.warmup_steps))
+    pad = tokenizer.pad_token_id
+    loss_before = _sft_eval_loss(engine, evals, pad, s.mask_prompt)
+    t0 = time.perf_counter()
+    jsonl = ctx.out / ".sft.metrics.jsonl"
+    step = 0
+    with ctx.reporter.stage("sft", total, jsonl) as rep:
+        rep.log({"stage": "sft", "step": 0, "eval_loss": loss_before})
+        for epoch in range(s.epochs):
+            order = list(range(len(train)))
+            rng.shuffle(order)
+            mine = order[ctx.rank :: ctx.world_size]
+            for i in range(steps_per_epoch):
+                chunk = [train[j] for j in mine[i * s.batch_size : (i + 1) * s.batch_size]]
+                b = collate_sft(chunk, pad, mask_prompt=s.mask_prompt)
+                lp = engine.token_logprobs(b["input_ids"], b["attention_mask"], 1)
+                mask = (b["labels"][:, 1:] != IGNORE_INDEX).float().to(lp.device)
+                loss = sft_loss(lp, mask).loss
+                engine.backward(loss)
+                engine.step()
+                step += 1
+                row = {"stage": "sft", "step": step, "epoch": epoch, "loss": loss.item()}
+                rep.update(show={"epoch": epoch + 1, "loss": loss.item()}, log=row)
+            eval_loss = _sft_eval_loss(engine, evals, pad, s.mask_prompt)
+            rep.update(advance=0, show={"epoch": epoch + 1, "eval_loss": eval_loss},
+                       log={"stage": "sft", "step": step, "epoch": epoch, "eval_loss": eval_loss})
+    loss_after = _sft_eval_loss(engine, evals, pad, s.mask_prompt)
+    wall = time.perf_counter() - t0
+    metrics = {"eval_loss_before": loss_before, "eval_loss_after": loss_after, "train_steps": step}
+    _save(ctx, engine, "sft", tokenizer, metrics)
+    del engine
+    return metrics | {"wall_seconds": wall}
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 2: reward model
+# ----------------------------------------------------------------------------------------------
+def _pair_examples(tokenizer, records, tc) -> list[dict]:
+    from rlhf_data import encode_pair
+
+    out = []
+    for r in records:
+        c = encode_pair(tokenizer, r.prompt, r.chosen, tc)
+        j = encode_pair(tokenizer, r.prompt, r.rejected, tc)
+        out.append({"chosen_ids": c["input_ids"], "rejected_ids": j["input_ids"],
+                    "flipped": bool(r.meta.get("flipped", False))})
+    return out
+
+
+def _rm_scores(engine, pairs: list[dict], pad_id: int, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    from rlhf_data import collate_pairs
+
+    chosen, rejected = [], []
+    engine.eval()
+    with torch.no_grad():
+        for chunk in _batches(pairs, batch):
+            b = collate_pairs(chunk, pad_id)
+            s = engine.score(b["input_ids"], b["attention_mask"]).cpu()
+            chosen.append(s[: len(chunk)])
+            rejected.append(s[len(chunk) :])
+    engine.train()
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def _rm_accuracy(engine, pairs: list[dict], pad_id: int) -> dict:
+    """Held-out accuracy against the verifier's true labels (label-noise flips undone)."""
+    c, r = _rm_scores(engine, pairs, pad_id)
+    flipped = torch.tensor([p["flipped"] for p in pairs])
+    # a tie counts half: an untrained (constant) reward model scores 0.5, not 0
+    wins = (c > r).float() + 0.5 * (c == r).float()
+    correct_wins = torch.where(flipped, 1.0 - wins, wins)
+    return {"accuracy": correct_wins.mean().item(), "accuracy_noisy_labels": wins.mean().item(),
+            "score_mean": torch.cat([c, r]).mean().item()}
+
+
+def run_rm(ctx: Context) -> dict:
+    from rlhf_algos.functional import pairwise_reward_loss
+    from rlhf_data import collate_pairs
+    from rlhf_hybrid import HybridEngine, ValueModel, load_tokenizer
+
+    cfg, s = ctx.cfg, ctx.cfg.rm
+    _seed(cfg.seed + 1)
+    task = _task(cfg)
+    sft_dir = _require_stage_output(ctx, "sft", "rm")
+    tokenizer = load_tokenizer(str(sft_dir))
+    base = cfg.model.reward_model or str(sft_dir)
+    model = ValueModel.from_pretrained(base)
+    if len(tokenizer) > model.config.vocab_size:
+        raise PipelineError(f"model.reward_model: {base!r} has vocab_size {model.config.vocab_size} but the actor's "
+                            f"tokenizer has {len(tokenizer)} tokens; the reward model must share the actor's tokenizer")
+    tc = _tok_cfg(cfg)
+    train = _pair_examples(tokenizer, task.preference_records("rm"), tc)
+    heldout = _pair_examples(tokenizer, task.preference_records("eval"), tc)
+    steps_per_epoch = len(train) // (s.batch_size * ctx.world_size)
+    total = steps_per_epoch * s.epochs
+    engine = HybridEngine(model, _engine_cfg(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
+                                             warmup=s.warmup_steps, decay=total // s.grad_accum))
+    pad = tokenizer.pad_token_id
+    before = _rm_accuracy(engine, heldout, pad)
+    rng = random.Random(cfg.seed + 1)
+    t0 = time.perf_counter()
+    step = 0
+    with ctx.reporter.stage("rm", total, ctx.out / ".rm.metrics.jsonl") as rep:
+        rep.log({"stage": "rm", "step": 0, **{f"heldout_{k}": v for k, v in before.items()}})
+        for epoch in range(s.epochs):
+            order = list(range(len(train)))
+            rng.shuffle(order)
+            mine = order[ctx.rank :: ctx.world_size]
+            for i in range(steps_per_epoch):
+                chunk = [train[j] for j in mine[i * s.batch_size : (i + 1) * s.batch_size]]
+                b = collate_pairs(chunk, pad)
+                scores = _score_rows(engine, b["input_ids"], b["attention_mask"])
+                out = pairwise_reward_loss(scores[: len(chunk)], scores[len(chunk) :], center_coef=s.center_coef)
+                engine.backward(out.loss)
+                engine.step()
+                step += 1
+                rep.update(show={"epoch": epoch + 1, "loss": out.loss.item(), "acc": float(out.accuracy)},
+                           log={"stage": "rm", "step": step, "loss": out.loss.item(), "train_accuracy": float(out.accuracy),
+                                "margin": float(out.margin)})
+            acc = _rm_accuracy(engine, heldout, pad)
+            rep.update(advance=0, show={"epoch": epoch + 1, "heldout_acc": acc["accuracy"]},
+                       log={"stage": "rm", "step": step, **{f"heldout_{k}": v for k, v in acc.items()}})
+    after = _rm_accuracy(engine, heldout, pad)
+    wall = time.perf_counter() - t0
+    metrics = {"heldout_accuracy": after["accuracy"], "heldout_accuracy_before": before["accuracy"],
+               "heldout_accuracy_noisy_labels": after["accuracy_noisy_labels"], "train_steps": step}
+    _save(ctx, engine, "rm", tokenizer, metrics)
+    del engine
+    return metrics | {"wall_seconds": wall}
+
+
+def _score_rows(engine, input_ids, attention_mask) -> torch.Tensor:
+    """Reward at each row's last real token, with gradients (training the RM). (B,)."""
+    from rlhf_hybrid import last_token_index
+
+    v = engine.values(input_ids, attention_mask)
+    idx = last_token_index(attention_mask.to(v.device))
+    return v.gather(1, idx[:, None]).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 3: PPO
+# ----------------------------------------------------------------------------------------------
+class ModelReward:
+    """Reward = the frozen reward model's score at the last real token."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def __call__(self, sequences, attention_mask, prompt_len, meta):
+        return self.engine.score(sequences, attention_mask)
+
+
+class VerifierReward:
+    """Reward = the demo task's verifier on the decoded response (1.0 right, 0.0 wrong)."""
+
+    def __init__(self, task, tokenizer) -> None:
+        self.task, self.tokenizer = task, tokenizer
+
+    def __call__(self, sequences, attention_mask, prompt_len, meta):
+        texts = decode_responses(self.tokenizer, sequences, attention_mask, prompt_len)
+        return torch.tensor([self.task.verify(t, m) for t, m in zip(texts, meta, strict=True)])
+
+
+def decode_responses(tokenizer, sequences, attention_mask, prompt_len) -> list[str]:
+    out = []
+    for row, m in zip(sequences[:, prompt_len:], attention_mask[:, prompt_len:], strict=True):
+        ids = row[m.bool()].tolist()
+        out.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return out
+
+
+def _prompt_examples(tokenizer, records, tc) -> list[dict]:
+    from rlhf_data import encode_prompt
+
+    return [{"input_ids": encode_prompt(tokenizer, r.prompt, tc), "meta": r.meta} for r in records]
+
+
+def evaluate_policy(actor, tokenizer, task, prompts: list[dict], *, do_sample: bool, temperature: float,
+                    max_new_tokens: int, batch: int = 256, reference=None) -> dict:
+    """Verifier score (and KL to ``reference`` when given) of the policy on ``prompts``.
+
+    Every rank evaluates the same prompts (generation gathers ZeRO-3 weights collectively).
+    """
+    from rlhf_algos import response_mask_from
+    from rlhf_algos.functional import kl_penalty
+    from rlhf_data import collate_prompts
+
+    scores, kls = [], []
+    for chunk in _batches(prompts, batch):
+        b = collate_prompts(chunk, tokenizer.pad_token_id)
+        seqs = actor.generate(b["input_ids"], b["attention_mask"], max_new_tokens=max_new_tokens, do_sample=do_sample,
+                              temperature=temperature, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id).cpu()
+        P = b["input_ids"].shape[1]
+        rmask = response_mask_from(seqs, P, tokenizer.eos_token_id)
+        attn = torch.cat([b["attention_mask"], rmask.long()], dim=1)
+        texts = decode_responses(tokenizer, seqs, attn, P)
+        scores += [task.verify(t, m) for t, m in zip(texts, b["meta"], strict=True)]
+        if reference is not None:
+            with torch.no_grad():
+                lp = actor.token_logprobs(seqs, attn, P, temperature=temperature).float().cpu()
+                ref = reference.token_logprobs(seqs, attn, P, temperature=temperature).float().cpu()
+            kls.append((kl_penalty(lp, ref, "k1") * rmask).sum(dim=1))
+    out = {"verifier_score": sum(scores) / max(len(scores), 1)}
+    if kls:
+        out["kl_to_ref"] = torch.cat(kls).mean().item()
+    return out
+
+
+def run_ppo(ctx: Context) -> dict:
+    from rlhf_algos import PPO, PPOConfig
+    from rlhf_data import collate_prompts
+    from rlhf_hybrid import HybridEngine, ValueModel, all_reduce_mean, load_causal_lm, load_tokenizer
+
+    cfg, p = ctx.cfg, ctx.cfg.ppo
+    _seed(cfg.seed + 2 + 1000 * ctx.rank)  # ranks sample different responses
+    task = _task(cfg)
+    sft_dir = _require_stage_output(ctx, "sft", "ppo")
+    tokenizer = load_tokenizer(str(sft_dir))
+    tc = _tok_cfg(cfg)
+    actor = HybridEngine(load_causal_lm(str(sft_dir)), _engine_cfg(cfg, lr=p.actor_lr, batch=p.micro_batch_size))
+    reference = HybridEngine(load_causal_lm(str(sft_dir)), _engine_cfg(cfg, lr=p.actor_lr, batch=p.micro_batch_size),
+                             trainable=False)
+    if p.reward == "model":
+        rm_dir = _require_stage_output(ctx, "rm", "ppo")
+        critic_model = ValueModel.from_pretrained(str(rm_dir))
+        reward_engine = HybridEngine(ValueModel.from_pretrained(str(rm_dir)),
+                                     _engine_cfg(cfg, lr=p.critic_lr, batch=p.micro_batch_size), trainable=False)
+        reward_fn = ModelReward(reward_engine)
+    else:
+        # With the verifier as reward there is no reward model: the critic starts from the SFT model.
+        critic_model = ValueModel.from_pretrained(str(sft_dir))
+        reward_fn = VerifierReward(task, tokenizer)
+    critic = HybridEngine(critic_model, _engine_cfg(cfg, lr=p.critic_lr, batch=p.micro_batch_size))
+    algo = PPO(PPOConfig(kl_coef=p.kl_coef, kl_estimator=p.kl_estimator, clip_reward=p.clip_reward, gamma=p.gamma,
+                         lam=p.lam, clip_eps=p.clip_eps, value_clip_eps=p.value_clip_eps, ppo_epochs=p.ppo_epochs,
+                         micro_batch_size=p.micro_batch_size, whiten_advantages=p.whiten_advantages,
+                         max_new_tokens=p.max_new_tokens, temperature=p.temperature),
+               actor, reference, critic, reward_fn, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, reduce_metrics=all_reduce_mean, seed=cfg.seed + ctx.rank)
+
+    train_prompts = _prompt_examples(tokenizer, task.prompt_records("rl"), tc)
+    valid_prompts = _prompt_examples(tokenizer, task.prompt_records("valid"), tc)
+    eval_prompts = _prompt_examples(tokenizer, task.prompt_records("eval"), tc)
+    ev = dict(tokenizer=tokenizer, task=task, max_new_tokens=p.max_new_tokens, temperature=p.temperature)
+
+    def held_out(tag: str) -> dict:
+        greedy = evaluate_policy(actor, prompts=eval_prompts, do_sample=False, **ev)
+        sampled = evaluate_policy(actor, prompts=eval_prompts, do_sample=True, reference=reference, **ev)
+        return {f"verifier_score_{tag}": greedy["verifier_score"],
+                f"verifier_score_sampled_{tag}": sampled["verifier_score"], f"kl_to_ref_{tag}": sampled["kl_to_ref"]}
+
+    before = held_out("before")
+    best_score = evaluate_policy(actor, prompts=valid_prompts, do_sample=False, **ev)["verifier_score"]
+    best_iter, best_state = 0, None
+    rng = random.Random(cfg.seed + 7)
+    order: list[int] = []
+    t0 = time.perf_counter()
+    with ctx.reporter.stage("ppo", p.iterations, ctx.out / ".ppo.metrics.jsonl") as rep:
+        rep.log({"stage": "ppo", "iteration": 0, "valid_verifier_score": best_score, **before})
+        for it in range(1, p.iterations + 1):
+            # prompts for this rank: a seeded shuffle shared by all ranks, then every rank takes its slice
+            need = p.rollout_batch_size * ctx.world_size
+            while len(order) < need:
+                perm = list(range(len(train_prompts)))
+                rng.shuffle(perm)
+                order += perm
+            take, order = order[:need], order[need:]
+            chunk = [train_prompts[j] for j in take[ctx.rank :: ctx.world_size]]
+            b = collate_prompts(chunk, tokenizer.pad_token_id)
+            exp = algo.generate_experience(b["input_ids"], b["attention_mask"], b["meta"])
+            metrics = algo.learn(exp)
+            metrics |= {k: v for k, v in actor.timings.items()}
+            row = {"stage": "ppo", "iteration": it, **metrics}
+            if it % p.eval_every == 0 or it == p.iterations:
+                valid = evaluate_policy(actor, prompts=valid_prompts, do_sample=False, **ev)["verifier_score"]
+                row["valid_verifier_score"] = valid
+                if p.select == "best" and valid > best_score:
+                    best_score, best_iter, best_state = valid, it, actor.full_state_dict()
+            rep.update(show={"reward": metrics["reward_mean"], "kl": metrics["kl_to_ref"],
+                             "valid": row.get("valid_verifier_score", float("nan")) if "valid_verifier_score" in row
+                             else best_score}, log=row)
+    wall = time.perf_counter() - t0
+    if p.select == "best":
+        if best_state is not None:
+            actor.load_full_state_dict(best_state)
+        ctx.reporter.print(f"ppo: keeping the checkpoint of iteration {best_iter} "
+                           f"(validation greedy verifier score {best_score:.3f})")
+    after = held_out("after")
+    metrics = {**before, **after, "kl_to_ref": after["kl_to_ref_after"], "selected_iteration": best_iter
+               if p.select == "best" else p.iterations, "reward": p.reward}
+    _save(ctx, actor, "ppo", tokenizer, metrics)
+    return metrics | {"wall_seconds": wall}
+
+
+# ----------------------------------------------------------------------------------------------
+def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: int = 0, world_size: int = 1) -> dict:
+    """Run ``stages`` in order and write ``<out>/summary.json`` (merged with an earlier one)."""
+    import json
+
+    from rlhf_hybrid import barrier, write_json_atomic
+
+    ctx = Context(cfg, reporter, rank, world_size)
+    summary_path = ctx.out / "summary.json"
+    summary: dict = {}
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError:
+            summary = {}
+    summary.setdefault("wall_seconds", {})
+    runners = {"sft": run_sft, "rm": run_rm, "ppo": run_ppo}
+    t_all = time.perf_counter()
+    for stage in stages:
+        t0 = time.perf_counter()
+        result = runners[stage](ctx)
+        result.pop("wall_seconds", None)
+        summary[stage] = result
+        summary["wall_seconds"][stage] = round(time.perf_counter() - t0, 2)
+        barrier()
+    summary["wall_seconds"]["total"] = round(time.perf_counter() - t_all, 2)
+    if ctx.is_main:
+        write_json_atomic(summary_path, summary)
+    return summary
+
+
+def summary_rows(summary: dict) -> list[tuple[str, str, str, str, str]]:
+    def f(x):
+        return "-" if x is None else (f"{x:.4f}" if isinstance(x, float) and not math.isnan(x) else str(x))
+
+    w = summary.get("wall_seconds", {})
+    rows = []
+    if "sft" in summary:
+        s = summary["sft"]
+        rows.append(("sft", "eval loss", f(s.get("eval_loss_before")), f(s.get("eval_loss_after")), f"{w.get('sft', 0):.0f} s"))
+    if "rm" in summary:
+        s = summary["rm"]
+        rows.append(("rm", "held-out pairwise accuracy", f(s.get("heldout_accuracy_before")),
+                     f(s.get("heldout_accuracy")), f"{w.get('rm', 0):.0f} s"))
+    if "ppo" in summary:
+        s = summary["ppo"]
+        rows.append(("ppo", "verifier score, greedy", f(s.get("verifier_score_before")), f(s.get("verifier_score_after")),
+                     f"{w.get('ppo', 0):.0f} s"))
+        rows.append(("ppo", "verifier score, sampled", f(s.get("verifier_score_sampled_before")),
+                     f(s.get("verifier_score_sampled_after")), ""))
+        rows.append(("ppo", "KL to reference", f(s.get("kl_to_ref_before")), f(s.get("kl_to_ref_after")), ""))
+    return rows

@@ -1,0 +1,89 @@
+"""Progress bars, metrics JSONL and the final summary table (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class Reporter:
+    """Shows live progress on rank 0 and appends every metrics row to ``<stage dir>/metrics.jsonl``."""
+
+    def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
+        self.enabled = enabled
+        self.console = console or Console(stderr=True)
+        self._progress: Progress | None = None
+        self._task = None
+        self._jsonl: Path | None = None
+
+    def print(self, *args, **kw) -> None:
+        if self.enabled:
+            self.console.print(*args, **kw)
+
+    @contextmanager
+    def stage(self, name: str, total: int, jsonl: Path | None):
+        """A progress bar for one stage; ``update`` advances it with live metrics."""
+        self._jsonl = jsonl
+        if jsonl is not None and self.enabled:
+            jsonl.parent.mkdir(parents=True, exist_ok=True)
+            jsonl.write_text("")
+        if not self.enabled:
+            yield self
+            return
+        self._progress = Progress(
+            TextColumn(f"[bold cyan]{name:>4}[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=self.console,
+            transient=False,
+        )
+        with self._progress:
+            self._task = self._progress.add_task(name, total=total, metrics="")
+            yield self
+        self._progress = None
+
+    def update(self, advance: int = 1, show: dict | None = None, log: dict | None = None) -> None:
+        """Advance the bar, show ``show`` next to it, and append ``log`` to metrics.jsonl."""
+        if not self.enabled:
+            return
+        if log is not None and self._jsonl is not None:
+            with self._jsonl.open("a") as f:
+                f.write(json.dumps({"time": round(time.time(), 3), **log}) + "\n")
+        if self._progress is not None:
+            text = "  ".join(f"{k}={_fmt(v)}" for k, v in (show or {}).items())
+            self._progress.update(self._task, advance=advance, metrics=text)
+
+    def log(self, row: dict) -> None:
+        self.update(advance=0, log=row)
+
+    def summary_table(self, rows: list[tuple[str, str, str, str, str]]) -> None:
+        if not self.enabled:
+            return
+        table = Table(title="rlhf run summary")
+        for col in ("stage", "metric", "before", "after", "wall time"):
+            table.add_column(col)
+        for row in rows:
+            table.add_row(*row)
+        self.console.print(table)

@@ -1,0 +1,130 @@
+"""rlhf_cli.config: YAML <- key=value overrides <- explicit options, type conversion, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from rlhf_cli.config import ConfigError, RunConfig, all_keys, build_config, load_config
+
+
+def write(tmp_path, text: str):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_without_any_input() -> None:
+    assert load_config(None, []) == RunConfig()
+
+
+def test_precedence_yaml_then_overrides_then_options(tmp_path) -> None:
+    path = write(tmp_path, "seed: 1\nsft:\n  epochs: 3\n  lr: 0.01\nppo:\n  kl_coef: 0.2\n")
+    cfg = load_config(path, ["sft.epochs=5", "ppo.kl_coef=0.3", "ppo.kl_coef=0.4"], seed=9)
+    assert cfg.sft.epochs == 5  # override beats YAML
+    assert cfg.sft.lr == 0.01  # YAML beats default
+    assert cfg.ppo.kl_coef == 0.4  # the last override wins
+    assert cfg.seed == 9  # explicit option beats YAML
+    assert cfg.rm == RunConfig().rm  # untouched sections keep their defaults
+
+
+def test_explicit_option_beats_override_and_none_means_unset(tmp_path) -> None:
+    cfg = load_config(None, ["deepspeed.zero_stage=2", "out=a"], **{"deepspeed.zero_stage": 3, "out": None})
+    assert cfg.deepspeed.zero_stage == 3
+    assert cfg.out == "a"
+
+
+@pytest.mark.parametrize(
+    ("item", "key", "expected"),
+    [
+        ("sft.lr=1e-3", "sft.lr", 1e-3),  # YAML 1.1 reads 1e-3 as a string; a float key accepts it
+        ("sft.lr=5E-4", "sft.lr", 5e-4),
+        ("sft.lr=2", "sft.lr", 2.0),  # an int where a float is expected
+        ("sft.mask_prompt=false", "sft.mask_prompt", False),
+        ("sft.mask_prompt=true", "sft.mask_prompt", True),
+        ("deepspeed.offload_optimizer=True", "deepspeed.offload_optimizer", True),
+        ("sft.epochs=7", "sft.epochs", 7),
+        ("model.actor_model=./m", "model.actor_model", "./m"),
+        ("out=123", "out", "123"),  # a str key keeps digits as text
+    ],
+)
+def test_override_type_conversion(item: str, key: str, expected) -> None:
+    extra = ["deepspeed.zero_stage=1"] if "offload" in item else []
+    cfg = load_config(None, [item, *extra])
+    section, _, name = key.rpartition(".")
+    value = getattr(getattr(cfg, section), name) if section else getattr(cfg, name)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_yaml_types_convert_too(tmp_path) -> None:
+    path = write(tmp_path, "sft:\n  lr: 1e-3\n  mask_prompt: false\nppo:\n  temperature: 1\n")
+    cfg = load_config(path)
+    assert cfg.sft.lr == 1e-3 and isinstance(cfg.sft.lr, float)
+    assert cfg.sft.mask_prompt is False
+    assert cfg.ppo.temperature == 1.0 and isinstance(cfg.ppo.temperature, float)
+
+
+def test_empty_yaml_is_the_defaults(tmp_path) -> None:
+    assert load_config(write(tmp_path, "# nothing\n")) == RunConfig()
+
+
+@pytest.mark.parametrize(
+    ("items", "needles"),
+    [
+        (["sft.lr=abc"], ["sft.lr", "'abc'", "not a number"]),
+        (["sft.epochs=2.5"], ["sft.epochs", "2.5", "not an integer"]),
+        (["sft.epochs=true"], ["sft.epochs", "True", "not an integer"]),
+        (["sft.mask_prompt=maybe"], ["sft.mask_prompt", "'maybe'", "allowed: true, false"]),
+        (["deepspeed.zero_stage=7"], ["deepspeed.zero_stage", "7", "allowed: 0, 1, 2, 3"]),
+        (["deepspeed.dtype=fp8"], ["deepspeed.dtype", "'fp8'", "'fp32'", "'bf16'"]),
+        (["ppo.reward=human"], ["ppo.reward", "'human'", "'model'", "'verifier'"]),
+        (["ppo.kl_estimator=k4"], ["ppo.kl_estimator", "'k4'", "'k1'"]),
+        (["ppo.select=worst"], ["ppo.select", "'worst'", "'best'", "'last'"]),
+        (["data.task=hh"], ["data.task", "'hh'", "'demo'"]),
+        (["sft.epochs=0"], ["sft.epochs", ">= 1", "0"]),
+        (["ppo.actor_lr=0"], ["ppo.actor_lr", "> 0"]),
+        (["deepspeed.offload_optimizer=true"], ["deepspeed.offload_optimizer", "zero_stage"]),
+        (["bogus.key=1"], ["unknown config key 'bogus.key'", "allowed keys", "sft.epochs"]),
+        (["ppo.epochs=1"], ["unknown config key 'ppo.epochs'", "did you mean sft.epochs, rm.epochs"]),
+        (["sft.epochs"], ["'sft.epochs'", "expected key=value"]),
+        (["=3"], ["'=3'", "expected key=value"]),
+    ],
+)
+def test_errors_name_key_value_and_allowed(items: list[str], needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, items)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, (n, msg)
+
+
+def test_yaml_errors(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match=r"not valid YAML at line 2"):
+        load_config(write(tmp_path, "sft: [1, 2\n"))
+    with pytest.raises(ConfigError, match=r"top level must be a mapping.*list"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match=r"unknown config key 'sft\.epochz'"):
+        load_config(write(tmp_path, "sft:\n  epochz: 3\n"))
+
+
+def test_config_error_is_a_value_error() -> None:
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_every_key_is_documented_and_buildable() -> None:
+    keys = all_keys()
+    assert "sft.epochs" in keys and "ppo.kl_coef" in keys and "out" in keys
+    for key, (t, default, doc) in keys.items():
+        assert doc.strip(), f"{key} has no documentation"
+        assert isinstance(default, t), (key, t, default)
+    # every default round-trips through build_config
+    assert build_config({k: v for k, (_, v, _) in keys.items()}) == RunConfig()
+
+
+def test_config_is_frozen() -> None:
+    cfg = RunConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 1  # type: ignore[misc]

@@ -1,0 +1,36 @@
+"""rlhf-hybrid: the hybrid engine (DeepSpeed training mode + generation mode) and model builders."""
+
+from ._version import __version__
+from .checkpoint import atomic_dir, save_hf_checkpoint, write_json_atomic
+from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from .engine import EngineConfig, HybridEngine, deepspeed_config
+from .models import (
+    ValueModel,
+    last_token_index,
+    load_causal_lm,
+    load_tokenizer,
+    position_ids_from_mask,
+    resolve_model_path,
+    tiny_llama_config,
+)
+
+__all__ = [
+    "DistInfo",
+    "EngineConfig",
+    "HybridEngine",
+    "ValueModel",
+    "__version__",
+    "all_reduce_mean",
+    "atomic_dir",
+    "barrier",
+    "deepspeed_config",
+    "init_distributed",
+    "last_token_index",
+    "load_causal_lm",
+    "load_tokenizer",
+    "position_ids_from_mask",
+    "resolve_model_path",
+    "save_hf_checkpoint",
+    "tiny_llama_config",
+    "write_json_atomic",
+]

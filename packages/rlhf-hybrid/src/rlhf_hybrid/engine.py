@@ -1,0 +1,314 @@
+"""The hybrid engine: one DeepSpeed-wrapped model with a training mode and a generation mode.
+
+Train mode is a DeepSpeed engine (ZeRO 0-3, optional CPU offload of the optimizer). Generate mode
+in this first version gathers the (possibly ZeRO-3-sharded) weights once per rollout into a plain
+HF model and generates with its KV cache; the fast path (fused layout, CUDA graphs, quantized
+gather) plugs in here later. Every phase is timed; :attr:`HybridEngine.timings` holds the last
+rollout's ``gather_s``/``generate_s`` and the cumulative ``train_s``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .models import ValueModel, last_token_index, position_ids_from_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """DeepSpeed settings of one engine.
+
+    Attributes:
+        zero_stage: ZeRO stage 0-3 (3 shards parameters, gradients and optimizer state).
+        dtype: ``fp32`` or ``bf16`` (``fp16`` on GPU only).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        micro_batch_size: per-rank micro-batch size of one forward/backward.
+        grad_accum: micro-batches accumulated per optimizer step.
+        max_grad_norm: gradient clipping (0 disables).
+        offload_optimizer: keep optimizer state on the CPU (ZeRO-Offload; stage >= 1).
+        warmup_steps: linear learning-rate warm-up steps (0 = none).
+        decay_steps: total optimizer steps of a cosine decay to 10% of ``lr`` after the warm-up
+            (0 = constant learning rate after the warm-up).
+    """
+
+    zero_stage: int = 0
+    dtype: str = "fp32"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    offload_optimizer: bool = False
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage: {self.zero_stage!r} is not allowed; allowed: 0, 1, 2, 3")
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"dtype: {self.dtype!r} is not allowed; allowed: 'fp32', 'bf16', 'fp16'")
+        if self.micro_batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(
+                f"micro_batch_size/grad_accum: must be >= 1, got {self.micro_batch_size}/{self.grad_accum}"
+            )
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer: needs zero_stage >= 1, got zero_stage=0")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+
+
+def deepspeed_config(cfg: EngineConfig, world_size: int, trainable: bool = True) -> dict:
+    """The DeepSpeed JSON config for ``cfg`` (see deepspeed.ai/docs/config-json)."""
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.zero_stage == 3:
+        # Shard every parameter, however small: keeping small ones whole hides resharding bugs
+        # on tiny models and costs nothing real at scale.
+        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    conf = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.dtype == "bf16"},
+        "fp16": {"enabled": cfg.dtype == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if trainable and cfg.max_grad_norm > 0:
+        conf["gradient_clipping"] = cfg.max_grad_norm
+    conf.update(cfg.extra)
+    return conf
+
+
+def lr_factor(step: int, warmup: int, decay: int) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then cosine decay to 0.1 at step ``decay``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if decay <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (decay - warmup))
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _import_deepspeed():
+    # DeepSpeed builds an optional shared-memory all-reduce op (C++ JIT, 30-50 s on a fresh
+    # machine) when its CPU backend starts. Gloo does our collectives, so we mark that op as
+    # unavailable unless the user asks for it (RLHF_DS_SHM=1).
+    import deepspeed
+
+    if not torch.cuda.is_available() and os.environ.get("RLHF_DS_SHM", "0") != "1":
+        with contextlib.suppress(Exception):
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+class HybridEngine:
+    """A model wrapped for training (DeepSpeed) and for generation / scoring.
+
+    Trainable engines own an AdamW optimizer; frozen ones (reference policy, reward model) are
+    sharded too under ZeRO-3 and plain modules otherwise.
+
+    Implements the rlhf-algos protocols: ``token_logprobs``, ``generate``, ``values``,
+    ``backward``, ``step``.
+    """
+
+    def __init__(self, module: nn.Module, cfg: EngineConfig, *, trainable: bool = True,
+                 total_steps: int | None = None) -> None:
+        import torch.distributed as dist
+
+        self.cfg = cfg
+        self.trainable = trainable
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else (
+            torch.device("cpu"))
+        self.timings: dict[str, float] = {"gather_s": 0.0, "generate_s": 0.0, "train_s": 0.0}
+        module = module.to(cfg.torch_dtype)
+        if trainable or cfg.zero_stage == 3:
+            ds = _import_deepspeed()
+            conf = deepspeed_config(cfg, self.world_size, trainable)
+            kwargs = {}
+            if trainable:
+                params = [p for p in module.parameters() if p.requires_grad]
+                kwargs["optimizer"] = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                        betas=(0.9, 0.95))
+                if cfg.warmup_steps > 0 or cfg.decay_steps > 0:
+                    kwargs["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                        opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.decay_steps))
+            self.engine, *_ = ds.initialize(model=module, config=conf, **kwargs)
+            self.module = self.engine.module
+        else:
+            self.engine = None
+            self.module = module.to(self.device)
+        if not trainable:
+            self.module.eval()
+            for p in self.module.parameters():
+                p.requires_grad_(False)
+
+    # -- modes -------------------------------------------------------------------------------
+    def train(self) -> None:
+        (self.engine or self.module).train()
+
+    def eval(self) -> None:
+        (self.engine or self.module).eval()
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """Full (unsharded) parameters inside the block; a no-op below ZeRO-3. Collective."""
+        if self.cfg.zero_stage == 3 and self.engine is not None:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """A full CPU copy of the weights on every rank (collective under ZeRO-3)."""
+        with self.gathered():
+            return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Overwrite the weights with a full state dict (collective under ZeRO-3)."""
+        if self.cfg.zero_stage == 3 and self.engine is not None:
+            import deepspeed
+
+            params = dict(self.module.named_parameters())
+            with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
+                with torch.no_grad():
+                    for name, p in params.items():
+                        if name in state:
+                            p.copy_(state[name].to(p.dtype))
+        else:
+            missing, unexpected = self.module.load_state_dict(state, strict=False)
+            if unexpected:
+                raise KeyError(f"load_full_state_dict: unexpected keys {unexpected[:5]}")
+
+    # -- forward passes ----------------------------------------------------------------------
+    def _forward(self, **kw):
+        return (self.engine or self.module)(**kw)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Causal-LM logits (B, L, V) with positions counted over real tokens."""
+        out = self._forward(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                            position_ids=position_ids_from_mask(attention_mask).to(self.device), use_cache=False)
+        return out.logits
+
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 1, *,
+                       temperature: float = 1.0, return_entropy: bool = False):
+        """Log-probs of tokens ``input_ids[:, start:]`` given their prefixes: (B, L - start).
+
+        Uses rlhf-kernels' fused log-prob (no full fp32 log-softmax is materialised).
+        """
+        from rlhf_kernels import fused_logprobs
+
+        logits = self.logits(input_ids, attention_mask)[:, start - 1 : -1]  # (B, L-start, V)
+        targets = input_ids[:, start:].to(logits.device)
+        return fused_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy)
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Per-position values (B, L) of a value model."""
+        return self._forward(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Reward-model score: the value at each row's last real token. (B,)."""
+        v = self.values(input_ids, attention_mask)
+        idx = last_token_index(attention_mask.to(v.device))
+        return v.gather(1, idx[:, None]).squeeze(1).float()
+
+    # -- training ----------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        if not self.trainable:
+            raise RuntimeError("backward: this engine was built frozen (trainable=False)")
+        t0 = time.perf_counter()
+        self.engine.backward(loss)
+        self.timings["train_s"] += time.perf_counter() - t0
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        self.engine.step()
+        self.timings["train_s"] += time.perf_counter() - t0
+
+    # -- generation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
+                 do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+        """Generate continuations of left-padded prompts: returns (B, P + R) token ids.
+
+        Rows that finished early are padded with ``pad_token_id`` after their EOS. Under ZeRO-3 the
+        weights are gathered once (collective: every rank must call this together) into a plain
+        model, so the per-token loop runs without any collective and ranks may stop at
+        different lengths.
+        """
+        if isinstance(self.module, ValueModel):
+            raise TypeError("generate: this engine holds a value model, not a causal LM")
+        was_training = self.module.training
+        t0 = time.perf_counter()
+        if self.cfg.zero_stage == 3 and self.engine is not None:
+            state = self.full_state_dict()
+            model = _plain_copy(self.module, state)
+        else:
+            model = self.module
+        t1 = time.perf_counter()
+        model.eval()
+        seqs = model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_k=top_k if do_sample else None,
+            top_p=top_p if do_sample else None,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+        t2 = time.perf_counter()
+        self.timings["gather_s"] = t1 - t0
+        self.timings["generate_s"] = t2 - t1
+        if was_training:
+            self.module.train()
+        return seqs
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_pretrained(self, out_dir: str, tokenizer=None, is_main: bool = True) -> None:
+        """Write a loadable HF checkpoint (and the value head of a value model) atomically.
+
+        Collective under ZeRO-3 (every rank calls it); only ``is_main`` writes.
+        """
+        from .checkpoint import save_hf_checkpoint
+
+        state = self.full_state_dict()
+        if is_main:
+            save_hf_checkpoint(self.module, state, out_dir, tokenizer)
+
+
+def _plain_copy(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A hook-free copy of an HF model holding ``state`` (used for ZeRO-3 generation)."""
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(module.config)
+    model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    if hasattr(module, "generation_config"):
+        model.generation_config = copy.deepcopy(module.generation_config)
+    return model.to(state[next(iter(state))].device if torch.cuda.is_available() else "cpu")

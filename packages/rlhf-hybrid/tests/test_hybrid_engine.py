@@ -1,0 +1,227 @@
+"""HybridEngine in a world of one (gloo on CPU): invariants against plain HF / PyTorch references.
+
+* greedy tokens of ``HybridEngine.generate`` == HF ``model.generate`` on the same weights, with
+  ragged left-padded prompts, under ZeRO-0 and ZeRO-3 (where generation runs on gathered weights);
+* ``token_logprobs`` == a log_softmax + gather reference computed here;
+* checkpoints load back (causal LM and value head), are written atomically, and a failure while
+  writing leaves the previous checkpoint intact;
+* ``EngineConfig`` rejects bad values naming the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepspeed
+
+import pytest
+import torch
+from rlhf_hybrid import EngineConfig, HybridEngine, ValueModel, atomic_dir, init_distributed
+from torch.testing import assert_close
+
+PAD, EOS, VOCAB = 0, 1, 97
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def world_of_one():
+    """init_distributed() for this module only; the process group and env vars are undone after."""
+    import torch.distributed as dist
+
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    was_initialized = dist.is_initialized()
+    info = init_distributed()
+    assert info.world_size == 1 and info.rank == 0
+    yield info
+    if not was_initialized and dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def ragged_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three left-padded prompts of lengths 5, 2 and 7 (no pad or EOS inside them). (3, 7)."""
+    g = torch.Generator().manual_seed(1)
+    lengths = [5, 2, 7]
+    ids = torch.full((3, 7), PAD)
+    mask = torch.zeros((3, 7), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, 7 - n :] = torch.randint(2, VOCAB, (n,), generator=g)
+        mask[i, 7 - n :] = 1
+    return ids, mask
+
+
+def reference_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, start: int, temperature: float = 1.0):
+    """log_softmax(logits / T) gathered at the next tokens, positions counted over real tokens."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()  # (B, L, V)
+    logp = torch.log_softmax(logits[:, start - 1 : -1] / temperature, dim=-1)  # (B, L - start, V)
+    lp = logp.gather(-1, ids[:, start:, None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return lp, entropy
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+@pytest.mark.parametrize("trainable", [True, False])
+def test_greedy_generate_matches_hf_and_logprobs_match_reference(zero_stage: int, trainable: bool) -> None:
+    model = tiny_llama()
+    hf = copy.deepcopy(model)  # the plain HF reference; the engine's copy may be sharded in place
+    engine = HybridEngine(model, EngineConfig(zero_stage=zero_stage, micro_batch_size=3), trainable=trainable)
+    ids, mask = ragged_prompts()
+
+    got = engine.generate(ids, mask, max_new_tokens=16, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+    with torch.no_grad():
+        want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                           eos_token_id=EOS, pad_token_id=PAD)
+    assert got.shape == want.shape
+    assert torch.equal(got.cpu(), want), (got, want)
+    assert torch.equal(got[:, :7].cpu(), ids)  # the prompts come back unchanged
+
+    # training-time log-probs of the generated tokens == the reference, at temperatures 1 and 0.7
+    full_mask = torch.cat([mask, torch.ones_like(got[:, 7:])], dim=1)
+    for temperature in (1.0, 0.7):
+        want_lp, want_ent = reference_logprobs(hf, got, full_mask, 7, temperature)
+        lp, ent = engine.token_logprobs(got, full_mask, 7, temperature=temperature, return_entropy=True)
+        assert lp.shape == (3, got.shape[1] - 7)
+        assert_close(lp.float().cpu(), want_lp, atol=1e-5, rtol=1e-5)
+        assert_close(ent.float().cpu(), want_ent, atol=1e-5, rtol=1e-5)
+    # from start=1 (SFT's use): every token but the first
+    lp1 = engine.token_logprobs(got, full_mask, 1)
+    assert_close(lp1.float().cpu(), reference_logprobs(hf, got, full_mask, 1)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_zero3_full_state_dict_round_trips() -> None:
+    model = tiny_llama(seed=2)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = HybridEngine(model, EngineConfig(zero_stage=3, micro_batch_size=2))
+    got = engine.full_state_dict()
+    for k, v in want.items():
+        assert_close(got[k], v, msg=k)
+    # overwrite with other weights and read them back
+    other = tiny_llama(seed=3).state_dict()
+    engine.load_full_state_dict(other)
+    back = engine.full_state_dict()
+    for k, v in other.items():
+        assert_close(back[k], v, msg=k)
+
+
+def test_training_step_changes_weights_under_zero3() -> None:
+    model = tiny_llama(seed=4)
+    engine = HybridEngine(model, EngineConfig(zero_stage=3, micro_batch_size=3, lr=1e-2))
+    before = engine.full_state_dict()
+    ids, mask = ragged_prompts()
+    loss = -engine.token_logprobs(ids, mask, 1).mean()
+    engine.backward(loss)
+    engine.step()
+    after = engine.full_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def test_save_pretrained_loads_with_automodel(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(seed=5)
+    ref = copy.deepcopy(model)
+    engine = HybridEngine(model, EngineConfig(zero_stage=3, micro_batch_size=2))
+    out = tmp_path / "actor"
+    engine.save_pretrained(str(out))
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    for k, v in ref.state_dict().items():
+        assert_close(loaded.state_dict()[k], v, msg=k)
+    assert not list(tmp_path.glob("*.tmp-*")), "the temporary directory was left behind"
+    assert not list(tmp_path.glob("*.old-*"))
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_value_model_round_trip(tmp_path, zero_stage: int) -> None:
+    from transformers import AutoModelForCausalLM
+
+    vm = ValueModel(tiny_llama(seed=6))
+    with torch.no_grad():
+        vm.v_head.weight.normal_()  # a fresh head is all zeros; make it recognisable
+    ids, mask = ragged_prompts()
+    with torch.no_grad():
+        want = vm(ids, mask)  # (B, L)
+    head = vm.v_head.weight.detach().clone()
+    engine = HybridEngine(vm, EngineConfig(zero_stage=zero_stage, micro_batch_size=3))
+    assert_close(engine.values(ids, mask).detach().cpu(), want)
+    out = tmp_path / "critic"
+    engine.save_pretrained(str(out))
+    assert (out / "value_head.safetensors").is_file()
+    back = ValueModel.from_pretrained(str(out))
+    assert_close(back.v_head.weight, head)
+    with torch.no_grad():
+        assert_close(back(ids, mask), want)
+    AutoModelForCausalLM.from_pretrained(out)  # the directory is a complete causal LM too
+    # a plain causal-LM directory gives a fresh, all-zero head
+    plain = tmp_path / "plain"
+    tiny_llama(seed=7).save_pretrained(plain)
+    assert torch.count_nonzero(ValueModel.from_pretrained(str(plain)).v_head.weight) == 0
+
+
+def test_atomic_dir_replaces_only_on_success(tmp_path) -> None:
+    final = tmp_path / "ckpt"
+    with atomic_dir(final) as tmp:
+        (tmp / "weights.txt").write_text("v1")
+    assert (final / "weights.txt").read_text() == "v1"
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_dir(final) as tmp:
+            (tmp / "weights.txt").write_text("half of v2")
+            raise RuntimeError("disk full")
+    assert (final / "weights.txt").read_text() == "v1"  # the previous checkpoint is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no *.tmp-* / *.old-* left
+
+    with atomic_dir(final) as tmp:
+        (tmp / "other.txt").write_text("v3")
+    assert sorted(p.name for p in final.iterdir()) == ["other.txt"]  # replaced, not merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+# --------------------------------------------------------------------------------------------
+# EngineConfig validation
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needles"),
+    [
+        ({"zero_stage": 4}, ["zero_stage", "4", "0, 1, 2, 3"]),
+        ({"dtype": "fp8"}, ["dtype", "'fp8'", "'fp32'"]),
+        ({"micro_batch_size": 0}, ["micro_batch_size", ">= 1"]),
+        ({"grad_accum": 0}, ["grad_accum", ">= 1"]),
+        ({"offload_optimizer": True, "zero_stage": 0}, ["offload_optimizer", "zero_stage"]),
+    ],
+)
+def test_engine_config_rejects_bad_values(kwargs: dict, needles: list[str]) -> None:
+    with pytest.raises(ValueError) as e:
+        EngineConfig(**kwargs)
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+
+
+def test_generate_refuses_a_value_model() -> None:
+    engine = HybridEngine(ValueModel(tiny_llama()), EngineConfig(), trainable=False)
+    ids, mask = ragged_prompts()
+    with pytest.raises(TypeError, match="value model"):
+        engine.generate(ids, mask, max_new_tokens=2)

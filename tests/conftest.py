@@ -1,0 +1,98 @@
+"""Shared fixtures of the cross-package tests: run the ``rlhf`` CLI in a fresh subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+# Variables a launcher (torchrun) or an in-process init_distributed() may have set; a child that
+# inherits RANK would think it is already a torchrun worker and never relaunch itself.
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def cli_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",  # every model in these tests is local; never reach for the hub
+        TRANSFORMERS_OFFLINE="1",
+        COLUMNS="200",  # help text on one line per option
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (from /proc; empty where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGTERM the command's session (torchrun then stops its workers), then SIGKILL what is left.
+
+    torchrun starts each worker in a session of its own, so the workers are found through /proc
+    before anything is signalled.
+    """
+    tree = _descendants(proc.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=15)
+    for pid in [proc.pid, *tree]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _run(args: list[str], *, timeout: float = 300, cwd=None) -> subprocess.CompletedProcess:
+    """``python -m rlhf_cli ARGS`` in a fresh process; a hang fails the test after ``timeout`` s.
+
+    The command runs in its own session so that on a timeout the whole tree (the CLI, torchrun and
+    its workers) is killed, not just the first process.
+    """
+    cmd = [sys.executable, "-m", "rlhf_cli", *map(str, args)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=cwd,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc)
+            out, err = proc.communicate()
+            pytest.fail(f"`rlhf {' '.join(map(str, args))}` did not finish within {timeout} s (killed)\n"
+                        f"--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.fixture(scope="session")
+def rlhf() -> Callable[..., subprocess.CompletedProcess]:
+    """The CLI runner: ``rlhf(["run", "--stage", "sft", ...], timeout=...)``."""
+    return _run
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+    """The tail of a finished CLI run, for assertion messages."""
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout[-3000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="session")
+def explain() -> Callable[[subprocess.CompletedProcess], str]:
+    return describe

@@ -1,0 +1,90 @@
+"""PPO with ZeRO-3 in two processes on CPU (gloo), end to end through the CLI.
+
+1. ``rlhf run --stage sft`` in one process trains a small demo model until it adds (most
+   non-carry questions right, most carry questions wrong: the demonstrations forget the carry).
+2. ``rlhf run --stage ppo --nproc 2 --zero-stage 3 ppo.reward=verifier`` relaunches itself under
+   torchrun; actor, critic and the frozen reference are all ZeRO-3 sharded over the two ranks, and
+   generation runs on gathered weights. No reward model is needed: the verifier is the reward and
+   the critic starts from the SFT model.
+
+The run must finish (a hang fails at the timeout and the process tree is killed), record
+``world_size: 2``, and raise the held-out greedy verifier score.
+
+Every setting that matters is pinned here so that tuning the defaults does not change this test.
+Measured on a 2-core CPU (the durations and scores are in the assertions' comments).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SEED = "3"
+MODEL = ["model.hidden_size=128", "model.intermediate_size=512", "model.num_layers=2", "model.num_heads=4",
+         "data.num_eval=100", "data.num_valid=50", "data.sft_carry_error=0.7", "data.max_prompt_len=64",
+         "data.max_response_len=16"]
+SFT = ["sft.epochs=5", "sft.batch_size=16", "sft.lr=1e-3", "sft.grad_accum=1", "sft.warmup_steps=20",
+       "sft.mask_prompt=true"]
+PPO = ["ppo.iterations=20", "ppo.rollout_batch_size=32", "ppo.micro_batch_size=32", "ppo.ppo_epochs=1",
+       "ppo.actor_lr=1e-4", "ppo.critic_lr=5e-4", "ppo.kl_coef=0.1", "ppo.kl_estimator=k1", "ppo.clip_eps=0.2",
+       "ppo.value_clip_eps=0.2", "ppo.gamma=1.0", "ppo.lam=0.95", "ppo.whiten_advantages=true",
+       "ppo.max_new_tokens=8", "ppo.temperature=1.0", "ppo.reward=verifier", "ppo.eval_every=5",
+       "ppo.select=best", "ppo.clip_reward=5.0"]
+
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory, rlhf, explain):
+    out = tmp_path_factory.mktemp("mp") / "out"
+    sft = rlhf(["run", "--stage", "sft", "--out", out, "--seed", SEED, *MODEL, *SFT], timeout=300)
+    assert sft.returncode == 0, explain(sft)
+    ppo = rlhf(["run", "--stage", "ppo", "--out", out, "--seed", SEED, "--nproc", "2", "--zero-stage", "3",
+                *MODEL, *PPO], timeout=360)
+    assert ppo.returncode == 0, explain(ppo)
+    return out, ppo
+
+
+def test_ppo_ran_in_two_processes_under_zero3(ppo_run) -> None:
+    out, proc = ppo_run
+    card = json.loads((out / "ppo" / "run_card.json").read_text())
+    assert card["world_size"] == 2
+    assert card["config"]["deepspeed"]["zero_stage"] == 3
+    assert card["config"]["deepspeed"]["nproc"] == 2
+    assert "world_size=2 zero_stage=3" in proc.stderr
+    rows = [json.loads(ln) for ln in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    iterations = [r["iteration"] for r in rows if r.get("stage") == "ppo" and "reward_mean" in r]
+    assert iterations == list(range(1, 21))
+
+
+def test_ppo_checkpoint_loads(ppo_run) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out, _ = ppo_run
+    model = AutoModelForCausalLM.from_pretrained(out / "ppo")
+    assert model.config.hidden_size == 128
+
+
+def test_ppo_raises_the_verifier_score(ppo_run) -> None:
+    """Measured on 2 CPU cores with this recipe (sft.epochs 5-6, seeds 1-6 and 42):
+
+    * held-out greedy score (100 prompts) after - before: +0.03 to +0.14 over 9 runs; seed 3 (this
+      test): 0.63 -> 0.75. The smallest gain (+0.03, seed 42) came from ppo.select=best picking
+      iteration 10 on the 50-prompt validation set; the last iterate there was +0.07.
+    * training reward (verifier on the rollouts), mean of the last 5 iterations - the first 5:
+      +0.05 to +0.15 whenever SFT had learnt to add; seed 3: +0.10.
+    * the sampled held-out score is noisier (-0.01 to +0.19), so it is reported but not asserted.
+    """
+    out, _ = ppo_run
+    summary = json.loads((out / "summary.json").read_text())
+    sft, ppo = summary["sft"], summary["ppo"]
+    # SFT must have produced a model that adds: its eval loss drops from ~0.6 to ~0.1-0.2 once it
+    # has learnt (seed 3 by epoch 3 of 5).
+    assert sft["eval_loss_after"] < 0.3, sft
+    assert ppo["verifier_score_before"] > 0.3, ppo
+    assert ppo["verifier_score_after"] >= ppo["verifier_score_before"] + 0.02, ppo
+    rows = [json.loads(ln) for ln in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    reward = [r["reward_mean"] for r in rows if "reward_mean" in r]
+    assert sum(reward[-5:]) / 5 >= sum(reward[:5]) / 5 + 0.02, reward
+    assert ppo["kl_to_ref"] > 0.0
