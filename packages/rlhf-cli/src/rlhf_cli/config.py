@@ -110,7 +110,7 @@ class RMSection:
 
     Attributes:
         epochs: passes over the preference pairs.
-        lr: AdamW learning rate.
+        lr: AdamW peak learning rate (linear warm-up, then cosine decay to 10% over the stage).
         batch_size: per-rank pairs per micro-batch.
         grad_accum: micro-batches per optimizer step.
         center_coef: weight of the centring term (r_c + r_r)^2 that keeps scores comparable across
@@ -118,8 +118,8 @@ class RMSection:
         warmup_steps: linear LR warm-up steps.
     """
 
-    epochs: int = 4
-    lr: float = 1e-4
+    epochs: int = 6
+    lr: float = 2e-4
     batch_size: int = 32
     grad_accum: int = 1
     center_coef: float = 0.01
