@@ -8,7 +8,9 @@
    the critic starts from the SFT model.
 
 The run must finish (a hang fails at the timeout and the process tree is killed), record
-``world_size: 2``, and raise the held-out greedy verifier score.
+``world_size: 2``, and raise the verifier score: held-out greedy and sampled, and the training
+reward. ``ppo.select=last`` so that the scores measure what PPO learnt, not which iterate a
+50-prompt validation set happened to pick.
 
 Every setting that matters is pinned here so that tuning the defaults does not change this test.
 Measured on a 2-core CPU (the durations and scores are in the assertions' comments).
@@ -26,8 +28,8 @@ SEED = "3"
 ITERATIONS = 30
 MODEL = ["model.hidden_size=128", "model.intermediate_size=512", "model.num_layers=2", "model.num_heads=4",
          "data.num_eval=100", "data.num_valid=50", "data.sft_carry_error=0.7", "data.max_prompt_len=64",
-         "data.max_response_len=16"]
-SFT = ["sft.epochs=5", "sft.batch_size=16", "sft.lr=1e-3", "sft.grad_accum=1", "sft.warmup_steps=20",
+         "data.max_response_len=16", "data.task=demo", "deepspeed.dtype=fp32", "deepspeed.offload_optimizer=false"]
+SFT = ["deepspeed.zero_stage=0", "sft.epochs=5", "sft.batch_size=16", "sft.lr=1e-3", "sft.grad_accum=1", "sft.warmup_steps=20",
        "sft.mask_prompt=true"]
 PPO = [f"ppo.iterations={ITERATIONS}", "ppo.rollout_batch_size=32", "ppo.micro_batch_size=32", "ppo.ppo_epochs=1",
        "ppo.actor_lr=3e-4", "ppo.critic_lr=5e-4", "ppo.kl_coef=0.1", "ppo.kl_estimator=k1", "ppo.clip_eps=0.2",
@@ -68,14 +70,16 @@ def test_ppo_checkpoint_loads(ppo_run) -> None:
 
 
 def test_ppo_raises_the_verifier_score(ppo_run) -> None:
-    """Measured on 2 CPU cores with this recipe (sft.epochs 5-6, seeds 1-6 and 42):
+    """Measured on 2 CPU cores with exactly this recipe, seeds 1, 3, 4, 5, 6 and 42:
 
-    * held-out greedy score (100 prompts) after - before: +0.03 to +0.14 over 9 runs; seed 3 (this
-      test): 0.63 -> 0.75. The smallest gain (+0.03, seed 42) came from ppo.select=best picking
-      iteration 10 on the 50-prompt validation set; the last iterate there was +0.07.
-    * training reward (verifier on the rollouts), mean of the last 5 iterations - the first 5:
-      +0.05 to +0.15 whenever SFT had learnt to add; seed 3: +0.10.
-    * the sampled held-out score is noisier (-0.01 to +0.19), so it is reported but not asserted.
+    * held-out greedy score (100 prompts), after - before: +0.07 to +0.33; seed 3 (this test):
+      0.60 -> 0.83;
+    * held-out sampled score: +0.07 to +0.23; seed 3: 0.59 -> 0.76;
+    * training reward (the verifier on the rollouts), mean of the last 5 iterations - the first 5:
+      +0.06 to +0.19; seed 3: 0.53 -> 0.72.
+
+    (With ppo.actor_lr=1e-4, 20 iterations and ppo.select=best the greedy change ranged from -0.06
+    to +0.19 across seeds: too weak a push, and a 50-prompt validation set picks early iterates.)
     """
     out, _ = ppo_run
     summary = json.loads((out / "summary.json").read_text())
@@ -84,8 +88,10 @@ def test_ppo_raises_the_verifier_score(ppo_run) -> None:
     # has learnt (seed 3 by epoch 3 of 5).
     assert sft["eval_loss_after"] < 0.3, sft
     assert ppo["verifier_score_before"] > 0.3, ppo
-    assert ppo["verifier_score_after"] >= ppo["verifier_score_before"] + 0.02, ppo
+    assert ppo["selected_iteration"] == ITERATIONS, ppo
+    assert ppo["verifier_score_after"] >= ppo["verifier_score_before"] + 0.05, ppo
+    assert ppo["verifier_score_sampled_after"] >= ppo["verifier_score_sampled_before"] + 0.03, ppo
     rows = [json.loads(ln) for ln in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     reward = [r["reward_mean"] for r in rows if "reward_mean" in r]
-    assert sum(reward[-5:]) / 5 >= sum(reward[:5]) / 5 + 0.02, reward
+    assert sum(reward[-5:]) / 5 >= sum(reward[:5]) / 5 + 0.03, reward
     assert ppo["kl_to_ref"] > 0.0

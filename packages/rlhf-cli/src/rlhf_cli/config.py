@@ -1,6 +1,6 @@
 """The run configuration: frozen dataclasses, loaded from YAML plus ``key=value`` overrides.
 
-Every field is documented once, here; ``rlhf run --help`` and docs/configuration.md derive from it.
+Every field is documented once, here; ``rlhf run --help`` and the key table in docs/cli.md derive from it.
 Unknown keys and malformed values raise :class:`ConfigError` naming the key, the value and what is
 allowed; nothing is silently rewritten.
 """

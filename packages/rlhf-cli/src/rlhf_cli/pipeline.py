@@ -420,13 +420,13 @@ def run_ppo(ctx: Context) -> dict:
     _seed(cfg.seed + 2 + 1000 * ctx.rank)  # ranks sample different responses
     task = _task(cfg)
     sft_dir = _require_stage_output(ctx, "sft", "ppo")
+    rm_dir = _require_stage_output(ctx, "rm", "ppo") if p.reward == "model" else None  # fail before any work
     tokenizer = load_tokenizer(str(sft_dir))
     tc = _tok_cfg(cfg)
     actor = HybridEngine(load_causal_lm(str(sft_dir)), _engine_cfg(cfg, lr=p.actor_lr, batch=p.micro_batch_size))
     reference = HybridEngine(load_causal_lm(str(sft_dir)), _engine_cfg(cfg, lr=p.actor_lr, batch=p.micro_batch_size),
                              trainable=False)
-    if p.reward == "model":
-        rm_dir = _require_stage_output(ctx, "rm", "ppo")
+    if rm_dir is not None:
         critic_model = ValueModel.from_pretrained(str(rm_dir))
         reward_engine = HybridEngine(ValueModel.from_pretrained(str(rm_dir)),
                                      _engine_cfg(cfg, lr=p.critic_lr, batch=p.micro_batch_size), trainable=False)
@@ -455,7 +455,13 @@ def run_ppo(ctx: Context) -> dict:
                 f"verifier_score_sampled_{tag}": sampled["verifier_score"], f"kl_to_ref_{tag}": sampled["kl_to_ref"]}
 
     before = held_out("before")
-    best_score = evaluate_policy(actor, prompts=valid_prompts, do_sample=False, **ev)["verifier_score"]
+    def validate() -> float:
+        # Averaged over ranks so that every rank takes the same keep-this-checkpoint decision
+        # (full_state_dict is collective under ZeRO-3; diverging decisions would deadlock).
+        score = evaluate_policy(actor, prompts=valid_prompts, do_sample=False, **ev)["verifier_score"]
+        return all_reduce_mean({"valid": score})["valid"]
+
+    best_score = validate()
     best_iter, best_state = 0, None
     rng = random.Random(cfg.seed + 7)
     order: list[int] = []
@@ -477,7 +483,7 @@ def run_ppo(ctx: Context) -> dict:
             metrics |= {k: v for k, v in actor.timings.items()}
             row = {"stage": "ppo", "iteration": it, **metrics}
             if it % p.eval_every == 0 or it == p.iterations:
-                valid = evaluate_policy(actor, prompts=valid_prompts, do_sample=False, **ev)["verifier_score"]
+                valid = validate()
                 row["valid_verifier_score"] = valid
                 if p.select == "best" and valid > best_score:
                     best_score, best_iter, best_state = valid, it, actor.full_state_dict()

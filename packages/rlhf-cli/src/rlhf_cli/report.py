@@ -34,6 +34,10 @@ class Reporter:
         self._progress: Progress | None = None
         self._task = None
         self._jsonl: Path | None = None
+        self._done = 0
+        self._total = 0
+        self._name = ""
+        self._next_line = 0
 
     def print(self, *args, **kw) -> None:
         if self.enabled:
@@ -46,8 +50,15 @@ class Reporter:
         if jsonl is not None and self.enabled:
             jsonl.parent.mkdir(parents=True, exist_ok=True)
             jsonl.write_text("")
+        self._name, self._total, self._done = name, total, 0
+        self._next_line = max(1, total // 10)
         if not self.enabled:
             yield self
+            return
+        if not self.console.is_terminal:
+            # Logs (CI, nohup, pipes): a plain line every 10% instead of a live bar.
+            yield self
+            self.console.print(f"{name}: done ({total}/{total})")
             return
         self._progress = Progress(
             TextColumn(f"[bold cyan]{name:>4}[/]"),
@@ -71,9 +82,14 @@ class Reporter:
         if log is not None and self._jsonl is not None:
             with self._jsonl.open("a") as f:
                 f.write(json.dumps({"time": round(time.time(), 3), **log}) + "\n")
+        text = "  ".join(f"{k}={_fmt(v)}" for k, v in (show or {}).items())
         if self._progress is not None:
-            text = "  ".join(f"{k}={_fmt(v)}" for k, v in (show or {}).items())
             self._progress.update(self._task, advance=advance, metrics=text)
+        elif advance:
+            self._done += advance
+            if self._done >= self._next_line and self._done < self._total:
+                self._next_line += max(1, self._total // 10)
+                self.console.print(f"{self._name}: {self._done}/{self._total}  {text}")
 
     def log(self, row: dict) -> None:
         self.update(advance=0, log=row)
