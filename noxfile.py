@@ -35,12 +35,12 @@ LINT_PATHS = ["packages", "tests", "noxfile.py"]
 # Pinned here so a new ruff release cannot turn CI red on unchanged code.
 RUFF = "ruff==0.17.6"
 
-# OMP_NUM_THREADS=1 for the demo and the tests (a value already in the environment wins). Measured
-# on the 2-core CI-class machine, with other work running on it (load average about 5): the
-# kernels + algos unit tests took 12.5-16.3 s with it and 30.4-37.6 s without; a scaled-down
-# `rlhf run --stage all` 162 s against 1033 s; a training step of the demo model 0.46-0.49 s
-# against 1.4-3.1 s. The ops are small, so a second OpenMP thread buys little when the machine is
-# idle and waiting threads cost a lot when it is not. Multi-process runs set it per rank anyway.
+# OMP_NUM_THREADS=1 for the tests (a value already in the environment wins). Measured on the
+# 2-core CI-class machine with other work running on it (load average about 5): the kernels +
+# algos unit tests took 12.5-16.3 s with it and 30.4-37.6 s without; a scaled-down `rlhf run
+# --stage all` 162 s against 1033 s. The test suite's tuned multi-process recipes also assume it.
+# The demo (one process, on an otherwise idle machine) keeps torch's default of one thread per
+# core: there one demo training step took 0.104 s with 2 threads and 0.177 s with 1.
 CPU_ENV = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 # Defaults for every test run (again, the environment wins): DeepSpeed would otherwise probe for
@@ -126,10 +126,10 @@ def demo(session: nox.Session) -> None:
     out = ROOT / "runs" / "demo"
     # summary.json merges with an earlier one; start clean so the numbers are this run's.
     shutil.rmtree(out, ignore_errors=True)
-    session.run("rlhf", "run", "--stage", "all", "--out", str(out), *session.posargs, env=CPU_ENV)
+    session.run("rlhf", "run", "--stage", "all", "--out", str(out), *session.posargs)
     session.log(f"{out / 'summary.json'}:")
     print((out / "summary.json").read_text(), flush=True)
-    session.run("rlhf", "chat", "--model", str(out / "ppo"), "--prompt", "What is 47 + 38?", env=CPU_ENV)
+    session.run("rlhf", "chat", "--model", str(out / "ppo"), "--prompt", "What is 47 + 38?")
 
 
 _KERNELS_ALONE_CHECK = """

@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from rlhf_cli.config import RunConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

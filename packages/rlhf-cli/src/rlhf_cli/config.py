@@ -118,7 +118,7 @@ class RMSection:
         warmup_steps: linear LR warm-up steps.
     """
 
-    epochs: int = 6
+    epochs: int = 4
     lr: float = 2e-4
     batch_size: int = 32
     grad_accum: int = 1
