@@ -129,7 +129,11 @@ def demo(session: nox.Session) -> None:
     session.run("rlhf", "run", "--stage", "all", "--out", str(out), *session.posargs)
     session.log(f"{out / 'summary.json'}:")
     print((out / "summary.json").read_text(), flush=True)
-    session.run("rlhf", "chat", "--model", str(out / "ppo"), "--prompt", "What is 47 + 38?")
+    # 44 + 69 is a held-out evaluation question (never trained on) that carries: the SFT model
+    # tends to forget the carry (103), the PPO model should answer 113.
+    for stage in ("sft", "ppo"):
+        session.log(f"{stage} model, held-out question 'What is 44 + 69?':")
+        session.run("rlhf", "chat", "--model", str(out / stage), "--prompt", "What is 44 + 69?")
 
 
 _KERNELS_ALONE_CHECK = """
