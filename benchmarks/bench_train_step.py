@@ -25,9 +25,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from transformers import LlamaForCausalLM
-
     from rlhf_hybrid import EngineConfig, HybridEngine, init_distributed, tiny_llama_config
+    from transformers import LlamaForCausalLM
 
     init_distributed()
     torch.manual_seed(0)
