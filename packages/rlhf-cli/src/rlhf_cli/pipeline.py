@@ -96,6 +96,17 @@ def _batches(items: list, size: int):
         yield items[i : i + size]
 
 
+def _epoch_batches(ctx: Context, items: list, batch: int, steps: int, rng: random.Random):
+    """One epoch of this rank's micro-batches: a shuffle shared by all ranks (same seed), each
+    rank taking every ``world_size``-th item, ``steps`` full batches (the same count on every rank,
+    which ZeRO-3's collective forward passes need)."""
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    mine = order[ctx.rank :: ctx.world_size]
+    for i in range(steps):
+        yield [items[j] for j in mine[i * batch : (i + 1) * batch]]
+
+
 def _run_card(ctx: Context, stage: str, metrics: dict) -> str:
     import json
     import platform
@@ -210,11 +221,7 @@ def run_sft(ctx: Context) -> dict:
     with ctx.reporter.stage("sft", total, jsonl) as rep:
         rep.log({"stage": "sft", "step": 0, "eval_loss": loss_before})
         for epoch in range(s.epochs):
-            order = list(range(len(train)))
-            rng.shuffle(order)
-            mine = order[ctx.rank :: ctx.world_size]
-            for i in range(steps_per_epoch):
-                chunk = [train[j] for j in mine[i * s.batch_size : (i + 1) * s.batch_size]]
+            for chunk in _epoch_batches(ctx, train, s.batch_size, steps_per_epoch, rng):
                 b = collate_sft(chunk, pad, mask_prompt=s.mask_prompt)
                 lp = engine.token_logprobs(b["input_ids"], b["attention_mask"], 1)
                 mask = (b["labels"][:, 1:] != IGNORE_INDEX).float().to(lp.device)
@@ -306,11 +313,7 @@ def run_rm(ctx: Context) -> dict:
     with ctx.reporter.stage("rm", total, ctx.out / ".rm.metrics.jsonl") as rep:
         rep.log({"stage": "rm", "step": 0, **{f"heldout_{k}": v for k, v in before.items()}})
         for epoch in range(s.epochs):
-            order = list(range(len(train)))
-            rng.shuffle(order)
-            mine = order[ctx.rank :: ctx.world_size]
-            for i in range(steps_per_epoch):
-                chunk = [train[j] for j in mine[i * s.batch_size : (i + 1) * s.batch_size]]
+            for chunk in _epoch_batches(ctx, train, s.batch_size, steps_per_epoch, rng):
                 b = collate_pairs(chunk, pad)
                 scores = _score_rows(engine, b["input_ids"], b["attention_mask"])
                 out = pairwise_reward_loss(scores[: len(chunk)], scores[len(chunk) :], center_coef=s.center_coef)
