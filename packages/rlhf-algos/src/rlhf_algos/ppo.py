@@ -167,7 +167,8 @@ class PPO:
         self.actor.train()
         self.critic.train()
         B = exp.sequences.shape[0]
-        sums: dict[str, float] = {}
+        # Metrics stay tensors until the end: one host-device sync per learn() call, not per step.
+        sums: dict[str, torch.Tensor] = {}
         n = 0
         for _ in range(c.ppo_epochs):
             order = list(range(B))
@@ -189,17 +190,17 @@ class PPO:
                 self.critic.backward(vl.loss)
                 self.critic.step()
                 step = {
-                    "policy_loss": pl.loss.item(),
-                    "value_loss": vl.loss.item(),
-                    "clip_frac": float(pl.clip_frac),
-                    "approx_kl": float(pl.approx_kl),
-                    "value_clip_frac": float(vl.clip_frac),
-                    "entropy": F.masked_mean(entropy.detach().float(), mask).item(),
+                    "policy_loss": pl.loss.detach().float(),
+                    "value_loss": vl.loss.detach().float(),
+                    "clip_frac": pl.clip_frac.float(),
+                    "approx_kl": pl.approx_kl.float(),
+                    "value_clip_frac": vl.clip_frac.float(),
+                    "entropy": F.masked_mean(entropy.detach().float(), mask),
                 }
                 for k, v in step.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                    sums[k] = sums[k] + v if k in sums else v
                 n += 1
-        metrics = {k: v / max(n, 1) for k, v in sums.items()}
+        metrics = {k: float(v) / max(n, 1) for k, v in sums.items()}
         metrics.update(self.rollout_metrics(exp))
         return self.reduce_metrics(metrics)
 
