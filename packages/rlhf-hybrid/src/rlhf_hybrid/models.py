@@ -69,14 +69,14 @@ def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
 
 
 def load_tokenizer(name_or_path: str):
-    """Load a tokenizer; a missing pad token becomes the EOS token (logged, as TRL does)."""
+    """Load a tokenizer; a missing pad token becomes the EOS token (with a warning, as TRL does)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ValueError(f"tokenizer of {name_or_path!r}: has neither a pad nor an eos token")
-        log.info("tokenizer of %s has no pad token; using its eos token %r for padding", name_or_path, tok.eos_token)
+        log.warning("tokenizer of %s has no pad token; using its eos token %r for padding", name_or_path, tok.eos_token)
         tok.pad_token = tok.eos_token
     return tok
 
