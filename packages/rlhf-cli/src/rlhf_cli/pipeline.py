@@ -315,7 +315,7 @@ def run_rm(ctx: Context) -> dict:
         for epoch in range(s.epochs):
             for chunk in _epoch_batches(ctx, train, s.batch_size, steps_per_epoch, rng):
                 b = collate_pairs(chunk, pad)
-                scores = _score_rows(engine, b["input_ids"], b["attention_mask"])
+                scores = engine.score(b["input_ids"], b["attention_mask"])
                 out = pairwise_reward_loss(scores[: len(chunk)], scores[len(chunk) :], center_coef=s.center_coef)
                 engine.backward(out.loss)
                 engine.step()
@@ -335,15 +335,6 @@ def run_rm(ctx: Context) -> dict:
     return metrics | {"wall_seconds": wall}
 
 
-def _score_rows(engine, input_ids, attention_mask) -> torch.Tensor:
-    """Reward at each row's last real token, with gradients (training the RM). (B,)."""
-    from rlhf_hybrid import last_token_index
-
-    v = engine.values(input_ids, attention_mask)
-    idx = last_token_index(attention_mask.to(v.device))
-    return v.gather(1, idx[:, None]).squeeze(1)
-
-
 # ----------------------------------------------------------------------------------------------
 # stage 3: PPO
 # ----------------------------------------------------------------------------------------------
@@ -353,6 +344,7 @@ class ModelReward:
     def __init__(self, engine) -> None:
         self.engine = engine
 
+    @torch.no_grad()
     def __call__(self, sequences, attention_mask, prompt_len, meta):
         return self.engine.score(sequences, attention_mask)
 

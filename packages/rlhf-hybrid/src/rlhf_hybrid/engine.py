@@ -227,9 +227,11 @@ class HybridEngine:
         """Per-position values (B, L) of a value model."""
         return self._forward(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
 
-    @torch.no_grad()
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Reward-model score: the value at each row's last real token. (B,)."""
+        """Reward-model score: the value at each row's last real token. (B,).
+
+        Differentiable (reward-model training uses it); wrap scoring-only calls in ``no_grad``.
+        """
         v = self.values(input_ids, attention_mask)
         idx = last_token_index(attention_mask.to(v.device))
         return v.gather(1, idx[:, None]).squeeze(1).float()
