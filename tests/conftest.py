@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,10 @@ import pytest
 # inherits RANK would think it is already a torchrun worker and never relaunch itself.
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                  "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+# The tokenization cache of every CLI run in these tests (never the user's ~/.cache/rlhf).
+_CACHE_DIR = tempfile.mkdtemp(prefix="rlhf-test-cache-")
 
 
 def cli_env() -> dict[str, str]:
@@ -28,6 +33,7 @@ def cli_env() -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         COLUMNS="200",  # help text on one line per option
         PYTHONUNBUFFERED="1",
+        RLHF_CACHE_DIR=_CACHE_DIR,
     )
     return env
 
@@ -63,14 +69,15 @@ def _kill_tree(proc: subprocess.Popen) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _run(args: list[str], *, timeout: float = 300, cwd=None) -> subprocess.CompletedProcess:
+def _run(args: list[str], *, timeout: float = 300, cwd=None, env: dict[str, str] | None = None
+         ) -> subprocess.CompletedProcess:
     """``python -m rlhf_cli ARGS`` in a fresh process; a hang fails the test after ``timeout`` s.
 
     The command runs in its own session so that on a timeout the whole tree (the CLI, torchrun and
     its workers) is killed, not just the first process.
     """
     cmd = [sys.executable, "-m", "rlhf_cli", *map(str, args)]
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=cwd,
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env() | (env or {}), cwd=cwd,
                           start_new_session=True) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)

@@ -28,7 +28,7 @@ SEED = "3"
 ITERATIONS = 30
 MODEL = ["model.hidden_size=128", "model.intermediate_size=512", "model.num_layers=2", "model.num_heads=4",
          "data.num_eval=100", "data.num_valid=50", "data.sft_carry_error=0.7", "data.max_prompt_len=64",
-         "data.max_response_len=16", "data.task=demo", "deepspeed.dtype=fp32", "deepspeed.offload_optimizer=false"]
+         "data.max_response_len=16", "data.sources=demo", "deepspeed.dtype=fp32", "deepspeed.offload_optimizer=false"]
 SFT = ["deepspeed.zero_stage=0", "sft.epochs=5", "sft.batch_size=16", "sft.lr=1e-3", "sft.grad_accum=1", "sft.warmup_steps=20",
        "sft.mask_prompt=true"]
 PPO = [f"ppo.iterations={ITERATIONS}", "ppo.rollout_batch_size=32", "ppo.micro_batch_size=32", "ppo.ppo_epochs=1",

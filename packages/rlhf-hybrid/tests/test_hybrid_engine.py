@@ -225,3 +225,28 @@ def test_generate_refuses_a_value_model() -> None:
     ids, mask = ragged_prompts()
     with pytest.raises(TypeError, match="value model"):
         engine.generate(ids, mask, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_packed_rows_score_like_separate_rows(zero_stage: int) -> None:
+    """token_logprobs on packed rows (attention_mask=None, restarting position_ids) equals the HF
+    model's log-probs of each example alone."""
+    from rlhf_data import collate_packed, pack_sft
+    from rlhf_hybrid import EngineConfig, HybridEngine
+
+    model = tiny_llama(seed=4)
+    g = torch.Generator().manual_seed(2)
+    examples = [{"input_ids": torch.randint(2, VOCAB, (n,), generator=g).tolist(), "prompt_len": 1} for n in (6, 3, 5)]
+    rows = pack_sft(examples, max_len=9)  # [6 + 3], [5]
+    b = collate_packed(rows, PAD)
+    alone = []
+    for e in examples:
+        ids = torch.tensor([e["input_ids"]])
+        alone.append(reference_logprobs(model, ids, torch.ones_like(ids), 1)[0][0])
+    engine = HybridEngine(model, EngineConfig(zero_stage=zero_stage, lr=1e-3, micro_batch_size=2))
+    with torch.no_grad():
+        lp = engine.token_logprobs(b["input_ids"], None, 1, position_ids=b["position_ids"]).float().cpu()  # (2, 8)
+    # row 0 = example 0 (positions 0-5) then example 1 (6-8); lp[:, j] scores token j + 1
+    torch.testing.assert_close(lp[0, :5], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp[0, 6:8], alone[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp[1, :4], alone[2], atol=1e-5, rtol=1e-5)

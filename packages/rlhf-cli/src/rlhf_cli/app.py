@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -23,6 +24,8 @@ app = typer.Typer(
 )
 algos_app = typer.Typer(help="Registered algorithms.", no_args_is_help=True)
 app.add_typer(algos_app, name="algos")
+data_app = typer.Typer(help="Data sources, splits and blends (docs/data.md).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 STAGE_CHOICES = ("sft", "rm", "ppo", "all")
 
@@ -77,6 +80,9 @@ def run(
     reward_model: str = typer.Option(None, "--reward-model",
                                      help="HF hub name or local directory for the reward model and critic "
                                           "(fresh value head; default: the SFT model)."),
+    data: str = typer.Option(None, "--data", "-d",
+                             help="Data spec (data.sources): 'demo', a source name, a local file, or weighted sources, "
+                                  "e.g. 'hh:./hh.jsonl:0.7,shp:0.3' (docs/data.md)."),
     zero_stage: int = typer.Option(None, "--zero-stage", help="DeepSpeed ZeRO stage 0-3."),
     nproc: int = typer.Option(None, "--nproc", help="Processes on this machine (>1 relaunches under torchrun)."),
     seed: int = typer.Option(None, "--seed", help="Global seed."),
@@ -86,7 +92,7 @@ def run(
     try:
         cfg = load_config(str(config) if config else None, overrides or [], out=out, seed=seed,
                           **{"model.actor_model": actor_model, "model.reward_model": reward_model,
-                             "deepspeed.zero_stage": zero_stage, "deepspeed.nproc": nproc})
+                             "data.sources": data, "deepspeed.zero_stage": zero_stage, "deepspeed.nproc": nproc})
     except ConfigError as e:
         _fail(str(e))
     for key, path in (("--actor-model", cfg.model.actor_model), ("--reward-model", cfg.model.reward_model)):
@@ -220,6 +226,50 @@ def algos_list() -> None:
         cls = ep.load()
         typer.echo(f"{ep.name}\tdata={getattr(cls, 'data_kind', '?')}\tmodels={','.join(getattr(cls, 'required_models', ()))}"
                    f"\t({ep.value})")
+
+
+@data_app.command("sources", help="Every data source registered under the entry-point group rlhf.data.sources.")
+def data_sources() -> None:
+    from rlhf_data import available_sources
+
+    for name, cls in sorted(available_sources().items()):
+        where = cls.hub_id or "(no default dataset: give a file)"
+        typer.echo(f"{name}\t{where}\t{cls.description}")
+
+
+@data_app.command(
+    "inspect",
+    help="Show what a data spec gives each stage: samples per source and stage, prompt/response length "
+    "histograms in tokens, truncated/dropped counts, and three rendered examples. Data settings (split, "
+    "length limits, truncation, ...) come from --config and KEY=VALUE overrides exactly as in `rlhf run`.",
+)
+def data_inspect(
+    spec: str = typer.Argument(None, metavar="[SPEC]",
+                               help="Data spec, e.g. 'hh:./hh.jsonl:0.7,shp:0.3' (default: data.sources)."),
+    overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...", help="Config overrides, e.g. data.split=2,4,4."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML config file."),
+    tokenizer: str = typer.Option(None, "--tokenizer", "-t",
+                                  help="HF hub name or local directory of the tokenizer (default: model.actor_model's, "
+                                       "else a byte-level BPE trained on the data, as `rlhf run` does for the tiny model)."),
+    examples: int = typer.Option(3, "--examples", "-n", help="Rendered examples per source."),
+) -> None:
+    if spec is not None and re.match(r"^[a-z_]+(\.[a-z_]+)+=", spec):
+        overrides, spec = [spec, *(overrides or [])], None  # no spec: the first positional is an override
+    if examples < 0:
+        _fail(f"--examples: must be >= 0, got {examples}")
+    try:
+        cfg = load_config(str(config) if config else None, overrides or [], **{"data.sources": spec})
+    except ConfigError as e:
+        _fail(str(e))
+    _quiet_libraries()
+    from rlhf_data import DataError
+
+    from .data_report import inspect_data
+
+    try:
+        inspect_data(cfg, tokenizer, examples)
+    except (DataError, OSError, ValueError) as e:
+        _fail(str(e))
 
 
 @app.command(help="Print the versions and devices this installation sees.")

@@ -31,6 +31,8 @@ class ModelSection:
         num_layers: tiny demo model: transformer layers.
         num_heads: tiny demo model: attention heads.
         intermediate_size: tiny demo model: MLP width.
+        tokenizer_vocab_size: tiny demo model: vocabulary of the byte-level BPE tokenizer trained on the
+            data in-process; 0 = 320 for the demo task, 2048 for other data.
     """
 
     actor_model: str = ""
@@ -39,6 +41,7 @@ class ModelSection:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 1024
+    tokenizer_vocab_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,20 @@ class DataSection:
     """Data.
 
     Attributes:
-        task: the data source; only the built-in "demo" (two-digit addition) so far.
-        max_prompt_len: prompt length limit in tokens (keeps the last tokens).
-        max_response_len: response length limit in tokens.
+        sources: data spec: "demo" (the built-in addition task), a source name, a local file, or several
+            weighted, e.g. "hh:./hh.jsonl:0.7,shp:0.3" (docs/data.md); in YAML also a list.
+        split: relative sizes of each source's SFT/RM/RL parts, e.g. "2,4,4"; "" = each source's default
+            (2,4,4 for loaded data, 4,3,3 for the demo).
+        eval_fraction: share of prompts held out for evaluation from sources without an eval split.
+        max_eval: cap on each source's held-out set.
+        sft_samples: SFT samples after blending; 0 = the largest mix that repeats nothing.
+        rm_samples: reward-model pairs after blending; 0 = the largest mix that repeats nothing.
+        rl_samples: RL prompts after blending; 0 = the largest mix that repeats nothing.
+        max_prompt_len: prompt length limit in tokens (truncation keeps the last tokens).
+        max_response_len: response length limit in tokens, EOS included (truncation keeps the first).
+        truncation: "truncate" or "drop" samples over the limits (counted in the stage metrics).
+        cache: cache tokenized data by content fingerprint.
+        cache_dir: tokenization cache; "" = $RLHF_CACHE_DIR/tokenized or ~/.cache/rlhf/tokenized.
         sft_carry_error: demo: fraction of SFT demonstrations of carry questions that forget the carry.
         label_noise: demo: fraction of preference pairs with flipped labels.
         num_eval: demo: held-out evaluation prompts.
@@ -56,14 +70,27 @@ class DataSection:
         pairs_per_prompt: demo: preference pairs per reward-model prompt.
     """
 
-    task: str = "demo"
+    sources: str = "demo"
+    split: str = ""
+    eval_fraction: float = 0.1
+    max_eval: int = 500
+    sft_samples: int = 0
+    rm_samples: int = 0
+    rl_samples: int = 0
     max_prompt_len: int = 64
     max_response_len: int = 16
+    truncation: str = "truncate"
+    cache: bool = True
+    cache_dir: str = ""
     sft_carry_error: float = 0.7
     label_noise: float = 0.1
     num_eval: int = 300
     num_valid: int = 200
     pairs_per_prompt: int = 4
+
+    def demo_options(self) -> dict:
+        return {"num_eval": self.num_eval, "num_valid": self.num_valid, "sft_carry_error": self.sft_carry_error,
+                "label_noise": self.label_noise, "pairs_per_prompt": self.pairs_per_prompt}
 
 
 @dataclass(frozen=True)
@@ -94,6 +121,8 @@ class SFTSection:
         grad_accum: micro-batches per optimizer step.
         mask_prompt: no loss on prompt tokens (completion-only training).
         warmup_steps: linear LR warm-up steps.
+        packing: pack several samples into each row (fewer pad tokens); attention stays within each sample
+            through packed position ids (transformers 5 decoder models).
     """
 
     epochs: int = 20
@@ -102,6 +131,7 @@ class SFTSection:
     grad_accum: int = 1
     mask_prompt: bool = True
     warmup_steps: int = 20
+    packing: bool = False
 
 
 @dataclass(frozen=True)
@@ -193,7 +223,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            ("data.task", self.data.task, ("demo",)),
+            ("data.truncation", self.data.truncation, ("truncate", "drop")),
             ("deepspeed.zero_stage", self.deepspeed.zero_stage, (0, 1, 2, 3)),
             ("deepspeed.dtype", self.deepspeed.dtype, ("fp32", "bf16", "fp16")),
             ("ppo.reward", self.ppo.reward, ("model", "verifier")),
@@ -214,6 +244,22 @@ class RunConfig:
         for key in ("sft.lr", "rm.lr", "ppo.actor_lr", "ppo.critic_lr", "ppo.temperature"):
             if get_key(self, key) <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {get_key(self, key)!r}")
+        for key in ("data.sft_samples", "data.rm_samples", "data.rl_samples", "data.max_eval"):
+            if get_key(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {get_key(self, key)!r}")
+        if not 0.0 <= self.data.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.data.eval_fraction!r}")
+        from rlhf_data import DataError, StageSplit, parse_data_spec
+
+        try:
+            parse_data_spec(self.data.sources)
+        except DataError as e:
+            raise ConfigError(f"data.sources: {e}") from None
+        if self.data.split:
+            try:
+                StageSplit.parse(self.data.split)
+            except DataError as e:
+                raise ConfigError(str(e)) from None  # the message names data.split
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1, got 0")
 
@@ -262,6 +308,13 @@ def all_keys(cls=RunConfig, prefix: str = "") -> dict[str, tuple[type, object, s
 
 
 def _convert(key: str, t: type, value):
+    if key == "data.sources" and isinstance(value, list):
+        from rlhf_data import DataError, parse_data_spec
+
+        try:  # the YAML list form, stored as the equivalent spec string
+            return ",".join(str(s) for s in parse_data_spec(value))
+        except DataError as e:
+            raise ConfigError(str(e)) from None
     if isinstance(value, str) and t is float:
         try:
             return float(value)  # YAML 1.1 reads "1e-3" as a string; a float key accepts it

@@ -35,6 +35,7 @@ class Context:
     rank: int = 0
     world_size: int = 1
     summary: dict = field(default_factory=dict)
+    data: object = None  # rlhf_data.StageData, loaded once per process by _data()
 
     @property
     def is_main(self) -> bool:
@@ -56,20 +57,63 @@ def _seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _task(cfg: RunConfig):
-    from rlhf_data import AdditionTask, AdditionTaskConfig
+def _data(ctx: Context):
+    """The run's per-stage datasets (``rlhf_data.StageData``), loaded once; every rank loads the
+    same (the spec, split and blend are seeded)."""
+    if ctx.data is None:
+        import json
 
-    d = cfg.data
-    return AdditionTask(AdditionTaskConfig(num_eval=d.num_eval, num_valid=d.num_valid,
-                                           sft_carry_error=d.sft_carry_error, label_noise=d.label_noise,
-                                           pairs_per_prompt=d.pairs_per_prompt,
-                                           seed=cfg.seed))
+        from rlhf_data import build_stage_data
+
+        d = ctx.cfg.data
+        sizes = {"sft": d.sft_samples, "rm": d.rm_samples, "rl": d.rl_samples}
+        ctx.data = build_stage_data(d.sources, split=d.split or None, seed=ctx.cfg.seed, eval_fraction=d.eval_fraction,
+                                    max_eval=d.max_eval, sizes={k: v for k, v in sizes.items() if v},
+                                    source_options={"demo": d.demo_options()})
+        report = ctx.data.report_dict()
+        if ctx.is_main:
+            from rlhf_hybrid import write_json_atomic
+
+            ctx.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(ctx.out / "data_report.json", report)
+            for r in report["sources"]:
+                dropped = sum(r["dropped"].values())
+                ctx.reporter.print(f"data: {r['label']} ({r['format']}): sft {r['used']['sft']}, rm {r['used']['rm']}, "
+                                   f"rl {r['used']['rl']} samples" + (f"; {dropped} rows dropped "
+                                   f"({json.dumps(r['dropped'])})" if dropped else ""))
+    return ctx.data
 
 
 def _tok_cfg(cfg: RunConfig):
     from rlhf_data import TokenizeConfig
 
-    return TokenizeConfig(max_prompt_len=cfg.data.max_prompt_len, max_response_len=cfg.data.max_response_len)
+    d = cfg.data
+    return TokenizeConfig(max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len,
+                          truncation=d.truncation)
+
+
+def _tokenized(ctx: Context, tokenizer, records: list, stage: str, what: str, stats: dict) -> list[dict]:
+    """Tokenize ``records`` for ``stage`` (cached by content), record the length-limit counts in
+    ``stats[what]`` and say when samples were truncated or dropped."""
+    from rlhf_data import default_cache_dir, tokenize_records
+
+    d = ctx.cfg.data
+    if not records:
+        raise PipelineError(f"data: no {what} samples (data.sources={d.sources!r}, data.split={d.split!r}); "
+                            f"`rlhf data inspect` shows what each source gives each stage")
+    cache = (Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()) if d.cache else None
+    out = tokenize_records(tokenizer, records, stage, _tok_cfg(ctx.cfg), cache_dir=cache)
+    c = out.stats.counts()
+    stats[what] = c | {"cache_hit": out.stats.cache_hit}
+    cut = {k: v for k, v in c.items() if k.startswith(("truncated", "dropped")) and v}
+    if cut:
+        ctx.reporter.print(f"data: {what}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in cut.items()) +
+                           f" of {c['samples']} (data.max_prompt_len={d.max_prompt_len}, "
+                           f"data.max_response_len={d.max_response_len}, data.truncation={d.truncation})")
+    if not out.examples:
+        raise PipelineError(f"data: every {what} sample was dropped by the length limits; raise data.max_prompt_len "
+                            f"/ data.max_response_len or use data.truncation=truncate")
+    return out.examples
 
 
 def _engine_cfg(cfg: RunConfig, *, lr: float, batch: int, grad_accum: int = 1, warmup: int = 0, decay: int = 0):
@@ -184,20 +228,22 @@ def _sft_eval_loss(engine, examples: list[dict], pad_id: int, mask_prompt: bool,
 
 def run_sft(ctx: Context) -> dict:
     from rlhf_algos.functional import sft_loss
-    from rlhf_data import IGNORE_INDEX, collate_sft, encode_pair, train_demo_tokenizer
+    from rlhf_data import IGNORE_INDEX, collate_packed, collate_sft, pack_sft, train_demo_tokenizer
     from rlhf_hybrid import HybridEngine, load_causal_lm, load_tokenizer, tiny_llama_config
 
     cfg, s = ctx.cfg, ctx.cfg.sft
     _seed(cfg.seed)
-    task = _task(cfg)
+    data = _data(ctx)
     if cfg.model.actor_model:
         tokenizer = load_tokenizer(cfg.model.actor_model)
         model = load_causal_lm(cfg.model.actor_model)
     else:
         from transformers import LlamaForCausalLM
 
-        tokenizer = train_demo_tokenizer(task.corpus())
+        from .data_report import tiny_vocab_size
+
         m = cfg.model
+        tokenizer = train_demo_tokenizer(data.corpus, vocab_size=tiny_vocab_size(cfg))
         model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
                                                    num_heads=m.num_heads, intermediate_size=m.intermediate_size,
                                                    pad_token_id=tokenizer.pad_token_id,
@@ -205,11 +251,18 @@ def run_sft(ctx: Context) -> dict:
     if len(tokenizer) > model.config.vocab_size:
         raise PipelineError(f"model.actor_model: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                             f"{model.config.vocab_size}")
-    tc = _tok_cfg(cfg)
-    train = [encode_pair(tokenizer, r.prompt, r.response, tc) for r in task.sft_records("sft")]
-    evals = [encode_pair(tokenizer, r.prompt, r.response, tc) for r in task.sft_records("eval")]
+    data_stats: dict = {}
+    train = _tokenized(ctx, tokenizer, data.sft, "sft", "sft", data_stats)
+    evals = _tokenized(ctx, tokenizer, data.sft_eval, "sft", "sft held-out", data_stats)
+    if s.packing:
+        n = len(train)
+        train = pack_sft(train, max(len(e["input_ids"]) for e in train) if train else 1)
+        ctx.reporter.print(f"sft: packed {n} samples into {len(train)} rows")
     rng = random.Random(cfg.seed)
     steps_per_epoch = len(train) // (s.batch_size * ctx.world_size)
+    if steps_per_epoch == 0:
+        raise PipelineError(f"sft.batch_size: {s.batch_size} x {ctx.world_size} rank(s) is more than the {len(train)} "
+                            f"SFT {'rows' if s.packing else 'samples'}; lower it or add data")
     total = steps_per_epoch * s.epochs
     engine = HybridEngine(model, _engine_cfg(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
                                              warmup=s.warmup_steps))
@@ -222,8 +275,12 @@ def run_sft(ctx: Context) -> dict:
         rep.log({"stage": "sft", "step": 0, "eval_loss": loss_before})
         for epoch in range(s.epochs):
             for chunk in _epoch_batches(ctx, train, s.batch_size, steps_per_epoch, rng):
-                b = collate_sft(chunk, pad, mask_prompt=s.mask_prompt)
-                lp = engine.token_logprobs(b["input_ids"], b["attention_mask"], 1)
+                if s.packing:  # no attention mask: the position ids keep attention inside each sample
+                    b = collate_packed(chunk, pad, mask_prompt=s.mask_prompt)
+                    lp = engine.token_logprobs(b["input_ids"], None, 1, position_ids=b["position_ids"])
+                else:
+                    b = collate_sft(chunk, pad, mask_prompt=s.mask_prompt)
+                    lp = engine.token_logprobs(b["input_ids"], b["attention_mask"], 1)
                 mask = (b["labels"][:, 1:] != IGNORE_INDEX).float().to(lp.device)
                 loss = sft_loss(lp, mask).loss
                 engine.backward(loss)
@@ -236,7 +293,8 @@ def run_sft(ctx: Context) -> dict:
                        log={"stage": "sft", "step": step, "epoch": epoch, "eval_loss": eval_loss})
     loss_after = _sft_eval_loss(engine, evals, pad, s.mask_prompt)
     wall = time.perf_counter() - t0
-    metrics = {"eval_loss_before": loss_before, "eval_loss_after": loss_after, "train_steps": step}
+    metrics = {"eval_loss_before": loss_before, "eval_loss_after": loss_after, "train_steps": step,
+               "data": data_stats}
     _save(ctx, engine, "sft", tokenizer, metrics)
     del engine
     return metrics | {"wall_seconds": wall}
@@ -245,18 +303,6 @@ def run_sft(ctx: Context) -> dict:
 # ----------------------------------------------------------------------------------------------
 # stage 2: reward model
 # ----------------------------------------------------------------------------------------------
-def _pair_examples(tokenizer, records, tc) -> list[dict]:
-    from rlhf_data import encode_pair
-
-    out = []
-    for r in records:
-        c = encode_pair(tokenizer, r.prompt, r.chosen, tc)
-        j = encode_pair(tokenizer, r.prompt, r.rejected, tc)
-        out.append({"chosen_ids": c["input_ids"], "rejected_ids": j["input_ids"],
-                    "flipped": bool(r.meta.get("flipped", False))})
-    return out
-
-
 def _rm_scores(engine, pairs: list[dict], pad_id: int, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     from rlhf_data import collate_pairs
 
@@ -273,9 +319,10 @@ def _rm_scores(engine, pairs: list[dict], pad_id: int, batch: int = 64) -> tuple
 
 
 def _rm_accuracy(engine, pairs: list[dict], pad_id: int) -> dict:
-    """Held-out accuracy against the verifier's true labels (label-noise flips undone)."""
+    """Held-out accuracy; against the verifier's true labels where the data knows them (the demo
+    marks its label-noise flips in ``meta["flipped"]``), else against the labels as given."""
     c, r = _rm_scores(engine, pairs, pad_id)
-    flipped = torch.tensor([p["flipped"] for p in pairs])
+    flipped = torch.tensor([bool(p["meta"].get("flipped", False)) for p in pairs])
     # a tie counts half: an untrained (constant) reward model scores 0.5, not 0
     wins = (c > r).float() + 0.5 * (c == r).float()
     correct_wins = torch.where(flipped, 1.0 - wins, wins)
@@ -290,7 +337,7 @@ def run_rm(ctx: Context) -> dict:
 
     cfg, s = ctx.cfg, ctx.cfg.rm
     _seed(cfg.seed + 1)
-    task = _task(cfg)
+    data = _data(ctx)
     sft_dir = _require_stage_output(ctx, "sft", "rm")
     tokenizer = load_tokenizer(str(sft_dir))
     base = cfg.model.reward_model or str(sft_dir)
@@ -298,10 +345,13 @@ def run_rm(ctx: Context) -> dict:
     if len(tokenizer) > model.config.vocab_size:
         raise PipelineError(f"model.reward_model: {base!r} has vocab_size {model.config.vocab_size} but the actor's "
                             f"tokenizer has {len(tokenizer)} tokens; the reward model must share the actor's tokenizer")
-    tc = _tok_cfg(cfg)
-    train = _pair_examples(tokenizer, task.preference_records("rm"), tc)
-    heldout = _pair_examples(tokenizer, task.preference_records("eval"), tc)
+    data_stats: dict = {}
+    train = _tokenized(ctx, tokenizer, data.rm, "rm", "rm", data_stats)
+    heldout = _tokenized(ctx, tokenizer, data.rm_eval, "rm", "rm held-out", data_stats)
     steps_per_epoch = len(train) // (s.batch_size * ctx.world_size)
+    if steps_per_epoch == 0:
+        raise PipelineError(f"rm.batch_size: {s.batch_size} x {ctx.world_size} rank(s) is more than the {len(train)} "
+                            f"preference pairs; lower it or add data")
     total = steps_per_epoch * s.epochs
     engine = HybridEngine(model, _engine_cfg(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
                                              warmup=s.warmup_steps, decay=total // s.grad_accum))
@@ -329,7 +379,8 @@ def run_rm(ctx: Context) -> dict:
     after = _rm_accuracy(engine, heldout, pad)
     wall = time.perf_counter() - t0
     metrics = {"heldout_accuracy": after["accuracy"], "heldout_accuracy_before": before["accuracy"],
-               "heldout_accuracy_noisy_labels": after["accuracy_noisy_labels"], "train_steps": step}
+               "heldout_accuracy_noisy_labels": after["accuracy_noisy_labels"], "train_steps": step,
+               "data": data_stats}
     _save(ctx, engine, "rm", tokenizer, metrics)
     del engine
     return metrics | {"wall_seconds": wall}
@@ -350,14 +401,14 @@ class ModelReward:
 
 
 class VerifierReward:
-    """Reward = the demo task's verifier on the decoded response (1.0 right, 0.0 wrong)."""
+    """Reward = the data's ground-truth verifier on the decoded response (the demo: 1.0 right, 0.0 wrong)."""
 
-    def __init__(self, task, tokenizer) -> None:
-        self.task, self.tokenizer = task, tokenizer
+    def __init__(self, verify, tokenizer) -> None:
+        self.verify, self.tokenizer = verify, tokenizer
 
     def __call__(self, sequences, attention_mask, prompt_len, meta):
         texts = decode_responses(self.tokenizer, sequences, attention_mask, prompt_len)
-        return torch.tensor([self.task.verify(t, m) for t, m in zip(texts, meta, strict=True)])
+        return torch.tensor([self.verify(t, m) for t, m in zip(texts, meta, strict=True)])
 
 
 def decode_responses(tokenizer, sequences, attention_mask, prompt_len) -> list[str]:
@@ -368,15 +419,12 @@ def decode_responses(tokenizer, sequences, attention_mask, prompt_len) -> list[s
     return out
 
 
-def _prompt_examples(tokenizer, records, tc) -> list[dict]:
-    from rlhf_data import encode_prompt
-
-    return [{"input_ids": encode_prompt(tokenizer, r.prompt, tc), "meta": r.meta} for r in records]
-
-
-def evaluate_policy(actor, tokenizer, task, prompts: list[dict], *, do_sample: bool, temperature: float,
+def evaluate_policy(actor, tokenizer, scorer, prompts: list[dict], *, do_sample: bool, temperature: float,
                     max_new_tokens: int, batch: int = 256, reference=None) -> dict:
-    """Verifier score (and KL to ``reference`` when given) of the policy on ``prompts``.
+    """Mean ``scorer`` score (and KL to ``reference`` when given) of the policy's answers to ``prompts``.
+
+    ``scorer(sequences, attention_mask, prompt_len, meta) -> (B,)`` is the verifier where the data has
+    one, else the reward model.
 
     Every rank evaluates the same prompts (generation gathers ZeRO-3 weights collectively).
     """
@@ -393,14 +441,13 @@ def evaluate_policy(actor, tokenizer, task, prompts: list[dict], *, do_sample: b
         P = b["input_ids"].shape[1]
         rmask = response_mask_from(seqs, P, tokenizer.eos_token_id)
         attn = torch.cat([b["attention_mask"], rmask.long()], dim=1)
-        texts = decode_responses(tokenizer, seqs, attn, P)
-        scores += [task.verify(t, m) for t, m in zip(texts, b["meta"], strict=True)]
+        scores += scorer(seqs, attn, P, b["meta"]).float().cpu().tolist()
         if reference is not None:
             with torch.no_grad():
                 lp = actor.token_logprobs(seqs, attn, P, temperature=temperature).float().cpu()
                 ref = reference.token_logprobs(seqs, attn, P, temperature=temperature).float().cpu()
             kls.append((kl_penalty(lp, ref, "k1") * rmask).sum(dim=1))
-    out = {"verifier_score": sum(scores) / max(len(scores), 1)}
+    out = {"score": sum(scores) / max(len(scores), 1)}
     if kls:
         out["kl_to_ref"] = torch.cat(kls).mean().item()
     return out
@@ -413,11 +460,10 @@ def run_ppo(ctx: Context) -> dict:
 
     cfg, p = ctx.cfg, ctx.cfg.ppo
     _seed(cfg.seed + 2 + 1000 * ctx.rank)  # ranks sample different responses
-    task = _task(cfg)
+    data = _data(ctx)
     sft_dir = _require_stage_output(ctx, "sft", "ppo")
     rm_dir = _require_stage_output(ctx, "rm", "ppo") if p.reward == "model" else None  # fail before any work
     tokenizer = load_tokenizer(str(sft_dir))
-    tc = _tok_cfg(cfg)
     actor = HybridEngine(load_causal_lm(str(sft_dir)), _engine_cfg(cfg, lr=p.actor_lr, batch=p.micro_batch_size))
     reference = HybridEngine(load_causal_lm(str(sft_dir)), _engine_cfg(cfg, lr=p.actor_lr, batch=p.micro_batch_size),
                              trainable=False)
@@ -429,7 +475,7 @@ def run_ppo(ctx: Context) -> dict:
     else:
         # With the verifier as reward there is no reward model: the critic starts from the SFT model.
         critic_model = ValueModel.from_pretrained(str(sft_dir))
-        reward_fn = VerifierReward(task, tokenizer)
+        reward_fn = VerifierReward(data.verifier, tokenizer)
     critic = HybridEngine(critic_model, _engine_cfg(cfg, lr=p.critic_lr, batch=p.micro_batch_size))
     algo = PPO(PPOConfig(kl_coef=p.kl_coef, kl_estimator=p.kl_estimator, clip_reward=p.clip_reward, gamma=p.gamma,
                          lam=p.lam, clip_eps=p.clip_eps, value_clip_eps=p.value_clip_eps, ppo_epochs=p.ppo_epochs,
@@ -438,22 +484,28 @@ def run_ppo(ctx: Context) -> dict:
                actor, reference, critic, reward_fn, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id, reduce_metrics=all_reduce_mean, seed=cfg.seed + ctx.rank)
 
-    train_prompts = _prompt_examples(tokenizer, task.prompt_records("rl"), tc)
-    valid_prompts = _prompt_examples(tokenizer, task.prompt_records("valid"), tc)
-    eval_prompts = _prompt_examples(tokenizer, task.prompt_records("eval"), tc)
-    ev = dict(tokenizer=tokenizer, task=task, max_new_tokens=p.max_new_tokens, temperature=p.temperature)
+    data_stats: dict = {}
+    train_prompts = _tokenized(ctx, tokenizer, data.rl, "rl", "rl", data_stats)
+    valid_prompts = _tokenized(ctx, tokenizer, data.rl_valid, "rl", "rl validation", data_stats)
+    eval_prompts = _tokenized(ctx, tokenizer, data.rl_eval, "rl", "rl held-out", data_stats)
+    # Held-out answers are scored by the verifier where the data has one, else by the reward model.
+    if data.verifier is not None:
+        metric, scorer = "verifier_score", VerifierReward(data.verifier, tokenizer)
+    else:
+        metric, scorer = "reward_model_score", reward_fn
+    ev = dict(tokenizer=tokenizer, scorer=scorer, max_new_tokens=p.max_new_tokens, temperature=p.temperature)
 
     def held_out(tag: str) -> dict:
         greedy = evaluate_policy(actor, prompts=eval_prompts, do_sample=False, **ev)
         sampled = evaluate_policy(actor, prompts=eval_prompts, do_sample=True, reference=reference, **ev)
-        return {f"verifier_score_{tag}": greedy["verifier_score"],
-                f"verifier_score_sampled_{tag}": sampled["verifier_score"], f"kl_to_ref_{tag}": sampled["kl_to_ref"]}
+        return {f"{metric}_{tag}": greedy["score"], f"{metric}_sampled_{tag}": sampled["score"],
+                f"kl_to_ref_{tag}": sampled["kl_to_ref"]}
 
     before = held_out("before")
     def validate() -> float:
         # Averaged over ranks so that every rank takes the same keep-this-checkpoint decision
         # (full_state_dict is collective under ZeRO-3; diverging decisions would deadlock).
-        score = evaluate_policy(actor, prompts=valid_prompts, do_sample=False, **ev)["verifier_score"]
+        score = evaluate_policy(actor, prompts=valid_prompts, do_sample=False, **ev)["score"]
         return all_reduce_mean({"valid": score})["valid"]
 
     best_score = validate()
@@ -462,7 +514,7 @@ def run_ppo(ctx: Context) -> dict:
     order: list[int] = []
     t0 = time.perf_counter()
     with ctx.reporter.stage("ppo", p.iterations, ctx.out / ".ppo.metrics.jsonl") as rep:
-        rep.log({"stage": "ppo", "iteration": 0, "valid_verifier_score": best_score, **before})
+        rep.log({"stage": "ppo", "iteration": 0, f"valid_{metric}": best_score, **before})
         for it in range(1, p.iterations + 1):
             # prompts for this rank: a seeded shuffle shared by all ranks, then every rank takes its slice
             need = p.rollout_batch_size * ctx.world_size
@@ -479,21 +531,20 @@ def run_ppo(ctx: Context) -> dict:
             row = {"stage": "ppo", "iteration": it, **metrics}
             if it % p.eval_every == 0 or it == p.iterations:
                 valid = validate()
-                row["valid_verifier_score"] = valid
+                row[f"valid_{metric}"] = valid
                 if p.select == "best" and valid > best_score:
                     best_score, best_iter, best_state = valid, it, actor.full_state_dict()
             rep.update(show={"reward": metrics["reward_mean"], "kl": metrics["kl_to_ref"],
-                             "valid": row.get("valid_verifier_score", float("nan")) if "valid_verifier_score" in row
-                             else best_score}, log=row)
+                             "valid": row.get(f"valid_{metric}", best_score)}, log=row)
     wall = time.perf_counter() - t0
     if p.select == "best":
         if best_state is not None:
             actor.load_full_state_dict(best_state)
         ctx.reporter.print(f"ppo: keeping the checkpoint of iteration {best_iter} "
-                           f"(validation greedy verifier score {best_score:.3f})")
+                           f"(validation greedy {metric.replace('_', ' ')} {best_score:.3f})")
     after = held_out("after")
     metrics = {**before, **after, "kl_to_ref": after["kl_to_ref_after"], "selected_iteration": best_iter
-               if p.select == "best" else p.iterations, "reward": p.reward}
+               if p.select == "best" else p.iterations, "reward": p.reward, "eval_metric": metric, "data": data_stats}
     _save(ctx, actor, "ppo", tokenizer, metrics)
     return metrics | {"wall_seconds": wall}
 
@@ -514,6 +565,10 @@ def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: in
         except json.JSONDecodeError:
             summary = {}
     summary.setdefault("wall_seconds", {})
+    data = _data(ctx)  # load (and check) the data before any stage starts
+    if "ppo" in stages and cfg.ppo.reward == "verifier" and data.verifier is None:
+        raise PipelineError(f"ppo.reward: 'verifier' needs data with a ground-truth verifier (the demo task); "
+                            f"data.sources={cfg.data.sources!r} has none; use ppo.reward=model")
     runners = {"sft": run_sft, "rm": run_rm, "ppo": run_ppo}
     t_all = time.perf_counter()
     for stage in stages:
@@ -544,9 +599,10 @@ def summary_rows(summary: dict) -> list[tuple[str, str, str, str, str]]:
                      f(s.get("heldout_accuracy")), f"{w.get('rm', 0):.0f} s"))
     if "ppo" in summary:
         s = summary["ppo"]
-        rows.append(("ppo", "verifier score, greedy", f(s.get("verifier_score_before")), f(s.get("verifier_score_after")),
+        m = s.get("eval_metric", "verifier_score")
+        name = m.replace("_", " ")
+        rows.append(("ppo", f"{name}, greedy", f(s.get(f"{m}_before")), f(s.get(f"{m}_after")),
                      f"{w.get('ppo', 0):.0f} s"))
-        rows.append(("ppo", "verifier score, sampled", f(s.get("verifier_score_sampled_before")),
-                     f(s.get("verifier_score_sampled_after")), ""))
+        rows.append(("ppo", f"{name}, sampled", f(s.get(f"{m}_sampled_before")), f(s.get(f"{m}_sampled_after")), ""))
         rows.append(("ppo", "KL to reference", f(s.get("kl_to_ref_before")), f(s.get("kl_to_ref_after")), ""))
     return rows

@@ -1,36 +1,95 @@
-"""rlhf-data: canonical records, the built-in demo task, tokenization and collators."""
+"""rlhf-data: canonical records, source adapters, stage splits, blending, tokenization, collators,
+and the built-in demo task."""
 
 from ._version import __version__
-from .collate import IGNORE_INDEX, collate_pairs, collate_prompts, collate_sft
+from .collate import IGNORE_INDEX, collate_packed, collate_pairs, collate_prompts, collate_sft, pack_sft
 from .demo import AdditionTask, AdditionTaskConfig
-from .records import ChatRecord, PreferenceRecord, PromptRecord, SFTRecord
+from .inspection import Inspection, histogram, inspect_stage_data
+from .records import (
+    ChatRecord,
+    PreferenceRecord,
+    PromptRecord,
+    SFTRecord,
+    parse_transcript,
+    prompt_messages,
+    prompt_text,
+    record_kind,
+    split_conversation,
+)
+from .sources import (
+    DataError,
+    RowError,
+    SkipRow,
+    SourceAdapter,
+    SourceSpec,
+    available_sources,
+    get_source,
+    parse_data_spec,
+    read_rows,
+)
+from .stages import SourceReport, StageData, StageSplit, blend, build_stage_data, split_groups
 from .tokenization import (
     TokenizeConfig,
+    TokenizedSet,
+    TokenizeStats,
+    default_cache_dir,
     encode_pair,
     encode_prompt,
     encode_response,
+    render_plain,
     render_prompt,
     render_response,
+    tokenize_records,
     train_demo_tokenizer,
 )
 
 __all__ = [
     "IGNORE_INDEX",
+    "Inspection",
     "AdditionTask",
     "AdditionTaskConfig",
     "ChatRecord",
+    "DataError",
     "PreferenceRecord",
     "PromptRecord",
+    "RowError",
     "SFTRecord",
+    "SkipRow",
+    "SourceAdapter",
+    "SourceReport",
+    "SourceSpec",
+    "StageData",
+    "StageSplit",
     "TokenizeConfig",
+    "TokenizeStats",
+    "TokenizedSet",
     "__version__",
+    "available_sources",
+    "blend",
+    "build_stage_data",
+    "collate_packed",
     "collate_pairs",
     "collate_prompts",
     "collate_sft",
+    "default_cache_dir",
     "encode_pair",
     "encode_prompt",
     "encode_response",
+    "get_source",
+    "histogram",
+    "inspect_stage_data",
+    "pack_sft",
+    "parse_data_spec",
+    "parse_transcript",
+    "prompt_messages",
+    "prompt_text",
+    "read_rows",
+    "record_kind",
+    "render_plain",
     "render_prompt",
     "render_response",
+    "split_conversation",
+    "split_groups",
+    "tokenize_records",
     "train_demo_tokenizer",
 ]

@@ -71,3 +71,58 @@ def collate_prompts(examples: list[dict], pad_id: int) -> dict:
     """
     ids, mask = _pad([e["input_ids"] for e in examples], pad_id, left=True)
     return {"input_ids": ids, "attention_mask": mask, "meta": [e.get("meta", {}) for e in examples]}
+
+
+# ----------------------------------------------------------------------------------------------
+# sequence packing (SFT)
+# ----------------------------------------------------------------------------------------------
+def pack_sft(examples: list[dict], max_len: int) -> list[dict]:
+    """Pack SFT examples into rows of at most ``max_len`` tokens (first fit, in order).
+
+    Each packed row holds ``input_ids``, ``position_ids`` (restarting at 0 for every example, which
+    is how the model tells the examples apart) and ``loss_mask`` (1 on response tokens, 0 on prompt
+    tokens and on each example's first token, which must not be predicted from the example before).
+
+    Raises:
+        ValueError: an example is longer than ``max_len``.
+    """
+    rows: list[dict] = []
+    open_rows: list[dict] = []
+    for n, e in enumerate(examples):
+        ids, plen = list(e["input_ids"]), e["prompt_len"]
+        if len(ids) > max_len:
+            raise ValueError(f"pack_sft: example {n} has {len(ids)} tokens, more than max_len={max_len}")
+        target = next((r for r in open_rows if len(r["input_ids"]) + len(ids) <= max_len), None)
+        if target is None:
+            target = {"input_ids": [], "position_ids": [], "loss_mask": []}
+            rows.append(target)
+            open_rows.append(target)
+        target["input_ids"] += ids
+        target["position_ids"] += list(range(len(ids)))
+        target["loss_mask"] += [0] * max(plen, 1) + [1] * (len(ids) - max(plen, 1))
+        open_rows = [r for r in open_rows if len(r["input_ids"]) < max_len]
+    return rows
+
+
+def collate_packed(rows: list[dict], pad_id: int, mask_prompt: bool = True) -> dict[str, torch.Tensor]:
+    """Right-padded batch of packed rows (see :func:`pack_sft`).
+
+    Returns:
+        ``input_ids``, ``position_ids`` and ``labels`` (B, L). No ``attention_mask``: the model
+        must be called with ``attention_mask=None``, these ``position_ids`` and ``use_cache=False``
+        so that its attention stays inside each example (transformers' packed-sequence masking
+        reads the position ids only without a mask and without a KV cache). Padding
+        positions restart at 0 too, so they form one more (ignored) sequence.
+    """
+    ids, mask = _pad([r["input_ids"] for r in rows], pad_id, left=False)
+    pos = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        pos[i, :n] = torch.tensor(r["position_ids"])
+        pos[i, n:] = torch.arange(ids.shape[1] - n)
+        keep = torch.tensor(r["loss_mask"], dtype=torch.bool)
+        if not mask_prompt:  # only each example's first token stays unlearned
+            keep = torch.tensor(r["position_ids"]) > 0
+        labels[i, :n] = torch.where(keep, ids[i, :n], IGNORE_INDEX)
+    return {"input_ids": ids, "position_ids": pos, "labels": labels}

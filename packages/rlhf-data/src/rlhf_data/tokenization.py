@@ -7,29 +7,62 @@ A prompt is rendered with the tokenizer's chat template when it has one; otherwi
 
     Assistant: 85<eos>
 
+(multi-turn prompts repeat the ``Human:``/``Assistant:`` turns, separated by blank lines; a system
+message is its text alone, first).
+
 The prompt and the response are tokenized *separately* and concatenated, so the tokens the policy
 sees at training time are exactly the tokens it is conditioned on at generation time.
+
+:func:`tokenize_records` tokenizes a whole stage, applies the length limits with an explicit policy
+(truncate or drop, counted), and caches the result by content fingerprint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .records import Prompt, prompt_messages
+
+log = logging.getLogger(__name__)
 
 PLAIN_PROMPT = "Human: {prompt}\n\nAssistant:"
+TRUNCATION_POLICIES = ("truncate", "drop")
+CACHE_VERSION = 1  # bump when the tokenized format or the rendering changes
 
 
 def uses_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def render_prompt(tokenizer, prompt: str) -> str:
+def render_plain(messages: Sequence[dict]) -> str:
+    """Messages in the plain format; ends with ``"\\n\\nAssistant:"`` when the last turn is the user's."""
+    turns = []
+    for m in messages:
+        if m["role"] == "system":
+            turns.append(m["content"])
+        elif m["role"] == "user":
+            turns.append(f"Human: {m['content']}")
+        else:
+            turns.append(f"Assistant: {m['content']}")
+    text = "\n\n".join(turns)
+    if messages and messages[-1]["role"] != "assistant":
+        text += "\n\nAssistant:"
+    return text
+
+
+def render_prompt(tokenizer, prompt: Prompt) -> str:
     """The text the model is conditioned on for ``prompt`` (chat template or plain format)."""
+    messages = prompt_messages(prompt)
     if uses_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return PLAIN_PROMPT.format(prompt=prompt)
+        return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return render_plain(messages)
 
 
 def render_response(tokenizer, response: str) -> str:
@@ -39,54 +72,216 @@ def render_response(tokenizer, response: str) -> str:
 
 @dataclass(frozen=True)
 class TokenizeConfig:
-    """Length limits, in tokens.
+    """Length limits, in tokens, and what happens to samples over them.
 
     Attributes:
-        max_prompt_len: longer prompts keep their *last* tokens (the question is at the end).
-        max_response_len: longer responses keep their first tokens; the EOS is then dropped too,
-            so the model is not taught to stop mid-answer.
+        max_prompt_len: prompt limit; a longer prompt keeps its *last* tokens (the question is at
+            the end) or, with ``truncation="drop"``, drops the sample.
+        max_response_len: response limit (EOS included); a longer response keeps its first tokens
+            and loses its EOS, so the model is not taught to stop mid-answer; or drops the sample.
+        truncation: "truncate" or "drop" (either way the samples affected are counted).
+        add_eos: end every response with the tokenizer's EOS token.
     """
 
     max_prompt_len: int = 256
     max_response_len: int = 256
+    truncation: str = "truncate"
+    add_eos: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_prompt_len", "max_response_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+        if self.truncation not in TRUNCATION_POLICIES:
+            raise ValueError(f"truncation: {self.truncation!r} is not allowed; allowed: "
+                             f"{', '.join(map(repr, TRUNCATION_POLICIES))}")
 
 
-def encode_prompt(tokenizer, prompt: str, cfg: TokenizeConfig = TokenizeConfig()) -> list[int]:
-    """Token ids of the rendered prompt (with the tokenizer's BOS if it adds one)."""
-    ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=not uses_chat_template(tokenizer))[
-        "input_ids"
-    ]
-    return list(ids[-cfg.max_prompt_len :])
+def _prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+    text = render_prompt(tokenizer, prompt)
+    return list(tokenizer(text, add_special_tokens=not uses_chat_template(tokenizer))["input_ids"])
+
+
+def _response_ids(tokenizer, response: str, add_eos: bool = True) -> list[int]:
+    ids = list(tokenizer(render_response(tokenizer, response), add_special_tokens=False)["input_ids"])
+    if add_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer: has no eos_token; set one (tokenizer.eos_token = ...) before training")
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def encode_prompt(tokenizer, prompt: Prompt, cfg: TokenizeConfig = TokenizeConfig()) -> list[int]:
+    """Token ids of the rendered prompt (with the tokenizer's BOS if it adds one), last
+    ``max_prompt_len`` kept."""
+    return _prompt_ids(tokenizer, prompt)[-cfg.max_prompt_len :]
 
 
 def encode_response(tokenizer, response: str, cfg: TokenizeConfig = TokenizeConfig()) -> list[int]:
     """Token ids of the response followed by EOS (EOS dropped if the response is truncated)."""
-    ids = list(tokenizer(render_response(tokenizer, response), add_special_tokens=False)["input_ids"])
-    if len(ids) >= cfg.max_response_len:
-        return ids[: cfg.max_response_len]
-    if tokenizer.eos_token_id is None:
-        raise ValueError("tokenizer: has no eos_token; set one (tokenizer.eos_token = ...) before training")
-    return ids + [tokenizer.eos_token_id]
+    ids = _response_ids(tokenizer, response, cfg.add_eos)
+    return ids[: cfg.max_response_len] if len(ids) > cfg.max_response_len else ids
 
 
-def encode_pair(tokenizer, prompt: str, response: str, cfg: TokenizeConfig = TokenizeConfig()) -> dict:
+def encode_pair(tokenizer, prompt: Prompt, response: str, cfg: TokenizeConfig = TokenizeConfig()) -> dict:
     """``{"input_ids": prompt + response + eos, "prompt_len": len(prompt ids)}``."""
     p = encode_prompt(tokenizer, prompt, cfg)
     r = encode_response(tokenizer, response, cfg)
     return {"input_ids": p + r, "prompt_len": len(p)}
 
 
+# ----------------------------------------------------------------------------------------------
+# whole stages, with counts and a cache
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class TokenizeStats:
+    """What length limits did to a stage: sample counts and token lengths (before truncation)."""
+
+    samples: int = 0
+    kept: int = 0
+    truncated_prompt: int = 0
+    truncated_response: int = 0
+    dropped_prompt: int = 0
+    dropped_response: int = 0
+    prompt_lens: list[int] = field(default_factory=list)
+    response_lens: list[int] = field(default_factory=list)
+    cache_hit: bool = False
+
+    def counts(self) -> dict[str, int]:
+        return {k: v for k, v in asdict(self).items() if isinstance(v, int) and not isinstance(v, bool)}
+
+
+@dataclass
+class TokenizedSet:
+    """Tokenized examples of one stage, ready for the collators, and their :class:`TokenizeStats`.
+
+    ``examples`` hold, by stage: "sft" ``input_ids`` + ``prompt_len``; "rm" ``chosen_ids`` +
+    ``rejected_ids`` + ``prompt_len`` + ``meta``; "rl" ``input_ids`` + ``meta``.
+    """
+
+    examples: list[dict]
+    stats: TokenizeStats
+
+
+STAGE_FIELDS = {"sft": ("response",), "rm": ("chosen", "rejected"), "rl": ()}
+
+
+def _fit_prompt(ids: list[int], cfg: TokenizeConfig, st: TokenizeStats) -> list[int] | None:
+    if len(ids) <= cfg.max_prompt_len:
+        return ids
+    if cfg.truncation == "drop":
+        st.dropped_prompt += 1
+        return None
+    st.truncated_prompt += 1
+    return ids[-cfg.max_prompt_len :]
+
+
+def tokenize_records(tokenizer, records: Sequence, stage: str, cfg: TokenizeConfig = TokenizeConfig(), *,
+                     cache_dir: str | Path | None = None) -> TokenizedSet:
+    """Tokenize one stage's records (SFT records for "sft", pairs for "rm", prompts for "rl").
+
+    With ``cache_dir``, the result is stored under a fingerprint of the records, the tokenizer,
+    ``cfg`` and the stage, and a later call with the same inputs loads it instead of tokenizing.
+
+    Raises:
+        ValueError: unknown stage, or a tokenizer without an EOS token when ``cfg.add_eos``.
+    """
+    if stage not in STAGE_FIELDS:
+        raise ValueError(f"stage: {stage!r} is not allowed; allowed: {', '.join(map(repr, STAGE_FIELDS))}")
+    path = None
+    if cache_dir is not None:
+        key = fingerprint(records, tokenizer, cfg, stage)
+        path = Path(cache_dir).expanduser() / f"{stage}-{key[:32]}.json"
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+                stats = TokenizeStats(**saved["stats"])
+                stats.cache_hit = True
+                return TokenizedSet(saved["examples"], stats)
+            except (json.JSONDecodeError, KeyError, TypeError) as e:  # a damaged cache file is rebuilt
+                log.warning("tokenization cache %s is unreadable (%s); tokenizing again", path, e)
+    out = _tokenize(tokenizer, records, stage, cfg)
+    if path is not None:
+        _write_atomic(path, json.dumps({"examples": out.examples, "stats": asdict(out.stats)}))
+    return out
+
+
+def _tokenize(tokenizer, records: Sequence, stage: str, cfg: TokenizeConfig) -> TokenizedSet:
+    st = TokenizeStats(samples=len(records))
+    examples = []
+    for r in records:
+        p_full = _prompt_ids(tokenizer, r.prompt)
+        st.prompt_lens.append(len(p_full))
+        responses = [_response_ids(tokenizer, getattr(r, f), cfg.add_eos) for f in STAGE_FIELDS[stage]]
+        st.response_lens += [len(x) for x in responses]
+        p = _fit_prompt(p_full, cfg, st)
+        if p is None:
+            continue
+        if any(len(x) > cfg.max_response_len for x in responses):
+            if cfg.truncation == "drop":
+                st.dropped_response += 1
+                continue
+            st.truncated_response += 1
+            responses = [x[: cfg.max_response_len] for x in responses]
+        meta = dict(r.meta)
+        if stage == "sft":
+            examples.append({"input_ids": p + responses[0], "prompt_len": len(p)})
+        elif stage == "rm":
+            examples.append({"chosen_ids": p + responses[0], "rejected_ids": p + responses[1],
+                             "prompt_len": len(p), "meta": meta})
+        else:
+            examples.append({"input_ids": p, "meta": meta})
+    st.kept = len(examples)
+    return TokenizedSet(examples, st)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything about a tokenizer that changes its output."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    special = [getattr(tokenizer, "chat_template", None), tokenizer.eos_token, tokenizer.bos_token,
+               tokenizer.pad_token, getattr(tokenizer, "add_bos_token", None), len(tokenizer)]
+    h.update(json.dumps(special, default=str).encode())
+    return h.hexdigest()
+
+
+def fingerprint(records: Iterable, tokenizer, cfg: TokenizeConfig, stage: str) -> str:
+    """Content fingerprint of a tokenization job (records, tokenizer, limits, stage, format version)."""
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, stage, asdict(cfg), tokenizer_fingerprint(tokenizer)]).encode())
+    for r in records:
+        h.update(json.dumps(asdict(r), sort_keys=True, default=str).encode())
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def default_cache_dir() -> Path:
+    """``$RLHF_CACHE_DIR/tokenized`` or ``~/.cache/rlhf/tokenized``."""
+    root = os.environ.get("RLHF_CACHE_DIR") or Path.home() / ".cache" / "rlhf"
+    return Path(root) / "tokenized"
+
+
 def train_demo_tokenizer(corpus: Iterable[str], vocab_size: int = 320):
-    """Train a small byte-level BPE tokenizer in-process (about 0.1 s) for the demo task.
+    """Train a small byte-level BPE tokenizer in-process (about 0.1 s) for tiny models.
 
     Digits are split one per token so that arithmetic is learnable by a tiny model; everything
-    between digits may merge, so the fixed chat scaffolding ("Human: What is ", "?\n\nAssistant:")
-    becomes a handful of tokens and sequences stay short (about 11 tokens a sample).
+    between digits may merge, so the fixed chat scaffolding ("Human: What is ", "?\\n\\nAssistant:")
+    becomes a handful of tokens and sequences stay short (about 11 tokens a demo sample).
 
     Returns:
         A ``transformers.PreTrainedTokenizerFast`` with ``<pad>`` and ``<eos>`` special tokens.

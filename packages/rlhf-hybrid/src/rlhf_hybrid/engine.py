@@ -205,21 +205,38 @@ class HybridEngine:
     def _forward(self, **kw):
         return (self.engine or self.module)(**kw)
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Causal-LM logits (B, L, V) with positions counted over real tokens."""
-        out = self._forward(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                            position_ids=position_ids_from_mask(attention_mask).to(self.device), use_cache=False)
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal-LM logits (B, L, V).
+
+        With ``attention_mask`` (B, L), positions are counted over real tokens. Packed rows (several
+        samples per row, see ``rlhf_data.pack_sft``) pass ``attention_mask=None`` and their
+        ``position_ids`` (B, L), which restart at 0 for each sample; transformers then keeps
+        attention inside each sample.
+        """
+        if attention_mask is None:
+            if position_ids is None:
+                raise ValueError("logits: give attention_mask, or position_ids for packed rows")
+            mask = None
+        else:
+            mask = attention_mask.to(self.device)
+            if position_ids is None:
+                position_ids = position_ids_from_mask(attention_mask)
+        out = self._forward(input_ids=input_ids.to(self.device), attention_mask=mask,
+                            position_ids=position_ids.to(self.device), use_cache=False)
         return out.logits
 
-    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 1, *,
-                       temperature: float = 1.0, return_entropy: bool = False):
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, start: int = 1, *,
+                       temperature: float = 1.0, return_entropy: bool = False,
+                       position_ids: torch.Tensor | None = None):
         """Log-probs of tokens ``input_ids[:, start:]`` given their prefixes: (B, L - start).
 
-        Uses rlhf-kernels' fused log-prob (no full fp32 log-softmax is materialised).
+        Uses rlhf-kernels' fused log-prob (no full fp32 log-softmax is materialised). Packed rows:
+        see :meth:`logits`.
         """
         from rlhf_kernels import fused_logprobs
 
-        logits = self.logits(input_ids, attention_mask)[:, start - 1 : -1]  # (B, L-start, V)
+        logits = self.logits(input_ids, attention_mask, position_ids)[:, start - 1 : -1]  # (B, L-start, V)
         targets = input_ids[:, start:].to(logits.device)
         return fused_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy)
 

@@ -1,0 +1,81 @@
+"""``rlhf data inspect``: load a data spec the way ``rlhf run`` does and draw what each stage gets."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .config import RunConfig
+
+BARS = " ▁▂▃▄▅▆▇█"
+
+
+def sparkline(hist: list[tuple[int, int, int]]) -> str:
+    """A histogram as one line of block characters, with its range: ``"3-41 ▁▃█▅▂▁"``."""
+    if not hist:
+        return "-"
+    top = max(c for _, _, c in hist)
+    bars = "".join(BARS[0 if c == 0 else max(1, round(8 * c / top))] for _, _, c in hist)
+    return f"{hist[0][0]}-{hist[-1][1]} {bars}"
+
+
+def load_inspection_tokenizer(cfg: RunConfig, name: str | None, corpus: list[str]):
+    """The tokenizer ``rlhf run`` would use: ``name``, else model.actor_model's, else one trained on the data."""
+    from rlhf_data import train_demo_tokenizer
+
+    name = name or cfg.model.actor_model
+    if name:
+        from rlhf_hybrid import load_tokenizer
+
+        return load_tokenizer(name)
+    return train_demo_tokenizer(corpus, vocab_size=tiny_vocab_size(cfg))
+
+
+def tiny_vocab_size(cfg: RunConfig) -> int:
+    """Vocabulary of the in-process tokenizer for the tiny model (model.tokenizer_vocab_size; 0 = auto)."""
+    return cfg.model.tokenizer_vocab_size or (320 if cfg.data.sources == "demo" else 2048)
+
+
+def inspect_data(cfg: RunConfig, tokenizer_name: str | None, examples: int = 3, console: Console | None = None) -> None:
+    from rlhf_data import TokenizeConfig, build_stage_data, histogram, inspect_stage_data
+
+    console = console or Console()
+    d = cfg.data
+    sizes = {"sft": d.sft_samples, "rm": d.rm_samples, "rl": d.rl_samples}
+    data = build_stage_data(d.sources, split=d.split or None, seed=cfg.seed, eval_fraction=d.eval_fraction,
+                            max_eval=d.max_eval, sizes={k: v for k, v in sizes.items() if v},
+                            source_options={"demo": d.demo_options()})
+    tok = load_inspection_tokenizer(cfg, tokenizer_name, data.corpus)
+    tc = TokenizeConfig(max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len, truncation=d.truncation)
+
+    src = Table(title=f"data.sources = {d.sources}   split = {d.split or 'source default'}   seed = {cfg.seed}")
+    for col in ("source", "format", "rows read", "dropped rows", "weight", "sft", "rm", "rl", "held out"):
+        src.add_column(col, justify="left" if col in ("source", "format", "dropped rows") else "right")
+    for r in data.reports:
+        dropped = ", ".join(f"{k}: {v}" for k, v in r.dropped.items()) or "0"
+        src.add_row(r.label, r.format, str(r.rows) if r.rows else "-", dropped, f"{r.weight:g}",
+                    *(f"{r.used.get(s, 0)}/{r.usable.get(s, 0)}" for s in ("sft", "rm", "rl")),
+                    str(r.parts.get("eval", 0)))
+    console.print(src)
+    console.print("sft/rm/rl columns: samples used by the blend / usable samples in the source's part")
+
+    rows = inspect_stage_data(data, tok, tc, examples=examples)
+    t = Table(title=f"token lengths (max_prompt_len={d.max_prompt_len}, max_response_len={d.max_response_len}, "
+                    f"truncation={d.truncation})")
+    for col in ("source", "set", "samples", "prompt med/p95/max", "prompt histogram", "response med/p95/max",
+                "response histogram", "truncated p/r", "dropped p/r"):
+        t.add_column(col, justify="right" if col in ("samples", "truncated p/r", "dropped p/r") else "left")
+    for ins in rows:
+        st, ps, rs = ins.stats, ins.prompt_summary, ins.response_summary
+        t.add_row(ins.source, ins.set, str(st.samples), f"{ps['median']:g}/{ps['p95']:g}/{ps['max']:g}",
+                  sparkline(histogram(st.prompt_lens)),
+                  f"{rs['median']:g}/{rs['p95']:g}/{rs['max']:g}" if st.response_lens else "-",
+                  sparkline(histogram(st.response_lens)),
+                  f"{st.truncated_prompt}/{st.truncated_response}", f"{st.dropped_prompt}/{st.dropped_response}")
+    console.print(t)
+    for ins in rows:
+        if ins.set in ("sft", "rm", "rl") and ins.examples:
+            console.rule(f"{ins.source}: {ins.set} examples")
+            for i, text in enumerate(ins.examples, 1):
+                console.print(f"[bold]#{i}[/]", markup=True)
+                console.print(text, markup=False, highlight=False)

@@ -1,0 +1,440 @@
+"""Stage splits, blending, and the per-stage datasets the pipeline trains on.
+
+Data flow for each source of a spec::
+
+    raw rows --adapter--> records --eval holdout--> train part / eval part
+    train part --stage split "2,4,4" (by prompt)--> SFT / RM / RL parts
+    each part --convert--> what the stage consumes (SFT: prompt+response, RM: pairs, RL: prompts)
+
+and then, per stage, the sources are blended by weight. A prompt never crosses parts: rows that
+share a prompt (several pairs per SHP post, say) go to the same part, so nothing leaks between the
+stages or between train and eval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .records import (
+    ChatRecord,
+    PreferenceRecord,
+    Prompt,
+    PromptRecord,
+    Record,
+    SFTRecord,
+    prompt_messages,
+    split_conversation,
+)
+from .sources import DataError, SourceSpec, detect_source, get_source, is_local, iter_records, parse_data_spec
+
+STAGE_NAMES = ("sft", "rm", "rl")
+
+
+# ----------------------------------------------------------------------------------------------
+# stage split
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageSplit:
+    """Relative sizes of the SFT / reward-model / RL parts of every source (DeepSpeed-Chat's
+    ``--data_split 2,4,4``). Zero is allowed (the source gives that stage nothing), all zero is not."""
+
+    sft: float = 2.0
+    rm: float = 4.0
+    rl: float = 4.0
+
+    def __post_init__(self) -> None:
+        parts = (self.sft, self.rm, self.rl)
+        if any(not math.isfinite(w) or w < 0 for w in parts) or sum(parts) <= 0:
+            raise DataError(f"data.split: {','.join(f'{w:g}' for w in parts)} is not allowed; need three "
+                            f"non-negative numbers for sft,rm,rl, not all zero, e.g. '2,4,4'")
+
+    @classmethod
+    def parse(cls, text: str | Sequence[float]) -> StageSplit:
+        """``"2,4,4"`` (or a 3-sequence) -> StageSplit.
+
+        Raises:
+            DataError: not three comma-separated non-negative numbers, or all zero.
+        """
+        items = text.split(",") if isinstance(text, str) else list(text)
+        if len(items) != 3:
+            raise DataError(f"data.split: {text!r} must have three comma-separated parts (sft,rm,rl), e.g. '2,4,4'")
+        values = []
+        for name, item in zip(STAGE_NAMES, items, strict=True):
+            try:
+                values.append(float(item))
+            except (TypeError, ValueError):
+                raise DataError(f"data.split: {text!r}: the {name} part {str(item).strip()!r} is not a number; "
+                                f"allowed: three non-negative numbers, e.g. '2,4,4'") from None
+        return cls(*values)
+
+    def fractions(self) -> tuple[float, float, float]:
+        total = self.sft + self.rm + self.rl
+        return self.sft / total, self.rm / total, self.rl / total
+
+    def __str__(self) -> str:
+        return f"{self.sft:g},{self.rm:g},{self.rl:g}"
+
+
+def _seed_for(seed: int, *keys: str) -> int:
+    h = hashlib.sha256(json.dumps([seed, *keys]).encode()).digest()
+    return int.from_bytes(h[:8], "little")
+
+
+def cut(n: int, fractions: Sequence[float]) -> list[int]:
+    """Sizes summing to ``n``, proportional to ``fractions`` (largest remainder; a zero fraction gets 0)."""
+    raw = [n * f for f in fractions]
+    sizes = [math.floor(r) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: (raw[i] - sizes[i], fractions[i]), reverse=True)
+    for i in order[: n - sum(sizes)]:
+        sizes[i] += 1
+    return sizes
+
+
+def prompt_key(record: Record) -> str:
+    """Records with the same key share a prompt and must stay in the same part."""
+    if isinstance(record, ChatRecord):
+        msgs = record.messages
+        prompt = msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
+    else:
+        prompt = record.prompt
+    return json.dumps([[m["role"], m["content"].strip()] for m in prompt_messages(prompt)])
+
+
+def split_groups(records: Sequence[Record], fractions: Sequence[float], seed: int, key: str = "") -> list[list[Record]]:
+    """Deterministic disjoint parts of ``records`` with sizes (in prompts) proportional to ``fractions``.
+
+    Records sharing a prompt stay together. The assignment depends only on the records (their
+    order included), ``fractions``, ``seed`` and ``key``, so loading the same source again gives the
+    same parts.
+    """
+    groups: dict[str, list[Record]] = {}
+    for r in records:
+        groups.setdefault(prompt_key(r), []).append(r)
+    keys = list(groups)
+    random.Random(_seed_for(seed, "split", key)).shuffle(keys)
+    parts, start = [], 0
+    for size in cut(len(keys), fractions):
+        parts.append([r for k in keys[start : start + size] for r in groups[k]])
+        start += size
+    return parts
+
+
+# ----------------------------------------------------------------------------------------------
+# what each stage consumes
+# ----------------------------------------------------------------------------------------------
+def to_sft(r: Record) -> SFTRecord | None:
+    """SFT demonstration of a record (a pair's chosen answer, a chat's last assistant turn)."""
+    if isinstance(r, SFTRecord):
+        return r
+    if isinstance(r, PreferenceRecord):
+        return SFTRecord(r.prompt, r.chosen, r.meta)
+    if isinstance(r, ChatRecord):
+        try:
+            prompt, answer = split_conversation(r.messages)
+        except ValueError:
+            return None
+        return SFTRecord(prompt, answer, r.meta)
+    return None
+
+
+def to_pair(r: Record) -> PreferenceRecord | None:
+    return r if isinstance(r, PreferenceRecord) else None
+
+
+def to_prompt(r: Record) -> PromptRecord | None:
+    if isinstance(r, PromptRecord):
+        return r
+    if isinstance(r, ChatRecord):
+        msgs = r.messages
+        prompt = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+        return PromptRecord(_simplify(prompt), r.meta) if any(m["role"] == "user" for m in prompt) else None
+    return PromptRecord(r.prompt, r.meta)
+
+
+def _simplify(prompt: tuple) -> Prompt:
+    return prompt[0]["content"] if len(prompt) == 1 and prompt[0]["role"] == "user" else tuple(prompt)
+
+
+CONVERTERS: dict[str, Callable[[Record], Record | None]] = {"sft": to_sft, "rm": to_pair, "rl": to_prompt}
+
+
+def _convert_all(records: Sequence[Record], stage: str) -> list[Record]:
+    conv = CONVERTERS[stage]
+    return [x for x in (conv(r) for r in records) if x is not None]
+
+
+# ----------------------------------------------------------------------------------------------
+# blending
+# ----------------------------------------------------------------------------------------------
+def blend(parts: dict[str, list], weights: dict[str, float], seed: int, size: int | None = None,
+          key: str = "") -> tuple[list, dict[str, int]]:
+    """Mix ``parts`` so that each source contributes a ``weights``-proportional share of the samples.
+
+    Args:
+        parts: source label -> its samples (empty sources are left out and the weights of the
+            others renormalised).
+        weights: source label -> relative weight (> 0).
+        seed: the selection and the order depend only on it (and ``key``).
+        size: total samples. ``None``: the largest mix that repeats nothing (the source that is
+            scarcest relative to its weight is used whole). A larger ``size`` repeats samples.
+
+    Returns:
+        ``(samples, counts)``: the shuffled mix (a single source keeps its order) and the number
+        of samples taken from each source.
+    """
+    live = {k: v for k, v in parts.items() if v}
+    if not live:
+        return [], {k: 0 for k in parts}
+    total_w = sum(weights[k] for k in live)
+    p = {k: weights[k] / total_w for k in live}
+    if size is None:
+        size = min(math.floor(len(v) / p[k] + 1e-9) for k, v in live.items())
+    counts = dict(zip(live, cut(size, [p[k] for k in live]), strict=True))
+    out: list = []
+    for k, v in live.items():
+        n = counts[k]
+        if len(live) == 1 and n == len(v):
+            out = list(v)
+            break
+        rng = random.Random(_seed_for(seed, "blend", key, k))
+        taken: list = []
+        while len(taken) < n:  # without replacement first, then repeat in a fresh order
+            order = list(range(len(v)))
+            rng.shuffle(order)
+            taken += [v[i] for i in order[: n - len(taken)]]
+        out += taken
+    if len(live) > 1:
+        random.Random(_seed_for(seed, "blend-order", key)).shuffle(out)
+    return out, {k: counts.get(k, 0) for k in parts}
+
+
+# ----------------------------------------------------------------------------------------------
+# loading a spec into per-stage datasets
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class SourceReport:
+    """What one source contributed: rows read, drops by reason, records per part and per stage."""
+
+    label: str
+    format: str
+    where: list[str] = field(default_factory=list)
+    rows: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    records: int = 0
+    parts: dict[str, int] = field(default_factory=dict)  # sft/rm/rl/eval: records in the part
+    usable: dict[str, int] = field(default_factory=dict)  # stage: records the stage can use
+    used: dict[str, int] = field(default_factory=dict)  # stage: samples taken by the blend
+    weight: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "format": self.format, "where": self.where, "rows": self.rows,
+                "dropped": dict(self.dropped), "records": self.records, "parts": self.parts,
+                "usable": self.usable, "used": self.used, "weight": self.weight}
+
+
+@dataclass
+class StageData:
+    """The datasets of one run.
+
+    Attributes:
+        sft / rm / rl: training samples of each stage (SFT records, preference pairs, prompts).
+        sft_eval / rm_eval: held-out SFT records and pairs (never trained on).
+        rl_valid / rl_eval: held-out prompts: ``rl_valid`` selects the RL checkpoint, ``rl_eval``
+            reports the final score; disjoint.
+        corpus: text for training an in-process tokenizer (tiny models without one).
+        verifier: ``verify(response, meta) -> float`` when the data has a ground truth (the demo).
+        reports: one :class:`SourceReport` per source.
+    """
+
+    sft: list[SFTRecord] = field(default_factory=list)
+    rm: list[PreferenceRecord] = field(default_factory=list)
+    rl: list[PromptRecord] = field(default_factory=list)
+    sft_eval: list[SFTRecord] = field(default_factory=list)
+    rm_eval: list[PreferenceRecord] = field(default_factory=list)
+    rl_valid: list[PromptRecord] = field(default_factory=list)
+    rl_eval: list[PromptRecord] = field(default_factory=list)
+    corpus: list[str] = field(default_factory=list)
+    verifier: Callable[[str, dict], float] | None = None
+    reports: list[SourceReport] = field(default_factory=list)
+
+    def require(self, stage: str) -> None:
+        """Raise :class:`DataError` if ``stage`` ("sft", "rm", "rl") has no training samples."""
+        if not getattr(self, stage):
+            kinds = {"sft": "SFT records, preference pairs or conversations", "rm": "preference pairs",
+                     "rl": "prompts"}[stage]
+            labels = ", ".join(r.label for r in self.reports)
+            raise DataError(f"the {stage} stage has no data: {labels} give(s) it no {kinds} (check data.split "
+                            f"and the sources' formats; `rlhf data inspect` shows the counts)")
+
+    def report_dict(self) -> dict:
+        return {"sources": [r.to_dict() for r in self.reports],
+                "stages": {s: len(getattr(self, s)) for s in ("sft", "rm", "rl", "sft_eval", "rm_eval",
+                                                                "rl_valid", "rl_eval")}}
+
+
+@dataclass
+class StagedParts:
+    """What a source adapter with its own stage logic (the demo) returns from ``load_stages``."""
+
+    sft: list
+    rm: list
+    rl: list
+    sft_eval: list
+    rm_eval: list
+    rl_valid: list
+    rl_eval: list
+    corpus: list[str] = field(default_factory=list)
+    verifier: Callable[[str, dict], float] | None = None
+
+
+def load_records(spec: SourceSpec, *, options: dict | None = None) -> tuple[list[Record], list[Record] | None,
+                                                                            SourceReport]:
+    """The records of one source: ``(train records, eval records or None, report)``.
+
+    ``None`` for eval means the source has no eval split of its own (it is held out from train).
+    """
+    rows_train = rows_eval = None
+    if spec.name:
+        cls = get_source(spec.name)
+    else:  # a bare local file: detect the format from its first row
+        from .sources import read_rows
+
+        rows_train = (spec.location, read_rows(spec.location))
+        cls = detect_source(rows_train[1], spec.location)
+    adapter = cls({**(options or {}), **spec.options})
+    location = spec.location or cls.hub_id
+    if not location:
+        raise DataError(f"source {cls.name!r} has no default dataset; give a file or dataset: "
+                        f"'{cls.name}:./data.jsonl'")
+    report = SourceReport(spec.label, cls.name, weight=spec.weight)
+    if rows_train is None:
+        rows_train = adapter.read(location, cls.train_split)
+        if rows_train is None:
+            raise DataError(f"dataset {location!r} has no split {cls.train_split!r}")
+    if cls.eval_split and not is_local(location):
+        rows_eval = adapter.read(location, cls.eval_split)
+
+    def convert(where_rows) -> list[Record]:
+        where, rows = where_rows
+        report.where.append(where)
+        report.rows += len(rows)
+        out = []
+        for n, rec in iter_records(adapter, rows, where, report.dropped):
+            out.append(type(rec)(**{**rec.__dict__, "meta": {**rec.meta, "source": spec.label, "row": n}}))
+        return out
+
+    train = convert(rows_train)
+    evals = convert(rows_eval) if rows_eval is not None else None
+    report.records = len(train) + len(evals or [])
+    if not train:
+        reasons = ", ".join(f"{k}: {v}" for k, v in report.dropped.items())
+        raise DataError(f"{report.where[0]}: no usable rows (all {report.rows} dropped: {reasons})")
+    return train, evals, report
+
+
+DEFAULT_SPLIT = "2,4,4"  # DeepSpeed-Chat's default data_split
+
+
+def build_stage_data(spec: str | list, *, split: str | StageSplit | None = None, seed: int = 1234,
+                     eval_fraction: float = 0.1, max_eval: int = 500, sizes: dict[str, int] | None = None,
+                     source_options: dict[str, dict] | None = None) -> StageData:
+    """Load every source of ``spec``, split each into SFT / RM / RL / eval parts, blend by weight.
+
+    Args:
+        spec: a data spec (see :mod:`rlhf_data.sources`) or its list form.
+        split: relative sizes of each source's SFT / RM / RL parts (``"2,4,4"``); ``None``: each
+            source's default (2,4,4 for loaded data; the demo task's own 4,3,3).
+        seed: every random choice (holdout, split, blend) derives from it and the source's label.
+        eval_fraction: share of prompts held out for evaluation from sources without an eval split
+            of their own.
+        max_eval: cap on each held-out set per source.
+        sizes: optional total samples per stage (``{"sft": 10000}``); default: the largest mix that
+            repeats nothing.
+        source_options: default adapter options by source name (the spec's brackets override them).
+
+    Raises:
+        DataError: a bad spec, split, file or row (named).
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise DataError(f"data.eval_fraction: {eval_fraction!r} must be in [0, 1)")
+    if max_eval < 0:
+        raise DataError(f"data.max_eval: {max_eval!r} must be >= 0")
+    given = None if split is None or split == "" else split if isinstance(split, StageSplit) else StageSplit.parse(split)
+    stage_split = given or StageSplit.parse(DEFAULT_SPLIT)
+    specs = parse_data_spec(spec)
+    data = StageData()
+    per_stage: dict[str, dict[str, list]] = {s: {} for s in STAGE_NAMES}
+    weights: dict[str, float] = {}
+    verifiers = []
+    for sp in specs:
+        opts = (source_options or {}).get(sp.name, {})
+        cls = get_source(sp.name) if sp.name else None
+        staged = None
+        if cls is not None and hasattr(cls, "load_stages"):  # a source with its own stage logic (the demo)
+            staged = cls({**opts, **({"stage_split": given} if given else {}), **sp.options}).load_stages(seed)
+        if staged is not None:
+            report = SourceReport(sp.label, cls.name, where=["generated"], weight=sp.weight)
+            parts = {s: _tag(getattr(staged, s), sp.label) for s in STAGE_NAMES}
+            evals = {k: _tag(getattr(staged, k), sp.label) for k in ("sft_eval", "rm_eval", "rl_valid", "rl_eval")}
+            data.corpus += staged.corpus
+            verifiers.append(staged.verifier)
+            report.parts = {s: len(v) for s, v in parts.items()} | {"eval": len(staged.rl_eval)}
+        else:
+            train, own_eval, report = load_records(sp, options=opts)
+            fr = stage_split.fractions()
+            if own_eval is None:
+                held, *rest = split_groups(train, [eval_fraction, *(f * (1 - eval_fraction) for f in fr)], seed,
+                                           report.label)
+            else:
+                held, rest = own_eval, split_groups(train, fr, seed, report.label)
+            held = held[:]
+            random.Random(_seed_for(seed, "eval", report.label)).shuffle(held)
+            held = held[:max_eval] if max_eval else []
+            parts = {s: _convert_all(p, s) for s, p in zip(STAGE_NAMES, rest, strict=True)}
+            report.parts = {s: len(p) for s, p in zip(STAGE_NAMES, rest, strict=True)} | {"eval": len(held)}
+            valid_half, eval_half = split_groups(held, [0.5, 0.5], seed, report.label + "/eval")
+            evals = {"sft_eval": _convert_all(held, "sft"), "rm_eval": _convert_all(held, "rm"),
+                     "rl_valid": _convert_all(valid_half, "rl"), "rl_eval": _convert_all(eval_half, "rl")}
+            data.corpus += [_corpus_line(r) for r in parts["sft"] + parts["rm"]]
+            verifiers.append(None)
+        if report.label in weights:
+            raise DataError(f"data spec: source {report.label!r} is listed twice")
+        weights[report.label] = sp.weight
+        for s in STAGE_NAMES:
+            per_stage[s][report.label] = parts[s]
+        report.usable = {s: len(parts[s]) for s in STAGE_NAMES}
+        for k, v in evals.items():
+            getattr(data, k).extend(v)
+        data.reports.append(report)
+    for s in STAGE_NAMES:
+        mixed, counts = blend(per_stage[s], weights, seed, (sizes or {}).get(s), key=s)
+        setattr(data, s, mixed)
+        for r in data.reports:
+            r.used[s] = counts[r.label]
+    if verifiers and all(v is not None for v in verifiers) and len({id(v) for v in verifiers}) == 1:
+        data.verifier = verifiers[0]
+    return data
+
+
+def _tag(records: list, label: str) -> list:
+    """Records with ``meta["source"] = label`` (reports group samples by it)."""
+    return [type(r)(**{**r.__dict__, "meta": {**r.meta, "source": label}}) for r in records]
+
+
+def _corpus_line(r: Record) -> str:
+    """A record as plain "Human:/Assistant:" text, for training an in-process tokenizer."""
+    from .tokenization import render_plain
+
+    if isinstance(r, ChatRecord):
+        return render_plain(r.messages)
+    s = to_sft(r)
+    if s is None:
+        return render_plain(prompt_messages(r.prompt))
+    return render_plain(prompt_messages(s.prompt)) + " " + s.response
