@@ -133,3 +133,23 @@ def test_config_is_frozen() -> None:
     cfg = RunConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 1  # type: ignore[misc]
+
+
+def test_data_sources_yaml_list_form(tmp_path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        "data:\n"
+        "  sources:\n"
+        "    - hh:0.5\n"
+        "    - {source: shp, weight: 0.3}\n"
+        "    - {source: local, path: ./x.csv, weight: 0.2, columns: {prompt: question, chosen: good, rejected: bad}}\n"
+    )
+    cfg = load_config(str(p))
+    assert cfg.data.sources == "hh:0.5,shp:0.3,local:./x.csv[prompt=question,chosen=good,rejected=bad]:0.2"
+    from rlhf_data import parse_data_spec
+
+    assert parse_data_spec(cfg.data.sources) == parse_data_spec("hh:0.5,shp:0.3,local:./x.csv[prompt=question,"
+                                                                "chosen=good,rejected=bad]:0.2")
+    p.write_text("data:\n  sources:\n    - {source: hh, weight: -1}\n")
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].weight: -1 must be a positive number"):
+        load_config(str(p))

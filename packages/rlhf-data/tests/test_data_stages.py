@@ -293,3 +293,11 @@ def test_packed_logprobs_equal_unpacked_on_a_tiny_llama() -> None:
                 row_of, start = row_of + 1, 0
             torch.testing.assert_close(packed[row_of, start : start + n], alone, atol=1e-5, rtol=1e-5)
             start += n
+
+
+def test_same_file_name_in_two_folders_are_two_sources(tmp_path) -> None:
+    a = pairs_file(tmp_path / "a", 30, "x.jsonl")
+    b = pairs_file(tmp_path / "b", 30, "x.jsonl")
+    data = build_stage_data(f"local:{a},local:{b}", split="1,0,0", eval_fraction=0.0)
+    assert [r.label for r in data.reports] == [f"local:{a}", f"local:{b}"]
+    assert Counter(r.meta["source"] for r in data.sft) == {f"local:{a}": 30, f"local:{b}": 30}

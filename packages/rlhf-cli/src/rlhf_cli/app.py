@@ -233,8 +233,8 @@ def data_sources() -> None:
     from rlhf_data import available_sources
 
     for name, cls in sorted(available_sources().items()):
-        where = cls.hub_id or "(no default dataset: give a file)"
-        typer.echo(f"{name}\t{where}\t{cls.description}")
+        where = cls.hub_id or "(no default dataset)"
+        typer.echo(f"{name}\t{cls.record_kind}\t{where}\t{cls.description}")
 
 
 @data_app.command(

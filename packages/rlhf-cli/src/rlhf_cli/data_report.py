@@ -59,7 +59,8 @@ def inspect_data(cfg: RunConfig, tokenizer_name: str | None, examples: int = 3, 
     console.print(src)
     console.print("sft/rm/rl columns: samples used by the blend / usable samples in the source's part")
 
-    rows = inspect_stage_data(data, tok, tc, examples=examples)
+    with console.status("tokenizing every set ..."):
+        rows = inspect_stage_data(data, tok, tc, examples=examples)
     t = Table(title=f"token lengths (max_prompt_len={d.max_prompt_len}, max_response_len={d.max_response_len}, "
                     f"truncation={d.truncation})")
     for col in ("source", "set", "samples", "prompt med/p95/max", "prompt histogram", "response med/p95/max",

@@ -14,6 +14,7 @@ from .records import (
     PromptRecord,
     SFTRecord,
     parse_transcript,
+    simplify_prompt,
     split_conversation,
 )
 from .sources import (
@@ -33,11 +34,6 @@ def _transcript(row: dict, name: str) -> tuple[dict[str, str], ...]:
         return parse_transcript(text_field(row, name))
     except ValueError as e:
         raise RowError(name, str(e)) from None
-
-
-def _simplify(prompt: tuple) -> Any:
-    """A one-message user prompt as a plain string (renders the same, reads better)."""
-    return prompt[0]["content"] if len(prompt) == 1 and prompt[0]["role"] == "user" else tuple(prompt)
 
 
 def _looks_like_transcript(value: Any) -> bool:
@@ -66,7 +62,7 @@ class HHAdapter(SourceAdapter):
         if prompts[0] != prompts[1]:
             raise SkipRow("chosen and rejected transcripts differ before the final answer")
         check_pair(*answers)
-        return PreferenceRecord(_simplify(prompts[0]), answers[0], answers[1])
+        return PreferenceRecord(simplify_prompt(prompts[0]), answers[0], answers[1])
 
     @classmethod
     def detect(cls, row: dict) -> bool:
@@ -91,7 +87,7 @@ class RMStaticAdapter(SourceAdapter):
             raise RowError("prompt", "must end with a Human turn (optionally followed by an empty 'Assistant:')")
         chosen, rejected = (self._answer(row, n) for n in ("chosen", "rejected"))
         check_pair(chosen, rejected)
-        return PreferenceRecord(_simplify(prompt), chosen, rejected)
+        return PreferenceRecord(simplify_prompt(prompt), chosen, rejected)
 
     @staticmethod
     def _answer(row: dict, name: str) -> str:
@@ -266,7 +262,7 @@ class UltraFeedbackAdapter(SourceAdapter):
         if not answers[0] or not answers[1]:
             raise SkipRow("empty answer")
         check_pair(*answers)
-        return PreferenceRecord(_simplify(prompts[0]), answers[0], answers[1])
+        return PreferenceRecord(simplify_prompt(prompts[0]), answers[0], answers[1])
 
     @classmethod
     def detect(cls, row: dict) -> bool:
@@ -395,6 +391,7 @@ class DemoSource(SourceAdapter):
     """
 
     name = "demo"
+    eval_split = None
     record_kind = "mixed"
     description = ("The built-in demo task: two-digit addition in chat form, generated in-process with a "
                    "ground-truth verifier (docs/demo-task.md).")

@@ -67,6 +67,13 @@ def prompt_messages(prompt: Prompt) -> tuple[Message, ...]:
     return ({"role": "user", "content": prompt},) if isinstance(prompt, str) else tuple(prompt)
 
 
+def simplify_prompt(prompt: Prompt) -> Prompt:
+    """A prompt that is one user message as a plain string (it renders the same and reads better)."""
+    if isinstance(prompt, str):
+        return prompt
+    return prompt[0]["content"] if len(prompt) == 1 and prompt[0]["role"] == "user" else tuple(prompt)
+
+
 def prompt_text(prompt: Prompt) -> str:
     """The last user message of a prompt (for tables and logs)."""
     if isinstance(prompt, str):

@@ -25,11 +25,11 @@ from typing import Any
 from .records import (
     ChatRecord,
     PreferenceRecord,
-    Prompt,
     PromptRecord,
     Record,
     SFTRecord,
     prompt_messages,
+    simplify_prompt,
     split_conversation,
 )
 from .sources import DataError, SourceSpec, detect_source, get_source, is_local, iter_records, parse_data_spec
@@ -154,12 +154,8 @@ def to_prompt(r: Record) -> PromptRecord | None:
     if isinstance(r, ChatRecord):
         msgs = r.messages
         prompt = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
-        return PromptRecord(_simplify(prompt), r.meta) if any(m["role"] == "user" for m in prompt) else None
+        return PromptRecord(simplify_prompt(prompt), r.meta) if any(m["role"] == "user" for m in prompt) else None
     return PromptRecord(r.prompt, r.meta)
-
-
-def _simplify(prompt: tuple) -> Prompt:
-    return prompt[0]["content"] if len(prompt) == 1 and prompt[0]["role"] == "user" else tuple(prompt)
 
 
 CONVERTERS: dict[str, Callable[[Record], Record | None]] = {"sft": to_sft, "rm": to_pair, "rl": to_prompt}
@@ -264,15 +260,6 @@ class StageData:
     verifier: Callable[[str, dict], float] | None = None
     reports: list[SourceReport] = field(default_factory=list)
 
-    def require(self, stage: str) -> None:
-        """Raise :class:`DataError` if ``stage`` ("sft", "rm", "rl") has no training samples."""
-        if not getattr(self, stage):
-            kinds = {"sft": "SFT records, preference pairs or conversations", "rm": "preference pairs",
-                     "rl": "prompts"}[stage]
-            labels = ", ".join(r.label for r in self.reports)
-            raise DataError(f"the {stage} stage has no data: {labels} give(s) it no {kinds} (check data.split "
-                            f"and the sources' formats; `rlhf data inspect` shows the counts)")
-
     def report_dict(self) -> dict:
         return {"sources": [r.to_dict() for r in self.reports],
                 "stages": {s: len(getattr(self, s)) for s in ("sft", "rm", "rl", "sft_eval", "rm_eval",
@@ -294,12 +281,14 @@ class StagedParts:
     verifier: Callable[[str, dict], float] | None = None
 
 
-def load_records(spec: SourceSpec, *, options: dict | None = None) -> tuple[list[Record], list[Record] | None,
-                                                                            SourceReport]:
+def load_records(spec: SourceSpec, *, label: str | None = None, options: dict | None = None
+                 ) -> tuple[list[Record], list[Record] | None, SourceReport]:
     """The records of one source: ``(train records, eval records or None, report)``.
 
     ``None`` for eval means the source has no eval split of its own (it is held out from train).
+    ``label`` (default ``spec.label``) names the source in ``meta["source"]`` and the report.
     """
+    label = label or spec.label
     rows_train = rows_eval = None
     if spec.name:
         cls = get_source(spec.name)
@@ -313,7 +302,7 @@ def load_records(spec: SourceSpec, *, options: dict | None = None) -> tuple[list
     if not location:
         raise DataError(f"source {cls.name!r} has no default dataset; give a file or dataset: "
                         f"'{cls.name}:./data.jsonl'")
-    report = SourceReport(spec.label, cls.name, weight=spec.weight)
+    report = SourceReport(label, cls.name, weight=spec.weight)
     if rows_train is None:
         rows_train = adapter.read(location, cls.train_split)
         if rows_train is None:
@@ -327,7 +316,7 @@ def load_records(spec: SourceSpec, *, options: dict | None = None) -> tuple[list
         report.rows += len(rows)
         out = []
         for n, rec in iter_records(adapter, rows, where, report.dropped):
-            out.append(type(rec)(**{**rec.__dict__, "meta": {**rec.meta, "source": spec.label, "row": n}}))
+            out.append(type(rec)(**{**rec.__dict__, "meta": {**rec.meta, "source": label, "row": n}}))
         return out
 
     train = convert(rows_train)
@@ -373,21 +362,25 @@ def build_stage_data(spec: str | list, *, split: str | StageSplit | None = None,
     per_stage: dict[str, dict[str, list]] = {s: {} for s in STAGE_NAMES}
     weights: dict[str, float] = {}
     verifiers = []
-    for sp in specs:
+    short = [sp.label for sp in specs]
+    # two files with the same name in different folders: label them by their paths
+    labels = [label if short.count(label) == 1 else (f"{sp.name}:{sp.location}" if sp.name else sp.location)
+              for sp, label in zip(specs, short, strict=True)]
+    for sp, label in zip(specs, labels, strict=True):
         opts = (source_options or {}).get(sp.name, {})
         cls = get_source(sp.name) if sp.name else None
         staged = None
         if cls is not None and hasattr(cls, "load_stages"):  # a source with its own stage logic (the demo)
             staged = cls({**opts, **({"stage_split": given} if given else {}), **sp.options}).load_stages(seed)
         if staged is not None:
-            report = SourceReport(sp.label, cls.name, where=["generated"], weight=sp.weight)
-            parts = {s: _tag(getattr(staged, s), sp.label) for s in STAGE_NAMES}
-            evals = {k: _tag(getattr(staged, k), sp.label) for k in ("sft_eval", "rm_eval", "rl_valid", "rl_eval")}
+            report = SourceReport(label, cls.name, where=["generated"], weight=sp.weight)
+            parts = {s: _tag(getattr(staged, s), label) for s in STAGE_NAMES}
+            evals = {k: _tag(getattr(staged, k), label) for k in ("sft_eval", "rm_eval", "rl_valid", "rl_eval")}
             data.corpus += staged.corpus
             verifiers.append(staged.verifier)
             report.parts = {s: len(v) for s, v in parts.items()} | {"eval": len(staged.rl_eval)}
         else:
-            train, own_eval, report = load_records(sp, options=opts)
+            train, own_eval, report = load_records(sp, label=label, options=opts)
             fr = stage_split.fractions()
             if own_eval is None:
                 held, *rest = split_groups(train, [eval_fraction, *(f * (1 - eval_fraction) for f in fr)], seed,
