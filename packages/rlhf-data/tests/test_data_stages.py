@@ -221,6 +221,15 @@ def test_pairs_and_prompts_formats(byt5) -> None:
     assert q == {"input_ids": p, "meta": {"k": 2}}
 
 
+def test_collate_pairs_marks_response_tokens() -> None:
+    from rlhf_data import collate_pairs
+
+    b = collate_pairs([{"chosen_ids": [5, 6, 7, 1], "rejected_ids": [5, 6, 8, 9, 1], "prompt_len": 2},
+                       {"chosen_ids": [4, 7, 1], "rejected_ids": [4, 1], "prompt_len": 1}], pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 1, 0], [4, 7, 1, 0, 0], [5, 6, 8, 9, 1], [4, 1, 0, 0, 0]]
+    assert b["response_mask"].tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
+
+
 def test_bad_truncation_policy() -> None:
     with pytest.raises(ValueError, match=r"truncation: 'cut' is not allowed; allowed: 'truncate', 'drop'"):
         TokenizeConfig(truncation="cut")

@@ -53,14 +53,23 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded pairwise batch: rows ``[0, B)`` are chosen, rows ``[B, 2B)`` rejected.
 
     Args:
-        examples: dicts with ``chosen_ids`` and ``rejected_ids`` (prompt + response + eos).
+        examples: dicts with ``chosen_ids`` and ``rejected_ids`` (prompt + response + eos) and,
+            optionally, ``prompt_len`` (as :func:`rlhf_data.tokenize_records` gives them).
 
     Returns:
-        ``input_ids`` and ``attention_mask`` (2B, L).
+        ``input_ids`` and ``attention_mask`` (2B, L); with ``prompt_len``, also ``response_mask``
+        (2B, L): 1 on response tokens (EOS included), 0 on the prompt and padding — what preference
+        optimisation (DPO, ...) sums log-probs over.
     """
     seqs = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
     ids, mask = _pad(seqs, pad_id, left=False)
-    return {"input_ids": ids, "attention_mask": mask}
+    out = {"input_ids": ids, "attention_mask": mask}
+    if examples and all("prompt_len" in e for e in examples):
+        resp = mask.clone()
+        for i, e in enumerate(examples + examples):  # chosen rows, then rejected rows share the prompt
+            resp[i, : e["prompt_len"]] = 0
+        out["response_mask"] = resp
+    return out
 
 
 def collate_prompts(examples: list[dict], pad_id: int) -> dict:
