@@ -73,7 +73,8 @@ def test_generate_experience_masks_and_aligns_every_tensor() -> None:
     reference = actor.frozen_copy()  # same weights: KL = 0, so rewards are the bare scores
     critic = TinyCritic(V)
     cfg = PPOConfig(kl_coef=0.1, gamma=1.0, lam=1.0, whiten_advantages=False, max_new_tokens=4)
-    algo = PPO(cfg, actor, reference, critic, FirstTokenReward(4), eos_token_id=EOS, pad_token_id=PAD)
+    algo = PPO(cfg, actor=actor, reference=reference, critic=critic, reward_fn=FirstTokenReward(4), eos_token_id=EOS,
+               pad_token_id=PAD)
     exp = algo.generate_experience(prompts, prompt_mask)
 
     assert exp.prompt_len == 3
@@ -110,7 +111,8 @@ def test_generate_experience_with_sampling_double_has_consistent_masks() -> None
     actor = TinyPolicy(V, seed=1)
     with torch.no_grad():
         actor.module.head.bias[EOS] += 1.5  # finish some rows early
-    algo = PPO(PPOConfig(max_new_tokens=6), actor, actor.frozen_copy(), TinyCritic(V), FirstTokenReward(3),
+    algo = PPO(PPOConfig(max_new_tokens=6), actor=actor, reference=actor.frozen_copy(), critic=TinyCritic(V),
+               reward_fn=FirstTokenReward(3),
                eos_token_id=EOS, pad_token_id=PAD)
     prompts = torch.randint(2, V, (16, 3))
     exp = algo.generate_experience(prompts, torch.ones_like(prompts))
@@ -131,7 +133,7 @@ def test_learn_increases_a_toy_reward() -> None:
     actor = TinyPolicy(V, lr=3e-2, seed=0)
     critic = TinyCritic(V, lr=3e-2, seed=0)
     cfg = PPOConfig(kl_coef=0.01, micro_batch_size=16, ppo_epochs=2, max_new_tokens=4)
-    algo = PPO(cfg, actor, actor.frozen_copy(), critic, FirstTokenReward(3), eos_token_id=EOS,
+    algo = PPO(cfg, actor=actor, reference=actor.frozen_copy(), critic=critic, reward_fn=FirstTokenReward(3), eos_token_id=EOS,
                pad_token_id=PAD, seed=0)
     gen = torch.Generator().manual_seed(0)
     rewards = []

@@ -21,6 +21,7 @@ Conventions shared by all functions:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,24 +29,38 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "DPO_LOSS_TYPES",
+    "LOSS_AGG_MODES",
+    "DPOLossOutput",
     "GAEOutput",
+    "KTOLossOutput",
+    "ORPOLossOutput",
     "KLEstimator",
     "PolicyLossOutput",
     "RewardLossOutput",
     "SFTLossOutput",
     "ShapedRewards",
     "ValueLossOutput",
+    "aggregate_loss",
+    "discounted_returns",
+    "dpo_loss",
     "explained_variance",
     "gae",
+    "group_advantages",
     "kl_penalty",
     "kl_shaped_rewards",
+    "kto_loss",
     "masked_mean",
     "masked_sum",
     "masked_var",
+    "orpo_loss",
     "pairwise_reward_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "rloo_advantages",
+    "sequence_logprobs",
     "sft_loss",
+    "simpo_loss",
     "whiten",
 ]
 
@@ -188,6 +203,79 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     safe_denom = torch.where(positive, var_returns, torch.ones_like(var_returns))
     ev = 1.0 - var_residual / safe_denom
     return torch.where(positive, ev, torch.zeros_like(ev))
+
+
+LOSS_AGG_MODES: tuple[str, ...] = (
+    "token-mean",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum",
+    "seq-mean-token-sum-norm",
+)
+"""Names accepted by :func:`aggregate_loss` (and every ``loss_agg`` option)."""
+
+
+def aggregate_loss(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str, *, norm_len: int | None = None
+) -> torch.Tensor:
+    """Reduce a per-token loss ``(B, T)`` to a scalar: how tokens and sequences are weighted.
+
+    Peers differ here silently (see docs/algorithms.md); we make the choice a named option:
+
+    * ``"token-mean"``: ``sum(l * m) / sum(m)``, every valid token of the batch weighs the same
+      (DeepSpeed-Chat PPO; DAPO, Yu et al. 2025, "token-level policy gradient loss"; TRL GRPO's
+      default ``loss_type="dapo"``).
+    * ``"seq-mean-token-mean"``: the mean over rows of each row's token mean, so every sequence
+      weighs the same whatever its length (GRPO as written in Shao et al. 2024, eq. 3).
+    * ``"seq-mean-token-sum"``: the mean over rows of each row's token *sum* (longer responses
+      weigh more).
+    * ``"seq-mean-token-sum-norm"``: row sums divided by a constant ``norm_len``, then the mean
+      over rows (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training", sec. 3.1 and its
+      reference code, which divides by the generation budget ``max_new_tokens``); no length
+      bias and no dependence on the batch's token count.
+
+    Gradient accumulation: with equal-sized micro-batches whose losses are averaged (as DeepSpeed
+    does over its accumulation steps), the three ``seq-mean-*`` modes give the same gradient as
+    one big micro-batch. ``"token-mean"`` does only when every micro-batch holds the same number
+    of valid tokens: it weighs tokens equally *within* a micro-batch, micro-batches equally
+    across them.
+
+    Fully masked rows are excluded from every mean (they neither add 0 to the numerator nor 1
+    to the number of rows). An all-masked batch gives a 0 that still carries a graph
+    (``backward`` works and gives zero gradients), never ``nan``. Masked-out positions may hold
+    ``inf``/``nan``: they are selected away as in :func:`masked_sum`.
+
+    Args:
+        per_token: Per-token loss ``(B, T)``.
+        mask: ``(B, T)``, float or bool, 1 = valid.
+        mode: One of :data:`LOSS_AGG_MODES`.
+        norm_len: The constant divisor for ``"seq-mean-token-sum-norm"``; defaults to ``T``.
+            Pass the generation budget so that batches whose longest response is shorter than
+            the budget are not up-weighted. Ignored by the other modes.
+
+    Returns:
+        0-dim tensor.
+
+    Raises:
+        ValueError: If ``mode`` is not one of :data:`LOSS_AGG_MODES` or ``norm_len < 1``.
+    """
+    if mode == "token-mean":
+        return masked_mean(per_token, mask)
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg={mode!r} is not supported; expected one of {LOSS_AGG_MODES}")
+    valid = _valid(mask)
+    has_tokens = valid.any(dim=-1).to(per_token.dtype)  # (B,) 1 for rows with >= 1 valid token
+    num_rows = has_tokens.sum().clamp(min=1.0)
+    if mode == "seq-mean-token-mean":
+        per_row = masked_mean(per_token, mask, dim=-1)  # (B,), 0 for empty rows
+    else:
+        per_row = masked_sum(per_token, mask, dim=-1)  # (B,)
+        if mode == "seq-mean-token-sum-norm":
+            norm = per_token.shape[-1] if norm_len is None else norm_len
+            if norm < 1:
+                raise ValueError(f"norm_len={norm_len!r} must be >= 1")
+            per_row = per_row / norm
+    # Empty rows already contribute exactly 0 to the sum; they are only kept out of the count.
+    return (per_row * has_tokens).sum() / num_rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -369,6 +457,129 @@ def gae(
     return GAEOutput(advantages=advantages, returns=returns)
 
 
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``rewards (N,)`` viewed as ``(N / group_size, group_size)``; raises on a bad layout."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
+    if group_size < 1:
+        raise ValueError(f"group_size={group_size!r} must be >= 1")
+    if rewards.shape[0] % group_size != 0:
+        raise ValueError(
+            f"the number of rewards N={rewards.shape[0]} is not divisible by group_size={group_size}; "
+            "rewards must hold group_size samples for every prompt"
+        )
+    return rewards.view(-1, group_size)  # (G, k)
+
+
+def _centered(grouped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grouped - group mean, constant)``: ``constant`` is True for groups of identical values.
+
+    ``mean`` of identical floats need not equal them bit for bit (``(0.1 + 0.1 + 0.1) / 3`` is
+    ``0.10000000000000002`` in float64), so a group of identical rewards is zeroed explicitly:
+    its advantage is exactly 0, as the estimator intends (no signal, no gradient).
+    """
+    constant = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)  # (G, 1)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    return torch.where(constant, torch.zeros_like(centered), centered), constant
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """Group-relative advantages of GRPO (Shao et al. 2024, DeepSeekMath, sec. 4.1.2).
+
+    For the ``k = group_size`` samples of one prompt (outcome supervision)::
+
+        A_i = (r_i - mean(r)) / (std(r) + eps)      scale=True   (GRPO)
+        A_i =  r_i - mean(r)                         scale=False  (Dr. GRPO, Liu et al. 2025, sec. 3.1)
+
+    ``std`` is the unbiased sample standard deviation (Bessel-corrected, as TRL's
+    ``GRPOTrainer``; OpenRLHF's ``group_norm`` too). ``eps = 1e-6`` follows verl; TRL adds
+    ``1e-4``, OpenRLHF ``1e-9``. The advantage of a sequence is then given to each of its tokens.
+
+    Edge cases: a group of identical rewards gets exactly 0 (not ``0 / eps`` noise) and a group
+    of size 1 gets 0 (its sample std is undefined; its centred reward is 0 anyway).
+
+    Args:
+        rewards: Sequence rewards ``(N,)``, laid out group-contiguous: the ``k`` samples of prompt
+            0, then the ``k`` samples of prompt 1, ... (what ``repeat_interleave`` produces).
+        group_size: ``k``, samples per prompt.
+        scale: Divide by the group std (GRPO); False gives Dr. GRPO's unscaled advantages.
+        eps: Added to the std.
+
+    Returns:
+        Advantages ``(N,)``, detached.
+
+    Raises:
+        ValueError: If ``N`` is not divisible by ``group_size`` (naming both), ``rewards`` is not
+            1-D or ``group_size < 1``.
+    """
+    grouped = _grouped(rewards.detach(), group_size)  # (G, k)
+    if group_size == 1:
+        return torch.zeros_like(rewards, dtype=rewards.dtype).detach()
+    centered, constant = _centered(grouped)  # (G, k), (G, 1)
+    if scale:
+        std = grouped.std(dim=1, keepdim=True)  # (G, 1), unbiased
+        centered = torch.where(constant, centered, centered / (std + eps))
+    return centered.reshape(-1)
+
+
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE Leave-One-Out advantages (Ahmadian et al. 2024, "Back to Basics: Revisiting
+    REINFORCE Style Optimization for Learning from Human Feedback in LLMs", sec. 3).
+
+    The baseline of sample ``i`` is the mean reward of the *other* ``k - 1`` samples of its
+    prompt, so it is independent of sample ``i`` and the estimator stays unbiased::
+
+        A_i = r_i - (sum_j r_j - r_i) / (k - 1)  =  k / (k - 1) * (r_i - mean(r))
+
+    The second form is what is computed (one division less). A group of identical rewards gets
+    exactly 0 and ``k = 1`` (no other sample to compare with) gets 0.
+
+    Args:
+        rewards: Sequence rewards ``(N,)``, group-contiguous as in :func:`group_advantages`.
+        group_size: ``k``, samples per prompt.
+
+    Returns:
+        Advantages ``(N,)``, detached.
+
+    Raises:
+        ValueError: If ``N`` is not divisible by ``group_size`` (naming both).
+    """
+    grouped = _grouped(rewards.detach(), group_size)  # (G, k)
+    if group_size == 1:
+        return torch.zeros_like(rewards).detach()
+    centered, _ = _centered(grouped)
+    return (centered * (group_size / (group_size - 1))).reshape(-1)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Discounted reward-to-go ``G_t = r_t + gamma * G_{t+1}`` over the valid tokens.
+
+    The critic-free return of REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and Efficient
+    Approach for Aligning Large Language Models"), also used by OpenRLHF for RLOO / GRPO when
+    the KL penalty sits in the per-token reward. Valid tokens must be a prefix of each row;
+    rewards at padding are ignored and the return there is 0.
+
+    Args:
+        rewards: Per-token rewards ``(B, T)`` (e.g. :attr:`ShapedRewards.rewards`).
+        mask: ``(B, T)``, float or bool, 1 = valid.
+        gamma: Discount factor.
+
+    Returns:
+        Returns ``(B, T)``, detached, 0 on padding.
+    """
+    valid = _valid(mask)
+    m = valid.to(rewards.dtype)
+    r = _zero_invalid(rewards.detach(), valid)
+    running = torch.zeros_like(r[:, 0])  # (B,) G_{t+1}
+    returns_reversed = []
+    for t in reversed(range(r.shape[-1])):
+        running = (r[:, t] + gamma * running) * m[:, t]
+        returns_reversed.append(running)
+    return torch.stack(returns_reversed[::-1], dim=-1)  # (B, T)
+
+
 # --------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------
@@ -395,15 +606,21 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float = 0.2,
+    loss_agg: str = "token-mean",
+    norm_len: int | None = None,
 ) -> PolicyLossOutput:
     """PPO clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise.
 
     ``ratio = exp(clamp(logprobs - old_logprobs, -20, 20))`` and, per token,
-    ``max(-A * ratio, -A * clamp(ratio, 1 - eps, 1 + eps))``, averaged over the valid tokens of
-    the whole batch (token-mean, not sequence-mean). The clamp on the log-ratio is a deviation
-    that keeps ``exp`` finite for broken inputs; it never binds for ratios PPO can use.
+    ``max(-A * ratio, -A * clamp(ratio, 1 - eps, 1 + eps))``, reduced with
+    :func:`aggregate_loss` (default ``"token-mean"``: averaged over the valid tokens of the whole
+    batch, as DeepSpeed-Chat; GRPO's paper uses ``"seq-mean-token-mean"``, Dr. GRPO
+    ``"seq-mean-token-sum-norm"``). The clamp on the log-ratio is a deviation that keeps ``exp``
+    finite for broken inputs; it never binds for ratios PPO can use. The same surrogate serves
+    every online algorithm here (GRPO, RLOO, REINFORCE++, ReMax): only the advantages differ.
 
-    ``old_logprobs`` and ``advantages`` are treated as constants (detached).
+    ``old_logprobs`` and ``advantages`` are treated as constants (detached). The metrics
+    ``clip_frac`` and ``approx_kl`` are token means whatever ``loss_agg`` is.
 
     Args:
         logprobs: Current-policy log-probs of the sampled tokens ``(B, T)``; carries the graph.
@@ -411,9 +628,14 @@ def ppo_policy_loss(
         advantages: Advantages ``(B, T)``, usually whitened.
         mask: Response mask ``(B, T)``, float or bool, 1 = valid.
         clip_eps: Clip range ``eps``.
+        loss_agg: One of :data:`LOSS_AGG_MODES`.
+        norm_len: Constant length for ``"seq-mean-token-sum-norm"`` (default ``T``).
 
     Returns:
         :class:`PolicyLossOutput`.
+
+    Raises:
+        ValueError: If ``loss_agg`` is not one of :data:`LOSS_AGG_MODES`.
     """
     valid = _valid(mask)
     advantages = _zero_invalid(advantages.detach(), valid)
@@ -421,7 +643,7 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, loss_agg, norm_len=norm_len)
     with torch.no_grad():
         clip_frac = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
         approx_kl = masked_mean(0.5 * log_ratio**2, mask)
@@ -557,3 +779,343 @@ def sft_loss(token_logprobs: torch.Tensor, loss_mask: torch.Tensor) -> SFTLossOu
     loss = -masked_mean(token_logprobs, loss_mask)
     num_tokens = _valid(loss_mask).sum().detach()
     return SFTLossOutput(loss=loss, num_tokens=num_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Preference optimisation (offline): DPO and its variants, SimPO, ORPO, KTO
+# --------------------------------------------------------------------------------------------
+
+DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
+
+
+def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """Log-probability of each response: the masked sum (or mean) of its token log-probs.
+
+    ``average=False`` gives ``log pi(y|x)`` (DPO, IPO, KTO); ``average=True`` gives the
+    length-normalised ``log pi(y|x) / |y|`` of SimPO and ORPO. A row with no valid token gives 0.
+
+    Args:
+        token_logprobs: ``(B, T)`` log-probs of the response tokens.
+        mask: ``(B, T)``, float or bool, 1 = response token.
+        average: Divide each row's sum by its number of valid tokens.
+
+    Returns:
+        ``(B,)``, carrying the graph of ``token_logprobs``.
+    """
+    if average:
+        return masked_mean(token_logprobs, mask, dim=-1)
+    return masked_sum(token_logprobs, mask, dim=-1)
+
+
+@dataclass(frozen=True, eq=False)
+class DPOLossOutput:
+    """Result of :func:`dpo_loss` and :func:`simpo_loss`.
+
+    Attributes:
+        loss: 0-dim differentiable loss (mean over pairs).
+        chosen_rewards: Detached ``(B,)`` implicit rewards of the chosen responses
+            (``beta * (log pi - log pi_ref)`` for DPO, ``beta * avg log pi`` for SimPO).
+        rejected_rewards: Detached ``(B,)`` implicit rewards of the rejected responses.
+        accuracy: Detached fraction of pairs with ``chosen_reward > rejected_reward``.
+        margin: Detached mean of ``chosen_reward - rejected_reward``.
+    """
+
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    accuracy: torch.Tensor
+    margin: torch.Tensor
+
+
+def _pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Detached (accuracy, margin) of two ``(B,)`` reward tensors."""
+    with torch.no_grad():
+        diff = chosen - rejected
+        return (diff > 0).to(diff.dtype).mean(), diff.mean()
+
+
+def _smoothed_sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """``-(1 - ls) * log sigmoid(z) - ls * log sigmoid(-z)``, per element; finite for any ``z``."""
+    losses = -F.logsigmoid(logits)
+    if label_smoothing != 0.0:
+        losses = (1.0 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-logits)
+    return losses
+
+
+def _check_label_smoothing(label_smoothing: float) -> None:
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 0.5]")
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> DPOLossOutput:
+    """Direct preference optimisation and the variants that share its log-ratio margin.
+
+    With ``h = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l))`` per pair:
+
+    * ``"sigmoid"``: ``-log sigmoid(beta * h)`` (Rafailov et al. 2023, "Direct Preference
+      Optimization", eq. 7). With ``label_smoothing = eps > 0`` this is conservative DPO
+      (cDPO; Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO"):
+      ``-(1 - eps) * log sigmoid(beta * h) - eps * log sigmoid(-beta * h)``, i.e. the labels
+      are assumed flipped with probability ``eps``.
+    * ``"ipo"``: ``(h - 1 / (2 * beta))**2`` (Azar et al. 2023, "A General Theoretical Paradigm
+      to Understand Learning from Human Preferences", eq. 17, with ``tau = beta``). Uses
+      summed log-probs as the paper does; TRL length-normalises them for IPO.
+    * ``"hinge"``: ``max(0, 1 - beta * h)`` (SLiC-HF, Zhao et al. 2023, "SLiC-HF: Sequence
+      Likelihood Calibration with Human Feedback", eq. 2 calibration loss with ``delta = 1``
+      and the reference log-ratio, as TRL's ``loss_type="hinge"``).
+
+    ``logsigmoid`` keeps the sigmoid losses finite for log-ratios of any size (``±1e4``
+    included); the reference log-probs are treated as constants.
+
+    Args:
+        policy_chosen_logps: ``(B,)`` sequence log-probs of the chosen responses (with graph).
+        policy_rejected_logps: ``(B,)`` sequence log-probs of the rejected responses.
+        ref_chosen_logps: ``(B,)`` the same under the frozen reference policy.
+        ref_rejected_logps: ``(B,)``.
+        beta: Inverse temperature of the implicit reward (KL strength); ``tau`` for IPO.
+        loss_type: One of :data:`DPO_LOSS_TYPES`.
+        label_smoothing: cDPO label-flip probability, ``[0, 0.5]``; only for ``"sigmoid"``.
+
+    Returns:
+        :class:`DPOLossOutput`.
+
+    Raises:
+        ValueError: On an unknown ``loss_type``, ``beta <= 0``, ``label_smoothing`` outside
+            ``[0, 0.5]`` or non-zero with a loss type other than ``"sigmoid"``.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not supported; expected one of {DPO_LOSS_TYPES}")
+    if beta <= 0:
+        raise ValueError(f"beta={beta!r} must be > 0")
+    _check_label_smoothing(label_smoothing)
+    if label_smoothing != 0.0 and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing={label_smoothing!r} is only defined for loss_type='sigmoid'")
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps.detach()  # (B,)
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps.detach()  # (B,)
+    h = chosen_logratios - rejected_logratios  # (B,)
+    if loss_type == "sigmoid":
+        losses = _smoothed_sigmoid_loss(beta * h, label_smoothing)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        losses = torch.relu(1.0 - beta * h)
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    accuracy, margin = _pair_metrics(chosen_rewards, rejected_rewards)
+    return DPOLossOutput(loss=losses.mean(), chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+                         accuracy=accuracy, margin=margin)
+
+
+def simpo_loss(
+    chosen_avg_logps: torch.Tensor,
+    rejected_avg_logps: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+    label_smoothing: float = 0.0,
+) -> DPOLossOutput:
+    """SimPO: reference-free, length-normalised preference loss (Meng et al. 2024, eq. 6).
+
+    ``-log sigmoid(beta * avg_logp(y_w) - beta * avg_logp(y_l) - gamma)``, where
+    ``avg_logp(y) = log pi(y|x) / |y|`` (see :func:`sequence_logprobs` with ``average=True``)
+    and ``gamma`` is the target reward margin. ``label_smoothing`` applies the cDPO smoothing
+    to the same logit (as the SimPO reference code does). Defaults: ``beta = 2.0`` and
+    ``gamma = 1.0`` (``gamma / beta = 0.5``), the paper's Llama-3-Base setting.
+
+    Args:
+        chosen_avg_logps: ``(B,)`` length-normalised log-probs of the chosen responses.
+        rejected_avg_logps: ``(B,)`` length-normalised log-probs of the rejected responses.
+        beta: Reward scale.
+        gamma: Target margin.
+        label_smoothing: In ``[0, 0.5]``.
+
+    Returns:
+        :class:`DPOLossOutput` with rewards ``beta * avg_logp``.
+
+    Raises:
+        ValueError: If ``beta <= 0`` or ``label_smoothing`` is outside ``[0, 0.5]``.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta={beta!r} must be > 0")
+    _check_label_smoothing(label_smoothing)
+    logits = beta * (chosen_avg_logps - rejected_avg_logps) - gamma  # (B,)
+    losses = _smoothed_sigmoid_loss(logits, label_smoothing)
+    chosen_rewards = beta * chosen_avg_logps.detach()
+    rejected_rewards = beta * rejected_avg_logps.detach()
+    accuracy, margin = _pair_metrics(chosen_rewards, rejected_rewards)
+    return DPOLossOutput(loss=losses.mean(), chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+                         accuracy=accuracy, margin=margin)
+
+
+@dataclass(frozen=True, eq=False)
+class ORPOLossOutput:
+    """Result of :func:`orpo_loss`.
+
+    Attributes:
+        loss: 0-dim differentiable ``nll + lam * or_loss``.
+        nll: Detached 0-dim NLL (SFT) term on the chosen responses.
+        or_loss: Detached 0-dim odds-ratio term (before ``lam``).
+        log_odds_ratio: Detached 0-dim mean of ``log(odds(y_w) / odds(y_l))``.
+        chosen_rewards: Detached ``(B,)`` ``lam * avg_logp(y_w)`` (TRL's convention).
+        rejected_rewards: Detached ``(B,)`` ``lam * avg_logp(y_l)``.
+        accuracy: Detached fraction of pairs with ``chosen_reward > rejected_reward``.
+        margin: Detached mean of ``chosen_reward - rejected_reward``.
+    """
+
+    loss: torch.Tensor
+    nll: torch.Tensor
+    or_loss: torch.Tensor
+    log_odds_ratio: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    accuracy: torch.Tensor
+    margin: torch.Tensor
+
+
+# log p of a response is <= 0, and its odds p / (1 - p) are infinite at log p = 0. Clamping log p
+# to <= -1e-6 bounds the log-odds at about 13.8 (and the gradient at about 1e6) for degenerate
+# inputs; the clamp never binds for a policy that puts less than 0.999999 average per-token
+# probability on a response.
+_ORPO_MAX_AVG_LOGP = -1e-6
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x < 0``, accurate at both ends (Maechler 2012, "Accurately
+    Computing log(1 - exp(-|a|))"): ``log(-expm1(x))`` near 0, ``log1p(-exp(x))`` far from it.
+    Both branches are finite for ``x <= -1e-6``, so neither leaks nan into the gradient."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(
+    chosen_avg_logps: torch.Tensor,
+    rejected_avg_logps: torch.Tensor,
+    chosen_nll: torch.Tensor,
+    *,
+    lam: float = 0.1,
+) -> ORPOLossOutput:
+    """Odds-ratio preference optimisation (Hong et al. 2024, "ORPO: Monolithic Preference
+    Optimization without Reference Model", eqs. 6-7).
+
+    ``L = L_SFT + lam * L_OR`` with ``L_OR = -log sigmoid(log(odds(y_w) / odds(y_l)))`` and
+    ``odds(y) = P(y|x) / (1 - P(y|x))`` where ``P(y|x) = exp(avg_logp(y))`` is the
+    length-normalised likelihood (eq. 4). ``log odds = a - log(1 - exp(a))`` is computed with
+    :func:`_log1mexp`, and ``a`` is clamped to ``<= -1e-6`` (a deviation: at ``a = 0`` the odds
+    are infinite), so an average log-prob of 0 gives a finite loss and gradient. Default
+    ``lam = 0.1`` as in the paper's experiments and TRL's ``ORPOConfig.beta``.
+
+    Args:
+        chosen_avg_logps: ``(B,)`` length-normalised log-probs of the chosen responses.
+        rejected_avg_logps: ``(B,)`` length-normalised log-probs of the rejected responses.
+        chosen_nll: The SFT term: token-mean NLL of the chosen responses, 0-dim (or ``(B,)``,
+            averaged).
+        lam: Weight ``lambda`` of the odds-ratio term.
+
+    Returns:
+        :class:`ORPOLossOutput`.
+
+    Raises:
+        ValueError: If ``lam < 0``.
+    """
+    if lam < 0:
+        raise ValueError(f"lam={lam!r} must be >= 0")
+    a_w = chosen_avg_logps.clamp(max=_ORPO_MAX_AVG_LOGP)
+    a_l = rejected_avg_logps.clamp(max=_ORPO_MAX_AVG_LOGP)
+    log_odds_ratio = (a_w - _log1mexp(a_w)) - (a_l - _log1mexp(a_l))  # (B,)
+    or_losses = -F.logsigmoid(log_odds_ratio)  # (B,)
+    nll = chosen_nll.mean()
+    loss = nll + lam * or_losses.mean()
+    chosen_rewards = lam * chosen_avg_logps.detach()
+    rejected_rewards = lam * rejected_avg_logps.detach()
+    accuracy, margin = _pair_metrics(chosen_rewards, rejected_rewards)
+    return ORPOLossOutput(loss=loss, nll=nll.detach(), or_loss=or_losses.detach().mean(),
+                          log_odds_ratio=log_odds_ratio.detach().mean(), chosen_rewards=chosen_rewards,
+                          rejected_rewards=rejected_rewards, accuracy=accuracy, margin=margin)
+
+
+@dataclass(frozen=True, eq=False)
+class KTOLossOutput:
+    """Result of :func:`kto_loss`.
+
+    Attributes:
+        loss: 0-dim differentiable loss (mean over all rows).
+        rewards: Detached ``(B,)`` implicit rewards ``beta * (log pi - log pi_ref)``.
+        z0: Detached 0-dim reference point ``max(kl_ref, 0)`` that was used.
+        desirable_reward: Detached mean reward of the desirable rows (0 if there are none).
+        undesirable_reward: Detached mean reward of the undesirable rows (0 if there are none).
+    """
+
+    loss: torch.Tensor
+    rewards: torch.Tensor
+    z0: torch.Tensor
+    desirable_reward: torch.Tensor
+    undesirable_reward: torch.Tensor
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl_ref: torch.Tensor | float,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> KTOLossOutput:
+    """Kahneman-Tversky optimisation on unpaired feedback (Ethayarajh et al. 2024, eq. 8).
+
+    With ``r = log pi(y|x) - log pi_ref(y|x)`` and the reference point ``z0 = max(kl_ref, 0)``
+    (detached: no gradient flows through it, as in the paper and TRL)::
+
+        v(x, y) = lambda_D * sigmoid(beta * (r - z0))   if y is desirable
+                  lambda_U * sigmoid(beta * (z0 - r))   if y is undesirable
+        L       = mean(lambda_y - v(x, y))
+
+    ``lambda_y - v`` is computed as ``lambda_y * sigmoid(-(...))`` (the same value, without the
+    cancellation of ``1 - sigmoid`` near 1), finite for any log-ratio.
+
+    Args:
+        policy_logps: ``(B,)`` sequence log-probs under the policy (with graph).
+        ref_logps: ``(B,)`` sequence log-probs under the reference.
+        desirable: ``(B,)`` bool, True for desirable examples.
+        kl_ref: Estimate of ``KL(pi || pi_ref)`` (0-dim tensor or float), clamped at 0 and
+            detached here. The paper estimates it on mismatched (x, y') pairs of the batch.
+        beta: Inverse temperature.
+        desirable_weight: ``lambda_D``.
+        undesirable_weight: ``lambda_U``. The paper recommends
+            ``lambda_D * n_D / (lambda_U * n_U)`` in ``[1, 4/3]``.
+
+    Returns:
+        :class:`KTOLossOutput`.
+
+    Raises:
+        ValueError: If ``beta <= 0`` or a weight is negative.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta={beta!r} must be > 0")
+    if desirable_weight < 0 or undesirable_weight < 0:
+        raise ValueError(f"desirable_weight={desirable_weight!r} and undesirable_weight={undesirable_weight!r} "
+                         "must be >= 0")
+    z0 = torch.as_tensor(kl_ref, dtype=policy_logps.dtype, device=policy_logps.device).detach().clamp(min=0.0)
+    logratios = policy_logps - ref_logps.detach()  # (B,)
+    desirable = desirable.to(device=policy_logps.device, dtype=torch.bool)
+    losses = torch.where(
+        desirable,
+        desirable_weight * torch.sigmoid(-beta * (logratios - z0)),
+        undesirable_weight * torch.sigmoid(-beta * (z0 - logratios)),
+    )  # (B,)
+    with torch.no_grad():
+        rewards = beta * logratios.detach()
+        d = desirable.to(rewards.dtype)
+        desirable_reward = masked_mean(rewards, d)
+        undesirable_reward = masked_mean(rewards, 1.0 - d)
+    return KTOLossOutput(loss=losses.mean(), rewards=rewards, z0=z0, desirable_reward=desirable_reward,
+                         undesirable_reward=undesirable_reward)

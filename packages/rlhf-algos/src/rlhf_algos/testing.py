@@ -15,7 +15,16 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["BigramLM", "FirstTokenReward", "ScriptedPolicy", "TinyCritic", "TinyPolicy"]
+__all__ = [
+    "BigramLM",
+    "FirstTokenReward",
+    "RecordingReward",
+    "ScriptedPolicy",
+    "TargetTokenReward",
+    "TinyCritic",
+    "TinyPolicy",
+    "pairs_batch",
+]
 
 
 class BigramLM(nn.Module):
@@ -186,3 +195,60 @@ class FirstTokenReward:
     def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                  meta: list[dict]) -> torch.Tensor:
         return (sequences[:, prompt_len] == self.token).float()  # (B,)
+
+
+class TargetTokenReward:
+    """A :class:`~rlhf_algos.protocols.RewardFunction`: the fraction of response tokens equal to ``token``.
+
+    Only response positions with ``attention_mask == 1`` count (tokens after the first EOS do
+    not). A graded reward: samples of one prompt usually differ, so group baselines have signal.
+    """
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                 meta: list[dict]) -> torch.Tensor:
+        resp, mask = sequences[:, prompt_len:], attention_mask[:, prompt_len:].float()  # (B, R)
+        hits = ((resp == self.token).float() * mask).sum(-1)
+        return hits / mask.sum(-1).clamp(min=1.0)  # (B,)
+
+
+class RecordingReward:
+    """Wraps a reward function and records every call's ``(sequences, prompt_len, meta)``."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.calls: list[tuple[torch.Tensor, int, list[dict]]] = []
+
+    def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                 meta: list[dict]) -> torch.Tensor:
+        self.calls.append((sequences.clone(), prompt_len, list(meta)))
+        return self.inner(sequences, attention_mask, prompt_len, meta)
+
+
+def pairs_batch(prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], *,
+                pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """A preference micro-batch laid out as ``rlhf_data.collate_pairs`` lays it out.
+
+    Row ``i`` is ``prompts[i] + chosen[i]``, row ``B + i`` is ``prompts[i] + rejected[i]``,
+    right-padded with ``pad_token_id`` to the longest row.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` and ``response_mask``, each ``(2B, L)`` int64;
+        ``response_mask`` is 1 on the response tokens.
+    """
+    if not len(prompts) == len(chosen) == len(rejected):
+        raise ValueError(f"pairs_batch: {len(prompts)} prompts, {len(chosen)} chosen, {len(rejected)} rejected")
+    rows = [(p, r) for p, r in zip(prompts, chosen, strict=True)]
+    rows += [(p, r) for p, r in zip(prompts, rejected, strict=True)]
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    resp = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r, dtype=torch.long)
+        attn[i, :n] = 1
+        resp[i, len(p) : n] = 1
+    return {"input_ids": ids, "attention_mask": attn, "response_mask": resp}

@@ -1,0 +1,573 @@
+"""The interface every algorithm implements, and the shared online/offline plumbing.
+
+An algorithm is one class registered under the entry-point group ``rlhf.algorithms`` (the
+built-ins register exactly like a third-party plugin). The class declares, as class variables,
+what the CLI needs to build everything for it:
+
+* ``name``: the registered name (``rlhf run --stage <name>``);
+* ``kind``: ``"online"`` (samples from the policy, learns from rewards) or ``"offline"`` (learns
+  from a fixed preference data set);
+* ``data_kind``: ``"prompts"`` (left-padded prompts) or ``"pairs"`` (chosen/rejected pairs);
+* ``required_models``: a subset of ``("actor", "reference", "critic", "reward")``;
+* ``config_class``: a frozen dataclass of hyper-parameters; each field carries its help text in
+  ``field.metadata["help"]`` and ``__post_init__`` raises ``ValueError`` naming
+  ``<name>.<field>``, the value and what is allowed;
+* ``description``: one line for ``rlhf algos list``.
+
+Two base classes do the plumbing, so that a variant only writes its math:
+
+* :class:`OnlineAlgorithm`: one rollout path for every online algorithm (repeat prompts
+  ``samples_per_prompt`` times, generate, score, estimate advantages) and one learning loop
+  (clipped policy loss with the configured aggregation, optional KL in the loss, micro-batches,
+  epochs). Subclasses override :meth:`OnlineAlgorithm.estimate_advantages`.
+* :class:`OfflineAlgorithm`: forward the chosen and rejected rows, compute a loss from sequence
+  log-probs, step. Subclasses override :meth:`OfflineAlgorithm.compute_loss`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+
+from . import functional as F
+from .protocols import RewardFunction, ScoringPolicy, TrainablePolicy, ValueFunction
+
+__all__ = [
+    "KL_PLACEMENTS",
+    "MODEL_ROLES",
+    "REWARD_NORMS",
+    "AdvantageEstimate",
+    "Algorithm",
+    "AlgorithmConfig",
+    "Experience",
+    "OfflineAlgorithm",
+    "OfflineConfig",
+    "OnlineAlgorithm",
+    "OnlineConfig",
+    "Rollout",
+    "option",
+    "response_mask_from",
+]
+
+MODEL_ROLES: tuple[str, ...] = ("actor", "reference", "critic", "reward")
+KL_PLACEMENTS: tuple[str, ...] = ("reward", "loss")
+REWARD_NORMS: tuple[str, ...] = ("none", "batch")
+
+
+def option(default: Any, help: str) -> Any:
+    """A dataclass field with a default and its help text (``field.metadata["help"]``).
+
+    The help is written once, here, and the CLI (``rlhf algos show``) derives its output from it.
+    """
+    return field(default=default, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """Base of every algorithm config: validation helpers whose errors name ``<section>.<field>``.
+
+    ``section`` is the algorithm's registered name; subclasses set it as a ``ClassVar``.
+    """
+
+    section: ClassVar[str] = "algorithm"
+
+    def _fail(self, name: str, allowed: str) -> None:
+        raise ValueError(f"{self.section}.{name}: {getattr(self, name)!r} is not allowed; allowed: {allowed}")
+
+    def _check_choice(self, name: str, choices: Sequence[str]) -> None:
+        if getattr(self, name) not in choices:
+            self._fail(name, ", ".join(repr(c) for c in choices))
+
+    def _check_min(self, name: str, low: float, *, strict: bool = False) -> None:
+        v = getattr(self, name)
+        if v < low or (strict and v == low):
+            self._fail(name, f"{'>' if strict else '>='} {low}")
+
+    def _check_range(self, name: str, low: float, high: float, *, low_open: bool = False) -> None:
+        v = getattr(self, name)
+        if not (low < v <= high if low_open else low <= v <= high):
+            self._fail(name, f"{'(' if low_open else '['}{low}, {high}]")
+
+
+@dataclass(frozen=True)
+class OnlineConfig(AlgorithmConfig):
+    """Options shared by every online algorithm (see each field's help)."""
+
+    section: ClassVar[str] = "online"
+
+    kl_coef: float = option(0.1, "beta: weight of the KL(actor || reference) penalty")
+    kl_estimator: str = option("k1", "per-token KL estimator (Schulman 2020): k1 = log-ratio, k2, k3")
+    kl_placement: str = option(
+        "reward", "where the KL penalty goes: 'reward' (-beta * KL per token in the reward) or "
+        "'loss' (beta * KL added to the policy loss, aggregated like it)")
+    loss_agg: str = option(
+        "token-mean", "policy-loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, "
+        "seq-mean-token-sum-norm (divides by max_new_tokens)")
+    samples_per_prompt: int = option(1, "responses sampled per prompt (the group size of GRPO / RLOO)")
+    reward_norm: str = option("none", "sequence-score normalisation before advantages: 'none' or 'batch' "
+                                      "(whiten the scores over the rollout batch)")
+    clip_reward: float | None = option(5.0, "sequence scores are clipped to [-clip_reward, clip_reward] "
+                                            "(None: no clipping)")
+    clip_eps: float = option(0.2, "policy-ratio clip range of the PPO surrogate")
+    ppo_epochs: int = option(1, "passes over each rollout batch")
+    micro_batch_size: int = option(32, "rows per forward/backward/step in the learning phase")
+    max_new_tokens: int = option(64, "response length limit")
+    temperature: float = option(1.0, "sampling temperature (log-probs use the same temperature)")
+    top_k: int = option(0, "top-k sampling (0 = off)")
+    top_p: float = option(1.0, "nucleus sampling (1.0 = off)")
+
+    def __post_init__(self) -> None:
+        self._check_choice("kl_estimator", ("k1", "k2", "k3"))
+        self._check_choice("kl_placement", KL_PLACEMENTS)
+        self._check_choice("loss_agg", F.LOSS_AGG_MODES)
+        self._check_choice("reward_norm", REWARD_NORMS)
+        for name in ("kl_coef", "clip_eps"):
+            self._check_min(name, 0.0)
+        if self.clip_reward is not None:
+            self._check_min("clip_reward", 0.0)
+        for name in ("samples_per_prompt", "ppo_epochs", "micro_batch_size", "max_new_tokens"):
+            self._check_min(name, 1)
+        self._check_min("temperature", 0.0, strict=True)
+        self._check_min("top_k", 0)
+        self._check_range("top_p", 0.0, 1.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class OfflineConfig(AlgorithmConfig):
+    """Base of the offline (preference) algorithm configs; the fields are per algorithm."""
+
+    section: ClassVar[str] = "offline"
+
+
+# --------------------------------------------------------------------------------------------
+# The interface
+# --------------------------------------------------------------------------------------------
+
+
+class Algorithm:
+    """What every registered algorithm declares. See the module docstring for each field."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]  # "online" | "offline"
+    data_kind: ClassVar[str]  # "prompts" | "pairs"
+    required_models: ClassVar[tuple[str, ...]]
+    config_class: ClassVar[type]
+    description: ClassVar[str]
+
+    config: Any
+
+    def _check_config(self, config: Any) -> None:
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__}: config must be a {self.config_class.__name__}, "
+                            f"got {type(config).__name__}")
+
+    def learn(self, batch: Any) -> dict[str, float]:
+        """One learning step (offline) or phase (online); returns metrics as plain floats."""
+        raise NotImplementedError
+
+
+def _to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Detached 0-dim tensors -> floats with one host-device sync per device (usually one)."""
+    by_device: dict[torch.device, list[str]] = {}
+    for k, v in metrics.items():
+        by_device.setdefault(v.device, []).append(k)
+    out: dict[str, float] = {}
+    for keys in by_device.values():
+        # This is the sync point: everything before it stayed on the device.
+        values = torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).tolist()
+        out.update(zip(keys, values, strict=True))
+    return {k: out[k] for k in metrics}
+
+
+# --------------------------------------------------------------------------------------------
+# Online: one rollout path, one learning loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Experience:
+    """One rollout batch. Response-aligned tensors are ``(N, R)``; ``sequences`` is ``(N, P + R)``.
+
+    ``N = B * samples_per_prompt`` rows, the samples of one prompt contiguous. Critic-free
+    algorithms store zeros in ``values`` and the (un-whitened) discounted returns in ``returns``.
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def rows(self, idx: list[int]) -> Experience:
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = v[idx] if isinstance(v, torch.Tensor) else v
+        return Experience(**out)
+
+
+@dataclass(frozen=True, eq=False)
+class Rollout:
+    """What :meth:`OnlineAlgorithm.estimate_advantages` receives (all on the CPU, float32).
+
+    Attributes:
+        prompt_ids: ``(N, P)`` left-padded prompts, already repeated ``samples_per_prompt`` times.
+        prompt_mask: ``(N, P)``.
+        meta: ``N`` per-row dicts for the reward function.
+        sequences: ``(N, P + R)`` prompts and sampled responses.
+        attention_mask: ``(N, P + R)``.
+        response_mask: ``(N, R)`` 1 up to and including the first EOS.
+        logprobs: ``(N, R)`` actor log-probs at sampling time (unmasked).
+        ref_logprobs: ``(N, R)`` reference log-probs (unmasked).
+        values: ``(N, R)`` critic values ``V(s_t)`` (zeros without a critic; unmasked).
+        scores: ``(N,)`` sequence scores after clipping and ``reward_norm``.
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    meta: list[dict]
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class AdvantageEstimate:
+    """What :meth:`OnlineAlgorithm.estimate_advantages` returns; all ``(N, R)``, 0 on padding.
+
+    Attributes:
+        rewards: Per-token rewards (KL-shaped when ``kl_placement == "reward"``).
+        kl: Per-token KL estimate (for metrics; in the reward or the loss, depending on config).
+        advantages: What the policy loss multiplies the ratio by.
+        returns: Value targets (PPO) or discounted returns (critic-free).
+    """
+
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def response_mask_from(sequences: torch.Tensor, prompt_len: int, eos_token_id: int | None) -> torch.Tensor:
+    """1 for response tokens up to and including the first EOS, 0 after. (B, R) float."""
+    resp = sequences[:, prompt_len:]
+    if eos_token_id is None:
+        return torch.ones_like(resp, dtype=torch.float32)
+    is_eos = (resp == eos_token_id).long()
+    before_or_at_first_eos = (is_eos.cumsum(dim=1) - is_eos) == 0
+    return before_or_at_first_eos.float()
+
+
+class OnlineAlgorithm(Algorithm):
+    """Shared plumbing of the online algorithms; subclasses implement :meth:`estimate_advantages`.
+
+    One iteration, top to bottom:
+
+    1. repeat each prompt ``samples_per_prompt`` times (``repeat_interleave``: the samples of one
+       prompt are contiguous rows, which is the layout the group estimators expect);
+    2. generate responses with the actor (sampling);
+    3. score them: actor and reference log-probs, critic values (PPO), the sequence score;
+       clip the score and optionally whiten it over the batch (``reward_norm``);
+    4. estimate advantages (the one step the algorithms differ in);
+    5. ``ppo_epochs`` passes over shuffled micro-batches: clipped policy loss (+ ``kl_coef`` *
+       KL when ``kl_placement == "loss"``) -> actor step; the critic step, for PPO.
+
+    Args:
+        config: An instance of ``config_class``.
+        actor: The policy being trained.
+        reference: The frozen reference policy.
+        reward_fn: Sequence-level reward (a reward model's score or a verifier).
+        critic: The value model; required exactly when ``"critic" in required_models``.
+        eos_token_id: Ends a response (its token is part of the response); None: no EOS.
+        pad_token_id: Pads finished rows.
+        reduce_metrics: Applied to the metrics dict before it is returned (e.g. an all-reduce
+            mean over ranks).
+        seed: Seeds the micro-batch shuffling.
+
+    Raises:
+        TypeError: If ``config`` is not a ``config_class``.
+        ValueError: If a critic is required and missing, or given and not used.
+    """
+
+    kind: ClassVar[str] = "online"
+    data_kind: ClassVar[str] = "prompts"
+    required_models: ClassVar[tuple[str, ...]] = ("actor", "reference", "reward")
+    config_class: ClassVar[type] = OnlineConfig
+
+    def __init__(self, config: OnlineConfig, *, actor: TrainablePolicy, reference: ScoringPolicy,
+                 reward_fn: RewardFunction, critic: ValueFunction | None = None, eos_token_id: int | None,
+                 pad_token_id: int, reduce_metrics: Callable[[dict], dict] | None = None,
+                 seed: int = 0) -> None:
+        self._check_config(config)
+        needs_critic = "critic" in self.required_models
+        if needs_critic and critic is None:
+            raise ValueError(f"{self.name}: a critic is required (required_models={self.required_models})")
+        if not needs_critic and critic is not None:
+            raise ValueError(f"{self.name}: takes no critic (required_models={self.required_models})")
+        self.config = config
+        self.actor, self.reference, self.critic, self.reward_fn = actor, reference, critic, reward_fn
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.reduce_metrics = reduce_metrics or (lambda m: m)
+        self._rng = random.Random(seed)
+
+    # 1-4: rollout and scoring --------------------------------------------------------------
+    @torch.no_grad()
+    def generate_experience(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                            meta: list[dict] | None = None) -> Experience:
+        """Sample ``samples_per_prompt`` responses to each left-padded prompt ``(B, P)`` and score them.
+
+        Returns:
+            An :class:`Experience` of ``B * samples_per_prompt`` rows, groups contiguous.
+        """
+        c = self.config
+        meta = meta or [{} for _ in range(len(prompt_ids))]
+        # 1. one row per sample; groups contiguous
+        k = c.samples_per_prompt
+        if k > 1:
+            prompt_ids = prompt_ids.repeat_interleave(k, dim=0)  # (B * k, P)
+            prompt_mask = prompt_mask.repeat_interleave(k, dim=0)
+            meta = [m for m in meta for _ in range(k)]
+        self.actor.eval()
+        if self.critic is not None:
+            self.critic.eval()
+        # 2. generate
+        seqs = self.actor.generate(prompt_ids, prompt_mask, max_new_tokens=c.max_new_tokens, do_sample=True,
+                                   temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                                   eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id).cpu()
+        P = prompt_ids.shape[1]
+        resp_mask = response_mask_from(seqs, P, self.eos_token_id)  # (N, R)
+        attn = torch.cat([prompt_mask.cpu().long(), resp_mask.long()], dim=1)  # (N, P + R)
+        # 3. score
+        logprobs = self.actor.token_logprobs(seqs, attn, P, temperature=c.temperature).float().cpu()
+        ref_logprobs = self.reference.token_logprobs(seqs, attn, P, temperature=c.temperature).float().cpu()
+        if self.critic is not None:
+            values = self.critic.values(seqs, attn)[:, P - 1 : -1].float().cpu()  # V(s_t) before token t
+        else:
+            values = torch.zeros_like(logprobs)
+        scores = self.reward_fn(seqs, attn, P, meta).float().cpu()  # (N,)
+        # 4. advantages
+        rollout = Rollout(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(), meta=meta, sequences=seqs,
+                          attention_mask=attn, response_mask=resp_mask, logprobs=logprobs,
+                          ref_logprobs=ref_logprobs, values=values, scores=self.process_scores(scores))
+        est = self.estimate_advantages(rollout)
+        return Experience(seqs, attn, P, resp_mask, logprobs * resp_mask, ref_logprobs * resp_mask,
+                          values * resp_mask, scores, est.rewards, est.kl, est.advantages, est.returns)
+
+    def process_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Clip the sequence scores ``(N,)`` to ``±clip_reward``, then whiten them if ``reward_norm == "batch"``."""
+        c = self.config
+        if c.clip_reward is not None:
+            scores = scores.clamp(-c.clip_reward, c.clip_reward)
+        if c.reward_norm == "batch":
+            scores = F.whiten(scores, torch.ones_like(scores))
+        return scores
+
+    @property
+    def reward_kl_coef(self) -> float:
+        """The KL coefficient *in the reward*: ``kl_coef``, or 0 when the KL is in the loss."""
+        return self.config.kl_coef if self.config.kl_placement == "reward" else 0.0
+
+    def estimate_advantages(self, rollout: Rollout) -> AdvantageEstimate:
+        """Per-token rewards, KL, advantages and returns from a scored rollout (the per-algorithm step)."""
+        raise NotImplementedError
+
+    # 5: learning ---------------------------------------------------------------------------
+    def learn(self, exp: Experience) -> dict[str, float]:
+        """``ppo_epochs`` passes over shuffled micro-batches of ``exp``; returns averaged metrics."""
+        c = self.config
+        self.actor.train()
+        if self.critic is not None:
+            self.critic.train()
+        N = exp.sequences.shape[0]
+        # Metrics stay tensors until the end: one host-device sync per learn() call, not per step.
+        sums: dict[str, torch.Tensor] = {}
+        n = 0
+        for _ in range(c.ppo_epochs):
+            order = list(range(N))
+            self._rng.shuffle(order)
+            for i in range(0, N, c.micro_batch_size):
+                step = self.train_step(exp.rows(order[i : i + c.micro_batch_size]))
+                for k, v in step.items():
+                    sums[k] = sums[k] + v if k in sums else v
+                n += 1
+        rollout = self.rollout_metrics(exp)
+        floats = _to_floats({**sums, **rollout})  # the one host-device sync
+        metrics = {k: floats[k] / max(n, 1) for k in sums}
+        metrics.update({k: floats[k] for k in rollout})
+        return self.reduce_metrics(metrics)
+
+    def train_step(self, mb: Experience) -> dict[str, torch.Tensor]:
+        """One micro-batch: policy loss (+ KL in the loss) -> actor step, then :meth:`critic_step`."""
+        c = self.config
+        P = mb.prompt_len
+        logprobs, entropy = self.actor.token_logprobs(mb.sequences, mb.attention_mask, P,
+                                                      temperature=c.temperature, return_entropy=True)
+        dev = logprobs.device
+        mask = mb.response_mask.to(dev)
+        pl = F.ppo_policy_loss(logprobs, mb.logprobs.to(dev), mb.advantages.to(dev), mask, clip_eps=c.clip_eps,
+                               loss_agg=c.loss_agg, norm_len=c.max_new_tokens)
+        loss = pl.loss
+        step = {
+            "policy_loss": pl.loss.detach().float(),
+            "clip_frac": pl.clip_frac.float(),
+            "approx_kl": pl.approx_kl.float(),
+        }
+        if c.kl_placement == "loss":
+            kl_loss = self.kl_loss(logprobs, mb.ref_logprobs.to(dev), mask)
+            loss = loss + c.kl_coef * kl_loss
+            step["kl_loss"] = kl_loss.detach().float()
+        self.actor.backward(loss)
+        self.actor.step()
+        step.update(self.critic_step(mb, mask))
+        step["entropy"] = F.masked_mean(entropy.detach().float(), mask)
+        return step
+
+    def kl_loss(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """KL(actor || reference) of the current log-probs ``(n, R)``, aggregated like the policy loss.
+
+        With k3 this is GRPO's in-loss KL (Shao et al. 2024, eq. 4).
+        """
+        c = self.config
+        valid = mask != 0
+        # Zero padding before the non-linear estimator: garbage there must not reach a gradient.
+        logprobs = torch.where(valid, logprobs, torch.zeros_like(logprobs))
+        ref_logprobs = torch.where(valid, ref_logprobs.detach(), torch.zeros_like(logprobs))
+        kl = F.kl_penalty(logprobs, ref_logprobs, c.kl_estimator)  # (n, R)
+        return F.aggregate_loss(kl, mask, c.loss_agg, norm_len=c.max_new_tokens)
+
+    def critic_step(self, mb: Experience, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Value-model update on the micro-batch; no-op (no metrics) without a critic."""
+        return {}
+
+    def rollout_metrics(self, exp: Experience) -> dict[str, torch.Tensor]:
+        """Statistics of the rollout batch, as detached 0-dim tensors (``reward_mean`` is of the raw scores)."""
+        m = exp.response_mask
+        out = {
+            "reward_mean": exp.scores.mean(),
+            "reward_std": exp.scores.std() if exp.scores.numel() > 1 else torch.zeros(()),
+            "kl_to_ref": (exp.kl * m).sum(dim=1).mean(),  # per sequence, estimator of the config
+            "response_length": m.sum(dim=1).mean(),
+            "advantage_mean": F.masked_mean(exp.advantages, m),
+            "advantage_std": F.masked_var(exp.advantages, m).sqrt(),
+            "return_mean": F.masked_mean(exp.returns, m),
+        }
+        if self.critic is not None:
+            out["value_mean"] = F.masked_mean(exp.values, m)
+            out["explained_variance"] = F.explained_variance(exp.values, exp.returns, m)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Offline: preference pairs
+# --------------------------------------------------------------------------------------------
+
+
+class OfflineAlgorithm(Algorithm):
+    """Shared plumbing of the preference algorithms; subclasses implement :meth:`compute_loss`.
+
+    :meth:`learn` takes one micro-batch of ``B`` pairs as ``rlhf_data.collate_pairs`` builds it:
+    ``input_ids``, ``attention_mask`` and ``response_mask``, each ``(2B, L)``, rows ``[0, B)``
+    the chosen and ``[B, 2B)`` the rejected sequences, right-padded, ``response_mask`` 1 on
+    response tokens. It runs one forward of the policy (and, without gradients, of the
+    reference when the algorithm needs one), computes the loss, ``policy.backward(loss)``,
+    ``policy.step()``. Gradient accumulation over micro-batches is the engine's business (as
+    for DeepSpeed engines: ``step`` only updates at the accumulation boundary).
+
+    Args:
+        config: An instance of ``config_class``.
+        policy: The model being trained.
+        reference: The frozen reference policy; required exactly when
+            ``"reference" in required_models``.
+        reduce_metrics: Applied to the metrics dict before it is returned.
+
+    Raises:
+        TypeError: If ``config`` is not a ``config_class``.
+        ValueError: If a reference is required and missing.
+    """
+
+    kind: ClassVar[str] = "offline"
+    data_kind: ClassVar[str] = "pairs"
+    required_models: ClassVar[tuple[str, ...]] = ("actor", "reference")
+    config_class: ClassVar[type] = OfflineConfig
+
+    def __init__(self, config: OfflineConfig, *, policy: TrainablePolicy, reference: ScoringPolicy | None = None,
+                 reduce_metrics: Callable[[dict], dict] | None = None) -> None:
+        self._check_config(config)
+        if "reference" in self.required_models and reference is None:
+            raise ValueError(f"{self.name}: a reference policy is required (required_models={self.required_models})")
+        self.config = config
+        self.policy = policy
+        self.reference = reference if "reference" in self.required_models else None
+        self.reduce_metrics = reduce_metrics or (lambda m: m)
+
+    def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimisation step on a micro-batch of pairs; returns its metrics."""
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        if ids.shape[0] % 2 != 0:
+            raise ValueError(f"{self.name}: a pairs batch has 2B rows (B chosen, then B rejected); "
+                             f"got {ids.shape[0]}")
+        self.policy.train()
+        logps = self.policy.token_logprobs(ids, attn, 1)  # (2B, L - 1): log p(token j | < j), j >= 1
+        mask = batch["response_mask"][:, 1:].to(device=logps.device, dtype=logps.dtype)  # (2B, L - 1)
+        ref_logps = None
+        if self.reference is not None:
+            self.reference.eval()
+            with torch.no_grad():
+                ref_logps = self.reference.token_logprobs(ids, attn, 1).to(device=logps.device, dtype=logps.dtype)
+        loss, metrics = self.compute_loss(logps, ref_logps, mask)
+        self.policy.backward(loss)
+        self.policy.step()
+        metrics = {"loss": loss.detach().float(), **metrics}
+        return self.reduce_metrics(_to_floats(metrics))
+
+    def compute_loss(self, logps: torch.Tensor, ref_logps: torch.Tensor | None,
+                     mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and detached 0-dim metrics from token log-probs.
+
+        Args:
+            logps: ``(2B, T)`` policy token log-probs (with graph), chosen rows first.
+            ref_logps: ``(2B, T)`` reference token log-probs, or None without a reference.
+            mask: ``(2B, T)`` float, 1 on response tokens.
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(2B, ...)`` -> (chosen ``(B, ...)``, rejected ``(B, ...)``)."""
+        half = x.shape[0] // 2
+        return x[:half], x[half:]
+
+    @staticmethod
+    def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
+                     rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The metrics every preference algorithm reports (all detached 0-dim)."""
+        with torch.no_grad():
+            diff = chosen_rewards - rejected_rewards
+            return {
+                "chosen_reward": chosen_rewards.mean(),
+                "rejected_reward": rejected_rewards.mean(),
+                "reward_accuracy": (diff > 0).float().mean(),
+                "reward_margin": diff.mean(),
+                "chosen_logp": chosen_logps.detach().mean(),
+                "rejected_logp": rejected_logps.detach().mean(),
+            }

@@ -1,0 +1,285 @@
+"""Critic-free online algorithms: GRPO, Dr. GRPO, RLOO, REINFORCE++, ReMax.
+
+They share PPO's rollout path and clipped surrogate (:class:`~rlhf_algos.base.OnlineAlgorithm`)
+and differ only in how a sequence's advantage is estimated without a value model:
+
+=============  ==========================================================================
+GRPO           ``(r - mean_group) / (std_group + eps)`` over the ``k`` samples of a prompt
+Dr. GRPO       ``r - mean_group`` (no std), loss summed per sequence over a constant length
+RLOO           ``r - mean of the other k - 1 samples`` of the prompt
+REINFORCE++    ``r`` (no baseline); the returns are whitened over the whole batch
+ReMax          ``r - r(greedy response to the same prompt)``
+=============  ==========================================================================
+
+How the sequence advantage becomes per-token advantages (as OpenRLHF does): it is placed at the
+last response token, the per-token KL penalty ``-kl_coef * KL_t`` is added on every token when
+``kl_placement == "reward"``, and the advantage of token ``t`` is the discounted reward-to-go
+(:func:`~rlhf_algos.functional.discounted_returns`). With the KL in the loss (GRPO's default)
+every token of a response simply gets its sequence advantage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from . import functional as F
+from .base import AdvantageEstimate, OnlineAlgorithm, OnlineConfig, Rollout, option, response_mask_from
+
+__all__ = [
+    "GRPO",
+    "RLOO",
+    "CriticFreeAlgorithm",
+    "DrGRPO",
+    "DrGRPOConfig",
+    "GRPOConfig",
+    "RLOOConfig",
+    "ReMax",
+    "ReMaxConfig",
+    "ReinforcePP",
+    "ReinforcePPConfig",
+]
+
+
+class CriticFreeAlgorithm(OnlineAlgorithm):
+    """Online algorithm without a value model: subclasses give one advantage per sequence.
+
+    Subclasses implement :meth:`sequence_advantages`; :meth:`finish` may post-process the
+    per-token advantages (REINFORCE++ whitens them).
+    """
+
+    required_models: ClassVar[tuple[str, ...]] = ("actor", "reference", "reward")
+
+    @property
+    def discount(self) -> float:
+        """``gamma`` of the reward-to-go; 1 unless the config has a ``gamma``."""
+        return 1.0
+
+    def sequence_advantages(self, rollout: Rollout) -> torch.Tensor:
+        """One advantage per row ``(N,)`` from ``rollout.scores``."""
+        raise NotImplementedError
+
+    def finish(self, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Per-token advantages ``(N, R)`` from the per-token returns; identity by default."""
+        return returns
+
+    def estimate_advantages(self, rollout: Rollout) -> AdvantageEstimate:
+        c, mask = self.config, rollout.response_mask
+        seq_adv = self.sequence_advantages(rollout)  # (N,)
+        shaped = F.kl_shaped_rewards(seq_adv, rollout.logprobs, rollout.ref_logprobs, mask,
+                                     kl_coef=self.reward_kl_coef, clip_reward=None, estimator=c.kl_estimator)
+        returns = F.discounted_returns(shaped.rewards, mask, gamma=self.discount)  # (N, R)
+        return AdvantageEstimate(rewards=shaped.rewards, kl=shaped.kl, advantages=self.finish(returns, mask),
+                                 returns=returns)
+
+
+def _check_groups(cfg: OnlineConfig) -> None:
+    if cfg.samples_per_prompt < 2:
+        cfg._fail("samples_per_prompt", ">= 2 (a group of one sample has no baseline: every advantage would be 0)")
+
+
+# --------------------------------------------------------------------------------------------
+# GRPO and Dr. GRPO
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GRPOConfig(OnlineConfig):
+    """GRPO (Shao et al. 2024, DeepSeekMath, sec. 4.1). Defaults and where they come from:
+
+    * ``kl_placement="loss"``, ``kl_estimator="k3"``: the KL is a loss term, estimated with k3
+      (eqs. 3-4). ``kl_coef=0.04``: DeepSeekMath's beta (sec. 4.2); TRL used 0.04 and now
+      defaults to 0.0.
+    * ``loss_agg="token-mean"``: TRL ``GRPOConfig``'s default ``loss_type="dapo"`` (token-level
+      normalisation, DAPO); the paper's eq. 3 is ``"seq-mean-token-mean"`` (TRL's ``"grpo"``).
+    * ``samples_per_prompt=4``: the group size (the paper samples 64, TRL defaults to 8); 4 keeps
+      the demo's rollout budget close to PPO's.
+    * ``scale_rewards=True``, ``std_eps=1e-6``: divide by the group std plus eps (verl's eps;
+      TRL adds 1e-4, OpenRLHF 1e-9).
+    """
+
+    section: ClassVar[str] = "grpo"
+
+    kl_coef: float = option(0.04, "beta: weight of the KL(actor || reference) penalty")
+    kl_estimator: str = option("k3", "per-token KL estimator (Schulman 2020): k1 = log-ratio, k2, k3")
+    kl_placement: str = option("loss", "where the KL penalty goes: 'reward' or 'loss'")
+    samples_per_prompt: int = option(4, "group size: responses sampled per prompt (>= 2)")
+    scale_rewards: bool = option(True, "divide the centred group rewards by the group std (False: Dr. GRPO)")
+    std_eps: float = option(1e-6, "added to the group std before dividing")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_groups(self)
+        self._check_min("std_eps", 0.0)
+
+
+class GRPO(CriticFreeAlgorithm):
+    """Group Relative Policy Optimization: group-normalised outcome advantages, KL in the loss."""
+
+    name: ClassVar[str] = "grpo"
+    config_class: ClassVar[type] = GRPOConfig
+    description: ClassVar[str] = "GRPO: group-normalised advantages, no critic, k3 KL in the loss (DeepSeekMath)"
+
+    config: GRPOConfig
+
+    def sequence_advantages(self, rollout: Rollout) -> torch.Tensor:
+        c = self.config
+        return F.group_advantages(rollout.scores, c.samples_per_prompt, scale=c.scale_rewards, eps=c.std_eps)
+
+
+@dataclass(frozen=True)
+class DrGRPOConfig(GRPOConfig):
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective").
+
+    GRPO with its two biases removed: no division by the group std (``scale_rewards=False``,
+    the question-difficulty bias) and no division by each response's length
+    (``loss_agg="seq-mean-token-sum-norm"`` with the constant ``max_new_tokens``, the length
+    bias). Everything else as :class:`GRPOConfig`.
+    """
+
+    section: ClassVar[str] = "dr_grpo"
+
+    loss_agg: str = option("seq-mean-token-sum-norm", "policy-loss aggregation (see OnlineConfig)")
+    scale_rewards: bool = option(False, "divide the centred group rewards by the group std")
+
+
+class DrGRPO(GRPO):
+    """Dr. GRPO: GRPO without std scaling and without per-response length normalisation."""
+
+    name: ClassVar[str] = "dr_grpo"
+    config_class: ClassVar[type] = DrGRPOConfig
+    description: ClassVar[str] = "Dr. GRPO: GRPO without std scaling or length normalisation (Liu et al. 2025)"
+
+
+# --------------------------------------------------------------------------------------------
+# RLOO
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RLOOConfig(OnlineConfig):
+    """RLOO (Ahmadian et al. 2024, "Back to Basics"). Defaults:
+
+    * ``samples_per_prompt=4``: the paper compares k = 2 and 4, k = 4 being the stronger;
+    * KL in the reward, k1, ``kl_coef=0.05``: as the paper (sequence-level KL-regularised
+      reward) and TRL's ``RLOOConfig`` (``kl_coef``/``beta`` 0.05).
+    """
+
+    section: ClassVar[str] = "rloo"
+
+    kl_coef: float = option(0.05, "beta: weight of the KL(actor || reference) penalty")
+    samples_per_prompt: int = option(4, "k: responses sampled per prompt (>= 2)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_groups(self)
+
+
+class RLOO(CriticFreeAlgorithm):
+    """REINFORCE Leave-One-Out: each sample's baseline is the mean reward of the prompt's other samples."""
+
+    name: ClassVar[str] = "rloo"
+    config_class: ClassVar[type] = RLOOConfig
+    description: ClassVar[str] = "RLOO: REINFORCE with a leave-one-out baseline, no critic (Ahmadian et al. 2024)"
+
+    config: RLOOConfig
+
+    def sequence_advantages(self, rollout: Rollout) -> torch.Tensor:
+        return F.rloo_advantages(rollout.scores, self.config.samples_per_prompt)
+
+
+# --------------------------------------------------------------------------------------------
+# REINFORCE++
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReinforcePPConfig(OnlineConfig):
+    """REINFORCE++ (Hu 2025): PPO's tricks without a critic.
+
+    Token-level KL penalty in the reward (k1, as PPO here), discounted returns with ``gamma``,
+    and the returns whitened over the whole batch (global advantage normalisation) instead of a
+    baseline. Shared defaults as :class:`~rlhf_algos.base.OnlineConfig`.
+    """
+
+    section: ClassVar[str] = "reinforce_pp"
+
+    gamma: float = option(1.0, "discount of the reward-to-go")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_range("gamma", 0.0, 1.0)
+
+
+class ReinforcePP(CriticFreeAlgorithm):
+    """REINFORCE++: KL-shaped discounted returns, whitened over the batch, no critic, no group."""
+
+    name: ClassVar[str] = "reinforce_pp"
+    config_class: ClassVar[type] = ReinforcePPConfig
+    description: ClassVar[str] = "REINFORCE++: batch-whitened KL-shaped returns, no critic (Hu 2025)"
+
+    config: ReinforcePPConfig
+
+    @property
+    def discount(self) -> float:
+        return self.config.gamma
+
+    def sequence_advantages(self, rollout: Rollout) -> torch.Tensor:
+        return rollout.scores
+
+    def finish(self, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.whiten(returns, mask)
+
+
+# --------------------------------------------------------------------------------------------
+# ReMax
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReMaxConfig(OnlineConfig):
+    """ReMax (Li et al. 2023, "ReMax: A Simple, Effective, and Efficient Reinforcement Learning
+    Method for Aligning Large Language Models", Algorithm 1).
+
+    The baseline is the reward of the greedy response to the same prompt: one extra greedy
+    rollout and reward call per prompt. Shared defaults as :class:`~rlhf_algos.base.OnlineConfig`
+    (KL in the reward, k1). ``reward_norm`` must stay ``"none"``: the sampled and the greedy
+    scores would be whitened with different statistics.
+    """
+
+    section: ClassVar[str] = "remax"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.reward_norm != "none":
+            self._fail("reward_norm", "'none' (the greedy baseline already centres the reward per prompt)")
+
+
+class ReMax(CriticFreeAlgorithm):
+    """ReMax: REINFORCE with the greedy response's reward as the baseline."""
+
+    name: ClassVar[str] = "remax"
+    config_class: ClassVar[type] = ReMaxConfig
+    description: ClassVar[str] = "ReMax: REINFORCE with a greedy-rollout baseline, no critic (Li et al. 2023)"
+
+    config: ReMaxConfig
+
+    def sequence_advantages(self, rollout: Rollout) -> torch.Tensor:
+        return rollout.scores - self.greedy_baseline(rollout)
+
+    def greedy_baseline(self, rollout: Rollout) -> torch.Tensor:
+        """Score ``(N,)`` of the greedy response to each row's prompt (computed once per prompt).
+
+        Runs inside ``generate_experience`` (no grad, actor in eval mode). Greedy decoding draws
+        no random numbers, so the sampled rollouts are the same as without the baseline.
+        """
+        c, k = self.config, self.config.samples_per_prompt
+        prompt_ids, prompt_mask, meta = rollout.prompt_ids[::k], rollout.prompt_mask[::k], rollout.meta[::k]
+        seqs = self.actor.generate(prompt_ids, prompt_mask, max_new_tokens=c.max_new_tokens, do_sample=False,
+                                   eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id).cpu()
+        P = prompt_ids.shape[1]
+        attn = torch.cat([prompt_mask.long(), response_mask_from(seqs, P, self.eos_token_id).long()], dim=1)
+        baseline = self.process_scores(self.reward_fn(seqs, attn, P, meta).float().cpu())  # (B,), clipped
+        return baseline.repeat_interleave(k)  # (N,)

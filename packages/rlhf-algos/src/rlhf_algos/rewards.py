@@ -1,0 +1,49 @@
+"""Finding reward functions: callables registered under the entry-point group ``rlhf.rewards``.
+
+A reward function scores decoded responses::
+
+    def reward(responses: list[str], meta: list[dict]) -> list[float]: ...
+
+``meta`` is each prompt's ``meta`` dict (the demo task's operands, a dataset's reference answer ...).
+Register it in a package's ``pyproject.toml``::
+
+    [project.entry-points."rlhf.rewards"]
+    my_reward = "my_package.rewards:my_reward"
+
+and select it with ``rl.reward=my_reward``. The demo task's verifier is registered this way as
+``addition`` (in rlhf-data's pyproject.toml).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+__all__ = ["REWARD_GROUP", "available_rewards", "get_reward"]
+
+REWARD_GROUP = "rlhf.rewards"
+
+RewardFn = Callable[[list[str], list[dict]], list[float]]
+
+
+def available_rewards() -> dict[str, str]:
+    """Registered reward functions: name -> ``module:attr`` (nothing is imported)."""
+    return {ep.name: ep.value for ep in entry_points(group=REWARD_GROUP)}
+
+
+def get_reward(name: str) -> RewardFn:
+    """The reward function registered as ``name``.
+
+    Raises:
+        ValueError: ``name`` is not registered (the message lists the available ones and the group).
+        TypeError: the entry point is not callable.
+    """
+    eps = {ep.name: ep for ep in entry_points(group=REWARD_GROUP)}
+    if name not in eps:
+        available = ", ".join(sorted(eps)) or "(none)"
+        raise ValueError(f"unknown reward function {name!r}; available: {available}. Reward functions are "
+                         f"registered under the entry-point group {REWARD_GROUP!r}")
+    fn = eps[name].load()
+    if not callable(fn):
+        raise TypeError(f"reward function {name} = {eps[name].value!r} (group {REWARD_GROUP!r}) is not callable")
+    return fn
