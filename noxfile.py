@@ -6,7 +6,7 @@
     python3 -m nox -s tests -- packages/rlhf-algos/tests -q   # only these paths
     python3 -m nox -s lint
     python3 -m nox -s demo                     # rlhf run --stage all on the built-in demo
-    python3 -m nox -s demo -- ppo.iterations=10             # ... with config overrides
+    python3 -m nox -s demo -- rl.iterations=10             # ... with config overrides
     python3 -m nox -s kernels_standalone       # rlhf-kernels alone, with nothing but torch
 
 Every session builds a fresh virtual environment under .nox/ (``-r`` reuses it) and installs with
@@ -119,7 +119,7 @@ def lint(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """Install the packages (as users do, non-editable) and run the whole pipeline on the demo task.
 
-    Extra arguments are passed to ``rlhf run`` (e.g. ``-- ppo.iterations=10 sft.epochs=4``).
+    Extra arguments are passed to ``rlhf run`` (e.g. ``-- rl.iterations=10 sft.epochs=4``).
     """
     _install_torch(session)
     _install_built(session, *PACKAGES)

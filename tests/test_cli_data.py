@@ -8,8 +8,8 @@ import json
 import pytest
 
 TINY = ["model.hidden_size=64", "model.intermediate_size=128", "sft.epochs=1", "sft.batch_size=16",
-        "rm.epochs=1", "rm.batch_size=16", "ppo.iterations=2", "ppo.rollout_batch_size=16",
-        "ppo.micro_batch_size=16", "ppo.eval_every=1", "data.max_eval=40"]
+        "rm.epochs=1", "rm.batch_size=16", "rl.iterations=2", "rl.rollout_batch_size=16",
+        "rl.micro_batch_size=16", "rl.eval_every=1", "data.max_eval=40"]
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,9 @@ def test_second_run_reuses_the_tokenization_cache_and_packs(hh_run, hh_file, rlh
 
 
 def test_verifier_reward_needs_data_with_a_verifier(hh_file, rlhf, tmp_path) -> None:
-    proc = rlhf(["run", "--stage", "ppo", "--data", hh_file, "--out", tmp_path, "ppo.reward=verifier"], timeout=120)
+    proc = rlhf(["run", "--stage", "ppo", "--data", hh_file, "--out", tmp_path, "rl.reward=verifier"], timeout=120)
     assert proc.returncode == 2
-    assert "ppo.reward: 'verifier' needs data with a ground-truth verifier" in proc.stderr
+    assert "rl.reward: 'verifier' needs data with a ground-truth verifier" in proc.stderr
 
 
 def test_data_inspect(hh_file, rlhf, explain) -> None:

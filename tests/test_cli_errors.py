@@ -40,7 +40,7 @@ def assert_names(line: str, *needles: str) -> None:
 
 def test_unknown_stage(rlhf, tmp_path) -> None:
     line = the_error(rlhf(["run", "--stage", "foo", "--out", tmp_path / "o"]))
-    assert_names(line, "--stage", "'foo'", "sft, rm, ppo, all")
+    assert_names(line, "--stage", "'foo'", "sft, rm, all", "ppo", "grpo", "dpo")
 
 
 def test_missing_actor_model_directory(rlhf, tmp_path) -> None:
@@ -86,7 +86,7 @@ def test_missing_yaml_file(rlhf, tmp_path) -> None:
         (["sft.lr=abc"], ["sft.lr", "'abc'", "not a number"]),
         (["sft.epochs=0"], ["sft.epochs", ">= 1", "0"]),
         (["sft.mask_prompt=maybe"], ["sft.mask_prompt", "'maybe'", "true, false"]),
-        (["ppo.reward=human"], ["ppo.reward", "'human'", "'model'", "'verifier'"]),
+        (["rl.reward=human"], ["rl.reward", "'human'", "'model'", "'verifier'"]),
         (["--nproc", "0"], ["deepspeed.nproc", ">= 1"]),
         (["sft.epochs"], ["'sft.epochs'", "expected key=value"]),
     ],
@@ -128,7 +128,7 @@ def test_ppo_with_model_reward_without_the_rm_output(rlhf, tmp_path) -> None:
                                                eos_token_id=tok.eos_token_id))
     model.save_pretrained(out / "sft")
     tok.save_pretrained(out / "sft")
-    proc = rlhf(["run", "--stage", "ppo", "--out", out, "ppo.reward=model", "data.num_eval=20", "data.num_valid=10"],
+    proc = rlhf(["run", "--stage", "ppo", "--out", out, "rl.reward=model", "data.num_eval=20", "data.num_valid=10"],
                 timeout=180)
     line = the_error(proc, alone=False)
     assert_names(line, "--stage ppo", str(out / "rm"), "rlhf run --stage rm")
@@ -246,8 +246,17 @@ def test_config_keys_lists_every_key_with_text(rlhf) -> None:
 def test_algos_list_and_env(rlhf) -> None:
     algos = rlhf(["algos", "list"], timeout=60)
     assert algos.returncode == 0, algos.stderr
-    assert re.search(r"^ppo\tdata=prompts\tmodels=actor,reference,critic,reward\t\(rlhf_algos\.ppo:PPO\)$",
-                     algos.stdout, re.M), algos.stdout
+    assert re.search(r"^ppo\tonline\tdata=prompts\tmodels=actor,reference,critic,reward\tPPO ", algos.stdout, re.M), (
+        algos.stdout)
+    for name, kind, data in [("grpo", "online", "prompts"), ("rloo", "online", "prompts"), ("dpo", "offline", "pairs"),
+                             ("kto", "offline", "pairs"), ("simpo", "offline", "pairs")]:
+        assert re.search(rf"^{name}\t{kind}\tdata={data}\t", algos.stdout, re.M), (name, algos.stdout)
+    show = rlhf(["algos", "show", "grpo"], timeout=60)
+    assert show.returncode == 0, show.stderr
+    assert "algo.samples_per_prompt (int, default 4):" in show.stdout
+    assert "rl.max_new_tokens (int, default 8):" in show.stdout  # shared settings come from rl.*
+    bad = rlhf(["algos", "show", "nosuch"], timeout=60)
+    assert bad.returncode == 2 and "unknown algorithm 'nosuch'" in bad.stderr and "grpo" in bad.stderr
     env = rlhf(["env"], timeout=120)
     assert env.returncode == 0, env.stderr
     for mod in ("torch", "transformers", "deepspeed", "rlhf_cli"):

@@ -17,8 +17,8 @@ TINY = [
     "data.num_eval=40", "data.num_valid=20",
     "sft.epochs=2", "sft.batch_size=64",
     "rm.epochs=1", "rm.batch_size=32",
-    "ppo.iterations=3", "ppo.rollout_batch_size=16", "ppo.micro_batch_size=16", "ppo.eval_every=3",
-    "ppo.reward=model", "deepspeed.zero_stage=0", "deepspeed.dtype=fp32",
+    "rl.iterations=3", "rl.rollout_batch_size=16", "rl.micro_batch_size=16", "rl.eval_every=3",
+    "rl.reward=model", "deepspeed.zero_stage=0", "deepspeed.dtype=fp32",
 ]
 
 ACTOR = {"hidden_size": 64, "num_hidden_layers": 2, "ffn_dim": 128, "num_attention_heads": 4}

@@ -2,14 +2,14 @@
 
 1. ``rlhf run --stage sft`` in one process trains a small demo model until it adds (most
    non-carry questions right, most carry questions wrong: the demonstrations forget the carry).
-2. ``rlhf run --stage ppo --nproc 2 --zero-stage 3 ppo.reward=verifier`` relaunches itself under
+2. ``rlhf run --stage ppo --nproc 2 --zero-stage 3 rl.reward=verifier`` relaunches itself under
    torchrun; actor, critic and the frozen reference are all ZeRO-3 sharded over the two ranks, and
    generation runs on gathered weights. No reward model is needed: the verifier is the reward and
    the critic starts from the SFT model.
 
 The run must finish (a hang fails at the timeout and the process tree is killed), record
 ``world_size: 2``, and raise the verifier score: held-out greedy and sampled, and the training
-reward. ``ppo.select=last`` so that the scores measure what PPO learnt, not which iterate a
+reward. ``rl.select=last`` so that the scores measure what PPO learnt, not which iterate a
 50-prompt validation set happened to pick.
 
 Every setting that matters is pinned here so that tuning the defaults does not change this test.
@@ -31,11 +31,11 @@ MODEL = ["model.hidden_size=128", "model.intermediate_size=512", "model.num_laye
          "data.max_response_len=16", "data.sources=demo", "deepspeed.dtype=fp32", "deepspeed.offload_optimizer=false"]
 SFT = ["deepspeed.zero_stage=0", "sft.epochs=5", "sft.batch_size=16", "sft.lr=1e-3", "sft.grad_accum=1", "sft.warmup_steps=20",
        "sft.mask_prompt=true"]
-PPO = [f"ppo.iterations={ITERATIONS}", "ppo.rollout_batch_size=32", "ppo.micro_batch_size=32", "ppo.ppo_epochs=1",
-       "ppo.actor_lr=3e-4", "ppo.critic_lr=5e-4", "ppo.kl_coef=0.1", "ppo.kl_estimator=k1", "ppo.clip_eps=0.2",
-       "ppo.value_clip_eps=0.2", "ppo.gamma=1.0", "ppo.lam=0.95", "ppo.whiten_advantages=true",
-       "ppo.max_new_tokens=8", "ppo.temperature=1.0", "ppo.reward=verifier", "ppo.eval_every=5",
-       "ppo.select=last", "ppo.clip_reward=5.0"]
+PPO = [f"rl.iterations={ITERATIONS}", "rl.rollout_batch_size=32", "rl.micro_batch_size=32", "rl.epochs=1",
+       "rl.actor_lr=3e-4", "rl.critic_lr=5e-4", "algo.kl_coef=0.1", "algo.kl_estimator=k1", "algo.clip_eps=0.2",
+       "algo.value_clip_eps=0.2", "algo.gamma=1.0", "algo.lam=0.95", "algo.whiten_advantages=true",
+       "rl.max_new_tokens=8", "rl.temperature=1.0", "rl.reward=verifier", "rl.eval_every=5",
+       "rl.select=last", "algo.clip_reward=5.0"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_ppo_raises_the_verifier_score(ppo_run) -> None:
     * training reward (the verifier on the rollouts), mean of the last 5 iterations - the first 5:
       +0.06 to +0.19; seed 3: 0.53 -> 0.72.
 
-    (With ppo.actor_lr=1e-4, 20 iterations and ppo.select=best the greedy change ranged from -0.06
+    (With rl.actor_lr=1e-4, 20 iterations and rl.select=best the greedy change ranged from -0.06
     to +0.19 across seeds: too weak a push, and a 50-prompt validation set picks early iterates.)
     """
     out, _ = ppo_run

@@ -19,11 +19,12 @@ def test_defaults_without_any_input() -> None:
 
 
 def test_precedence_yaml_then_overrides_then_options(tmp_path) -> None:
-    path = write(tmp_path, "seed: 1\nsft:\n  epochs: 3\n  lr: 0.01\nppo:\n  kl_coef: 0.2\n")
-    cfg = load_config(path, ["sft.epochs=5", "ppo.kl_coef=0.3", "ppo.kl_coef=0.4"], seed=9)
+    path = write(tmp_path, "seed: 1\nsft:\n  epochs: 3\n  lr: 0.01\nalgo:\n  kl_coef: 0.2\n")
+    cfg = load_config(path, ["sft.epochs=5", "algo.kl_coef=0.3", "algo.kl_coef=0.4"], seed=9)
     assert cfg.sft.epochs == 5  # override beats YAML
     assert cfg.sft.lr == 0.01  # YAML beats default
-    assert cfg.ppo.kl_coef == 0.4  # the last override wins
+    assert cfg.algo.option_dict() == {"kl_coef": 0.4}  # the last override wins
+    assert cfg.algorithm_config().kl_coef == 0.4
     assert cfg.seed == 9  # explicit option beats YAML
     assert cfg.rm == RunConfig().rm  # untouched sections keep their defaults
 
@@ -57,11 +58,12 @@ def test_override_type_conversion(item: str, key: str, expected) -> None:
 
 
 def test_yaml_types_convert_too(tmp_path) -> None:
-    path = write(tmp_path, "sft:\n  lr: 1e-3\n  mask_prompt: false\nppo:\n  temperature: 1\n")
+    path = write(tmp_path, "sft:\n  lr: 1e-3\n  mask_prompt: false\nrl:\n  temperature: 1\nalgo:\n  clip_reward: null\n")
     cfg = load_config(path)
     assert cfg.sft.lr == 1e-3 and isinstance(cfg.sft.lr, float)
     assert cfg.sft.mask_prompt is False
-    assert cfg.ppo.temperature == 1.0 and isinstance(cfg.ppo.temperature, float)
+    assert cfg.rl.temperature == 1.0 and isinstance(cfg.rl.temperature, float)
+    assert cfg.algorithm_config().clip_reward is None  # an optional algorithm setting takes YAML null
 
 
 def test_empty_yaml_is_the_defaults(tmp_path) -> None:
@@ -77,9 +79,9 @@ def test_empty_yaml_is_the_defaults(tmp_path) -> None:
         (["sft.mask_prompt=maybe"], ["sft.mask_prompt", "'maybe'", "allowed: true, false"]),
         (["deepspeed.zero_stage=7"], ["deepspeed.zero_stage", "7", "allowed: 0, 1, 2, 3"]),
         (["deepspeed.dtype=fp8"], ["deepspeed.dtype", "'fp8'", "'fp32'", "'bf16'"]),
-        (["ppo.reward=human"], ["ppo.reward", "'human'", "'model'", "'verifier'"]),
-        (["ppo.kl_estimator=k4"], ["ppo.kl_estimator", "'k4'", "'k1'"]),
-        (["ppo.select=worst"], ["ppo.select", "'worst'", "'best'", "'last'"]),
+        (["rl.reward=human"], ["rl.reward", "'human'", "'model'", "'verifier'"]),
+        (["algo.kl_estimator=k4"], ["algo (ppo)", "kl_estimator", "'k4'", "'k1'"]),
+        (["rl.select=worst"], ["rl.select", "'worst'", "'best'", "'last'"]),
         (["data.sources=nope"], ["data.sources", "'nope'", "available", "hh", "shp", "demo"]),
         (["data.sources=hh:-0.5"], ["data.sources", "weight -0.5", "positive"]),
         (["data.split=2,x,4"], ["data.split", "'x'", "not a number"]),
@@ -87,10 +89,15 @@ def test_empty_yaml_is_the_defaults(tmp_path) -> None:
         (["data.truncation=cut"], ["data.truncation", "'cut'", "'truncate'", "'drop'"]),
         (["data.eval_fraction=1.5"], ["data.eval_fraction", "[0, 1)"]),
         (["sft.epochs=0"], ["sft.epochs", ">= 1", "0"]),
-        (["ppo.actor_lr=0"], ["ppo.actor_lr", "> 0"]),
+        (["rl.actor_lr=0"], ["rl.actor_lr", "> 0"]),
         (["deepspeed.offload_optimizer=true"], ["deepspeed.offload_optimizer", "zero_stage"]),
         (["bogus.key=1"], ["unknown config key 'bogus.key'", "allowed keys", "sft.epochs"]),
         (["ppo.epochs=1"], ["unknown config key 'ppo.epochs'", "did you mean sft.epochs, rm.epochs"]),
+        (["algo.name=nosuch"], ["algo.name", "'nosuch'", "ppo", "grpo", "dpo"]),
+        (["algo.bogus=1"], ["algo.bogus", "'ppo' has no setting 'bogus'", "kl_coef", "rlhf algos show ppo"]),
+        (["algo.kl_coef=abc"], ["algo.kl_coef", "'abc'", "not a number"]),
+        (["algo.max_new_tokens=4"], ["algo.max_new_tokens", "set rl.max_new_tokens instead"]),
+        (["rl.reward=nosuch"], ["rl.reward", "'nosuch'", "'addition'", "rlhf.rewards"]),
         (["sft.epochs"], ["'sft.epochs'", "expected key=value"]),
         (["=3"], ["'=3'", "expected key=value"]),
     ],
@@ -121,7 +128,8 @@ def test_config_error_is_a_value_error() -> None:
 
 def test_every_key_is_documented_and_buildable() -> None:
     keys = all_keys()
-    assert "sft.epochs" in keys and "ppo.kl_coef" in keys and "out" in keys
+    assert "sft.epochs" in keys and "algo.name" in keys and "rl.iterations" in keys and "out" in keys
+    assert "algo.options" not in keys  # algo.<field> keys belong to the chosen algorithm (rlhf algos show)
     for key, (t, default, doc) in keys.items():
         assert doc.strip(), f"{key} has no documentation"
         assert isinstance(default, t), (key, t, default)

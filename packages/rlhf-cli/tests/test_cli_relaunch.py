@@ -26,7 +26,7 @@ def test_torchrun_accepts_the_child_command_line() -> None:
     from torch.distributed.run import get_args_parser
 
     argv = ["run", "--stage", "ppo", "--out", "o", "--nproc", "2", "--zero-stage", "3", "--seed", "1",
-            "-c", "x.yaml", "-s", "ppo", "ppo.reward=verifier"]
+            "-c", "x.yaml", "-s", "ppo", "rl.reward=verifier"]
     prefix = ["--standalone", "--nproc_per_node=2", "-m", "rlhf_cli"]
     parser = get_args_parser()
     with pytest.raises(SystemExit):  # what the relaunch used to pass: torchrun exits with a usage error

@@ -16,7 +16,7 @@ from .config import ConfigError, all_keys, load_config
 
 app = typer.Typer(
     name="rlhf",
-    help="RLHF for chat language models: SFT -> reward model -> PPO in one command.",
+    help="RLHF for chat language models: SFT -> reward model -> PPO (or GRPO, RLOO, DPO, ...) in one command.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -27,7 +27,7 @@ app.add_typer(algos_app, name="algos")
 data_app = typer.Typer(help="Data sources, splits and blends (docs/data.md).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
-STAGE_CHOICES = ("sft", "rm", "ppo", "all")
+STAGE_CHOICES = ("sft", "rm", "all")  # or the name of a registered algorithm
 
 
 class UsageError(Exception):
@@ -65,13 +65,18 @@ def _keys_help() -> str:
 
 
 @app.command(
-    help="Run pipeline stages: sft, rm, ppo, or all (sft -> rm -> ppo). Settings come from --config (YAML), "
-    "then KEY=VALUE overrides, then the explicit options. See `rlhf config-keys` for every key."
+    help="Run pipeline stages: sft, rm, an algorithm (ppo, grpo, rloo, dpo, ... : `rlhf algos list`), or all "
+    "(sft -> rm -> the algorithm; without rm for preference optimisation or a reward function). Settings come "
+    "from --config (YAML), then KEY=VALUE overrides, then the explicit options. See `rlhf config-keys` for "
+    "every key and `rlhf algos show NAME` for an algorithm's algo.* settings."
 )
 def run(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...",
-                                          help="Config overrides with dotted keys, e.g. ppo.kl_coef=0.05 sft.epochs=3."),
-    stage: str = typer.Option("all", "--stage", "-s", help="Which stage(s): sft, rm, ppo or all."),
+                                          help="Config overrides with dotted keys, e.g. algo.kl_coef=0.05 sft.epochs=3."),
+    stage: str = typer.Option("all", "--stage", "-s",
+                              help="Which stage(s): sft, rm, all, or an algorithm's name (runs that stage 3)."),
+    algo: str = typer.Option(None, "--algo", "-a",
+                             help="Stage-3 algorithm for --stage all (default ppo); same as algo.name=NAME."),
     config: Path = typer.Option(None, "--config", "-c", help="YAML config file (see configs/)."),
     out: str = typer.Option(None, "--out", "-o", help="Output directory (default: rlhf-out)."),
     actor_model: str = typer.Option(None, "--actor-model",
@@ -88,11 +93,20 @@ def run(
     seed: int = typer.Option(None, "--seed", help="Global seed."),
 ) -> None:
     if stage not in STAGE_CHOICES:
-        _fail(f"--stage: {stage!r} is not a stage; allowed: {', '.join(STAGE_CHOICES)}")
+        from rlhf_algos import available_algorithms
+
+        algos = available_algorithms()
+        if stage not in algos:
+            _fail(f"--stage: {stage!r} is not a stage; allowed: {', '.join(STAGE_CHOICES)} or an algorithm: "
+                  f"{', '.join(sorted(algos))}")
+        if algo is not None and algo != stage:
+            _fail(f"--algo: {algo!r} contradicts --stage {stage}; give one of them")
+        algo = stage
     try:
         cfg = load_config(str(config) if config else None, overrides or [], out=out, seed=seed,
                           **{"model.actor_model": actor_model, "model.reward_model": reward_model,
-                             "data.sources": data, "deepspeed.zero_stage": zero_stage, "deepspeed.nproc": nproc})
+                             "data.sources": data, "deepspeed.zero_stage": zero_stage, "deepspeed.nproc": nproc,
+                             "algo.name": algo})
     except ConfigError as e:
         _fail(str(e))
     for key, path in (("--actor-model", cfg.model.actor_model), ("--reward-model", cfg.model.reward_model)):
@@ -107,13 +121,11 @@ def run(
         _relaunch(cfg.deepspeed.nproc)
         return
     _quiet_libraries()
-    stages = ["sft", "rm", "ppo"] if stage == "all" else [stage]
-    if stage == "all" and cfg.ppo.reward == "verifier":
-        stages = ["sft", "ppo"]
-
     from rlhf_hybrid import init_distributed
 
-    from .pipeline import PipelineError, run_pipeline, summary_rows
+    from .pipeline import PipelineError, run_pipeline, stages_for, summary_rows
+
+    stages = stages_for(cfg, stage)
     from .report import Reporter
 
     if not os.environ.get("DS_ACCELERATOR"):
@@ -216,16 +228,52 @@ def config_keys() -> None:
 
 @algos_app.command("list", help="Every algorithm registered under the entry-point group rlhf.algorithms.")
 def algos_list() -> None:
-    from importlib.metadata import entry_points
+    from rlhf_algos import available_algorithms
 
-    eps = sorted(entry_points(group="rlhf.algorithms"), key=lambda e: e.name)
-    if not eps:
+    algos = available_algorithms()
+    if not algos:
         typer.echo("no algorithms registered under the entry-point group 'rlhf.algorithms'")
         return
-    for ep in eps:
-        cls = ep.load()
-        typer.echo(f"{ep.name}\tdata={getattr(cls, 'data_kind', '?')}\tmodels={','.join(getattr(cls, 'required_models', ()))}"
-                   f"\t({ep.value})")
+    for name, cls in sorted(algos.items()):
+        typer.echo(f"{name}\t{cls.kind}\tdata={cls.data_kind}\tmodels={','.join(cls.required_models)}\t"
+                   f"{cls.description}")
+
+
+@algos_app.command("show", help="An algorithm's config fields (set as algo.FIELD=VALUE) with defaults and help.")
+def algos_show(name: str = typer.Argument(..., help="A name from `rlhf algos list`.")) -> None:
+    import dataclasses
+    import typing
+
+    from rlhf_algos import get_algorithm
+
+    from .config import field_docs
+
+    try:
+        cls = get_algorithm(name)
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(f"{name}: {cls.description}")
+    typer.echo(f"kind={cls.kind}  data={cls.data_kind}  models={','.join(cls.required_models)}  "
+               f"({cls.__module__}:{cls.__qualname__})")
+    shared = {"micro_batch_size": "rl.micro_batch_size", "ppo_epochs": "rl.epochs",
+              "max_new_tokens": "rl.max_new_tokens", "temperature": "rl.temperature"} if cls.kind == "online" else {}
+    hints = typing.get_type_hints(cls.config_class)
+    docs = {}
+    for klass in reversed(cls.config_class.__mro__):  # subclasses document their own fields
+        if dataclasses.is_dataclass(klass):
+            docs.update(field_docs(klass))
+    from .config import RLSection
+
+    default, rl = cls.config_class(), RLSection()
+    for f in dataclasses.fields(cls.config_class):
+        t = getattr(hints[f.name], "__name__", str(hints[f.name]))
+        doc = f.metadata.get("help") or docs.get(f.name, "")
+        if f.name in shared:  # set by the run's rl.* keys, whatever the class default
+            key = shared[f.name]
+            value = getattr(rl, key.split(".")[1])
+        else:
+            key, value = f"algo.{f.name}", getattr(default, f.name)
+        typer.echo(f"{key} ({t}, default {value!r}): {doc}")
 
 
 @data_app.command("sources", help="Every data source registered under the entry-point group rlhf.data.sources.")

@@ -157,27 +157,39 @@ class RMSection:
 
 
 @dataclass(frozen=True)
-class PPOSection:
-    """Stage 3, PPO.
+class AlgoSection:
+    """The stage-3 algorithm.
+
+    Attributes:
+        name: a name registered under the entry-point group rlhf.algorithms (`rlhf algos list`): online RL
+            (ppo, grpo, dr_grpo, rloo, reinforce_pp, remax) or preference optimisation (dpo, ipo, cdpo, simpo,
+            orpo, kto). Its own hyper-parameters are set as algo.<field> (`rlhf algos show <name>`).
+    """
+
+    name: str = "ppo"
+    # algo.<field>=value settings of the chosen algorithm's config class, as (field, value) pairs;
+    # checked against that class when the config is built (not listed by `rlhf config-keys`).
+    options: tuple = field(default=(), metadata={"dynamic": True})
+
+    def option_dict(self) -> dict:
+        return dict(self.options)
+
+
+@dataclass(frozen=True)
+class RLSection:
+    """Stage 3 with an online algorithm (ppo, grpo, rloo, ...): the loop around it.
 
     Attributes:
         iterations: rollout/learn iterations.
-        rollout_batch_size: prompts per rank per iteration.
+        rollout_batch_size: prompts per rank per iteration (each answered algo.samples_per_prompt times).
         micro_batch_size: rows per forward/backward when learning.
-        ppo_epochs: passes over each rollout.
+        epochs: passes over each rollout.
         actor_lr: actor learning rate.
-        critic_lr: critic learning rate.
-        kl_coef: beta of the per-token KL penalty (k1 estimator by default).
-        kl_estimator: k1, k2 or k3.
-        clip_reward: the score is clipped to +-clip_reward.
-        clip_eps: policy clip range.
-        value_clip_eps: value clip range.
-        gamma: GAE discount.
-        lam: GAE lambda.
-        whiten_advantages: normalise advantages per batch.
+        critic_lr: critic learning rate (algorithms with a critic).
         max_new_tokens: response length limit when sampling.
         temperature: sampling temperature (also used for the "sampled" evaluation).
-        reward: "model" (the trained reward model) or "verifier" (the demo's ground truth).
+        reward: "model" (the trained reward model), "verifier" (the data's ground truth: the demo), or a
+            reward function registered under the entry-point group rlhf.rewards (e.g. "addition").
         eval_every: iterations between validation evaluations (checkpoint selection).
         select: "best" keeps the checkpoint with the best validation score, "last" the final one.
     """
@@ -185,17 +197,9 @@ class PPOSection:
     iterations: int = 60
     rollout_batch_size: int = 128
     micro_batch_size: int = 64
-    ppo_epochs: int = 1
+    epochs: int = 1
     actor_lr: float = 1e-4
     critic_lr: float = 5e-4
-    kl_coef: float = 0.1
-    kl_estimator: str = "k1"
-    clip_reward: float = 5.0
-    clip_eps: float = 0.2
-    value_clip_eps: float = 0.2
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_advantages: bool = True
     max_new_tokens: int = 8
     temperature: float = 1.0
     reward: str = "model"
@@ -204,11 +208,33 @@ class PPOSection:
 
 
 @dataclass(frozen=True)
+class PrefSection:
+    """Stage 3 with preference optimisation (dpo, ipo, cdpo, simpo, orpo, kto) on the reward-model pairs.
+
+    Attributes:
+        epochs: passes over the preference pairs.
+        lr: AdamW peak learning rate (linear warm-up, then cosine decay to 10% over the stage).
+        batch_size: per-rank pairs per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        warmup_steps: linear LR warm-up steps.
+        select: "best" keeps the epoch with the best validation score (when the data has a verifier or a
+            reward model was trained), "last" the final one.
+    """
+
+    epochs: int = 2
+    lr: float = 5e-5
+    batch_size: int = 32
+    grad_accum: int = 1
+    warmup_steps: int = 20
+    select: str = "best"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one ``rlhf run`` needs.
 
     Attributes:
-        out: output directory (``<out>/sft``, ``<out>/rm``, ``<out>/ppo``, ``<out>/summary.json``).
+        out: output directory (``<out>/sft``, ``<out>/rm``, ``<out>/<algo>``, ``<out>/summary.json``).
         seed: global seed.
     """
 
@@ -219,29 +245,31 @@ class RunConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     sft: SFTSection = field(default_factory=SFTSection)
     rm: RMSection = field(default_factory=RMSection)
-    ppo: PPOSection = field(default_factory=PPOSection)
+    algo: AlgoSection = field(default_factory=AlgoSection)
+    rl: RLSection = field(default_factory=RLSection)
+    pref: PrefSection = field(default_factory=PrefSection)
 
     def __post_init__(self) -> None:
         checks = [
             ("data.truncation", self.data.truncation, ("truncate", "drop")),
             ("deepspeed.zero_stage", self.deepspeed.zero_stage, (0, 1, 2, 3)),
             ("deepspeed.dtype", self.deepspeed.dtype, ("fp32", "bf16", "fp16")),
-            ("ppo.reward", self.ppo.reward, ("model", "verifier")),
-            ("ppo.select", self.ppo.select, ("best", "last")),
-            ("ppo.kl_estimator", self.ppo.kl_estimator, ("k1", "k2", "k3")),
+            ("rl.select", self.rl.select, ("best", "last")),
+            ("pref.select", self.pref.select, ("best", "last")),
         ]
         for key, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}")
         positive = ["deepspeed.nproc", "sft.epochs", "sft.batch_size", "sft.grad_accum", "rm.epochs",
-                    "rm.batch_size", "rm.grad_accum", "ppo.iterations", "ppo.rollout_batch_size",
-                    "ppo.micro_batch_size", "ppo.ppo_epochs", "ppo.max_new_tokens", "ppo.eval_every",
+                    "rm.batch_size", "rm.grad_accum", "rl.iterations", "rl.rollout_batch_size",
+                    "rl.micro_batch_size", "rl.epochs", "rl.max_new_tokens", "rl.eval_every",
+                    "pref.epochs", "pref.batch_size", "pref.grad_accum",
                     "data.max_prompt_len", "data.max_response_len", "data.pairs_per_prompt"]
         for key in positive:
             value = get_key(self, key)
             if value < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {value!r}")
-        for key in ("sft.lr", "rm.lr", "ppo.actor_lr", "ppo.critic_lr", "ppo.temperature"):
+        for key in ("sft.lr", "rm.lr", "rl.actor_lr", "rl.critic_lr", "rl.temperature", "pref.lr"):
             if get_key(self, key) <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {get_key(self, key)!r}")
         for key in ("data.sft_samples", "data.rm_samples", "data.rl_samples", "data.max_eval"):
@@ -262,6 +290,44 @@ class RunConfig:
                 raise ConfigError(str(e)) from None  # the message names data.split
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1, got 0")
+        if self.rl.reward not in ("model", "verifier"):
+            from rlhf_algos import available_rewards
+
+            if self.rl.reward not in available_rewards():
+                allowed = ["model", "verifier", *sorted(available_rewards())]
+                raise ConfigError(f"rl.reward: {self.rl.reward!r} is not allowed; allowed: {', '.join(map(repr, allowed))} "
+                                  f"(reward functions register under the entry-point group 'rlhf.rewards')")
+        self.algorithm_config()  # the algorithm exists and algo.<field> settings fit its config class
+
+    def algorithm(self):
+        """The class registered as ``algo.name`` (ConfigError listing the available ones if none)."""
+        from rlhf_algos import get_algorithm
+
+        try:
+            return get_algorithm(self.algo.name)
+        except ValueError as e:
+            raise ConfigError(f"algo.name: {e}") from None
+
+    def algorithm_config(self):
+        """The chosen algorithm's frozen config: its defaults, the loop settings it shares with the run
+        (rl.* for online algorithms, pref.batch_size for preference optimisation) and the algo.* settings."""
+        cls = self.algorithm()
+        names = {f.name for f in dataclasses.fields(cls.config_class)}
+        shared = {"micro_batch_size": self.rl.micro_batch_size, "ppo_epochs": self.rl.epochs,
+                  "max_new_tokens": self.rl.max_new_tokens, "temperature": self.rl.temperature}
+        shared = {k: v for k, v in shared.items() if k in names and cls.kind == "online"}
+        opts = self.algo.option_dict()
+        for key in opts:
+            if key not in names:
+                raise ConfigError(f"algo.{key}: {self.algo.name!r} has no setting {key!r}; its settings: "
+                                  f"{', '.join(sorted(names - set(shared)))} (`rlhf algos show {self.algo.name}`)")
+            if key in shared:
+                rl_key = {"ppo_epochs": "epochs"}.get(key, key)
+                raise ConfigError(f"algo.{key}: set rl.{rl_key} instead (shared by every online algorithm)")
+        try:
+            return cls.config_class(**shared, **opts)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"algo ({self.algo.name}): {e}") from None
 
 
 def get_key(cfg, dotted: str):
@@ -299,6 +365,8 @@ def all_keys(cls=RunConfig, prefix: str = "") -> dict[str, tuple[type, object, s
     docs = field_docs(cls)
     inst = cls()
     for f in dataclasses.fields(cls):
+        if f.metadata.get("dynamic"):
+            continue
         t = hints[f.name]
         if dataclasses.is_dataclass(t):
             out.update(all_keys(t, prefix + f.name + "."))
@@ -307,7 +375,12 @@ def all_keys(cls=RunConfig, prefix: str = "") -> dict[str, tuple[type, object, s
     return out
 
 
-def _convert(key: str, t: type, value):
+def _convert(key: str, t, value):
+    args = typing.get_args(t)
+    if type(None) in args:  # an optional setting: "none"/"null" (or YAML null) -> None
+        if value is None or isinstance(value, str) and value.strip().lower() in ("none", "null", "~"):
+            return None
+        (t,) = [a for a in args if a is not type(None)]
     if key == "data.sources" and isinstance(value, list):
         from rlhf_data import DataError, parse_data_spec
 
@@ -361,6 +434,9 @@ def build_config(values: dict[str, object]) -> RunConfig:
     keys = all_keys()
     sections: dict[str, dict] = {}
     top: dict[str, object] = {}
+    # algo.<field>: settings of the chosen algorithm, typed by its config class (below)
+    algo_raw = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("algo.") and k not in keys}
+    values = {k: v for k, v in values.items() if not (k.startswith("algo.") and k not in keys)}
     for key, raw in values.items():
         if key not in keys:
             close = [k for k in keys if k.split(".")[-1] == key.split(".")[-1]]
@@ -372,6 +448,21 @@ def build_config(values: dict[str, object]) -> RunConfig:
             sections.setdefault(sec, {})[name] = value
         else:
             top[key] = value
+    if algo_raw:
+        from rlhf_algos import get_algorithm
+
+        name = sections.get("algo", {}).get("name", AlgoSection.name)
+        try:
+            algo_hints = typing.get_type_hints(get_algorithm(name).config_class)
+        except ValueError as e:
+            raise ConfigError(f"algo.name: {e}") from None
+        opts = {}
+        for k, raw in algo_raw.items():
+            if k not in algo_hints:
+                raise ConfigError(f"algo.{k}: {name!r} has no setting {k!r}; its settings: "
+                                  f"{', '.join(sorted(algo_hints))} (`rlhf algos show {name}`)")
+            opts[k] = _convert(f"algo.{k}", algo_hints[k], raw)
+        sections.setdefault("algo", {})["options"] = tuple(sorted(opts.items()))
     hints = typing.get_type_hints(RunConfig)
     built = {sec: hints[sec](**vals) for sec, vals in sections.items()}
     try:
@@ -404,7 +495,7 @@ def load_config(path: str | None, overrides: list[str] | None = None, **cli_valu
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected key=value, e.g. ppo.kl_coef=0.05")
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. algo.kl_coef=0.05")
         values[key.strip()] = value
     values.update({k: v for k, v in cli_values.items() if v is not None})
     return build_config(values)

@@ -387,7 +387,7 @@ def run_rm(ctx: Context) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# stage 3: PPO
+# stage 3: the algorithm (online RL or preference optimisation)
 # ----------------------------------------------------------------------------------------------
 class ModelReward:
     """Reward = the frozen reward model's score at the last real token."""
@@ -400,15 +400,21 @@ class ModelReward:
         return self.engine.score(sequences, attention_mask)
 
 
-class VerifierReward:
-    """Reward = the data's ground-truth verifier on the decoded response (the demo: 1.0 right, 0.0 wrong)."""
+class TextReward:
+    """Reward = ``fn(responses, meta) -> list[float]`` on the decoded responses (a function registered
+    under ``rlhf.rewards``, or the data's verifier)."""
 
-    def __init__(self, verify, tokenizer) -> None:
-        self.verify, self.tokenizer = verify, tokenizer
+    def __init__(self, fn, tokenizer) -> None:
+        self.fn, self.tokenizer = fn, tokenizer
 
     def __call__(self, sequences, attention_mask, prompt_len, meta):
         texts = decode_responses(self.tokenizer, sequences, attention_mask, prompt_len)
-        return torch.tensor([self.verify(t, m) for t, m in zip(texts, meta, strict=True)])
+        return torch.tensor([float(x) for x in self.fn(texts, list(meta))])
+
+
+def _per_item(verify):
+    """A ``verify(response, meta) -> float`` as a batch reward function."""
+    return lambda responses, meta: [verify(r, m) for r, m in zip(responses, meta, strict=True)]
 
 
 def decode_responses(tokenizer, sequences, attention_mask, prompt_len) -> list[str]:
@@ -424,9 +430,8 @@ def evaluate_policy(actor, tokenizer, scorer, prompts: list[dict], *, do_sample:
     """Mean ``scorer`` score (and KL to ``reference`` when given) of the policy's answers to ``prompts``.
 
     ``scorer(sequences, attention_mask, prompt_len, meta) -> (B,)`` is the verifier where the data has
-    one, else the reward model.
-
-    Every rank evaluates the same prompts (generation gathers ZeRO-3 weights collectively).
+    one, else the reward model (or the reward function). Every rank evaluates the same prompts
+    (generation gathers ZeRO-3 weights collectively).
     """
     from rlhf_algos import response_mask_from
     from rlhf_algos.functional import kl_penalty
@@ -441,80 +446,111 @@ def evaluate_policy(actor, tokenizer, scorer, prompts: list[dict], *, do_sample:
         P = b["input_ids"].shape[1]
         rmask = response_mask_from(seqs, P, tokenizer.eos_token_id)
         attn = torch.cat([b["attention_mask"], rmask.long()], dim=1)
-        scores += scorer(seqs, attn, P, b["meta"]).float().cpu().tolist()
+        if scorer is not None:
+            scores += scorer(seqs, attn, P, b["meta"]).float().cpu().tolist()
         if reference is not None:
             with torch.no_grad():
                 lp = actor.token_logprobs(seqs, attn, P, temperature=temperature).float().cpu()
                 ref = reference.token_logprobs(seqs, attn, P, temperature=temperature).float().cpu()
             kls.append((kl_penalty(lp, ref, "k1") * rmask).sum(dim=1))
-    out = {"score": sum(scores) / max(len(scores), 1)}
+    out = {"score": sum(scores) / len(scores) if scores else None}
     if kls:
         out["kl_to_ref"] = torch.cat(kls).mean().item()
     return out
 
 
-def run_ppo(ctx: Context) -> dict:
-    from rlhf_algos import PPO, PPOConfig
+def _reward_function(ctx: Context, data, tokenizer, rm_dir: Path | None, batch: int):
+    """The stage-3 reward: the frozen reward model, the data's verifier, or a registered function."""
+    from rlhf_hybrid import HybridEngine, ValueModel
+
+    r = ctx.cfg.rl.reward
+    if r == "model":
+        return ModelReward(HybridEngine(ValueModel.from_pretrained(str(rm_dir)),
+                                        _engine_cfg(ctx.cfg, lr=ctx.cfg.rl.critic_lr, batch=batch), trainable=False))
+    if r == "verifier":
+        return TextReward(_per_item(data.verifier), tokenizer)
+    from rlhf_algos import get_reward
+
+    return TextReward(get_reward(r), tokenizer)
+
+
+class _Evaluator:
+    """Held-out and validation scores of the policy being trained, the same for every algorithm."""
+
+    def __init__(self, ctx: Context, tokenizer, data, actor, reference, scorer, metric: str) -> None:
+        from rlhf_hybrid import all_reduce_mean
+
+        stats: dict = {}
+        self.valid_prompts = _tokenized(ctx, tokenizer, data.rl_valid, "rl", "rl validation", stats)
+        self.eval_prompts = _tokenized(ctx, tokenizer, data.rl_eval, "rl", "rl held-out", stats)
+        self.stats, self.metric = stats, metric
+        self.actor, self.reference = actor, reference
+        self.ev = dict(tokenizer=tokenizer, scorer=scorer, max_new_tokens=ctx.cfg.rl.max_new_tokens,
+                       temperature=ctx.cfg.rl.temperature)
+        self.all_reduce_mean = all_reduce_mean
+
+    def held_out(self, tag: str) -> dict:
+        greedy = evaluate_policy(self.actor, prompts=self.eval_prompts, do_sample=False, **self.ev)
+        sampled = evaluate_policy(self.actor, prompts=self.eval_prompts, do_sample=True, reference=self.reference,
+                                  **self.ev)
+        return {f"{self.metric}_{tag}": greedy["score"], f"{self.metric}_sampled_{tag}": sampled["score"],
+                f"kl_to_ref_{tag}": sampled.get("kl_to_ref")}
+
+    def validate(self) -> float:
+        # Averaged over ranks so that every rank takes the same keep-this-checkpoint decision
+        # (full_state_dict is collective under ZeRO-3; diverging decisions would deadlock).
+        score = evaluate_policy(self.actor, prompts=self.valid_prompts, do_sample=False, **self.ev)["score"]
+        return self.all_reduce_mean({"valid": score if score is not None else 0.0})["valid"]
+
+
+def _eval_metric(data, reward_fn, rl_reward: str):
+    """What held-out answers are scored with: the data's verifier if it has one, else the stage's reward."""
+    if data.verifier is not None:
+        return "verifier_score", None
+    return ("reward_model_score" if rl_reward == "model" else "reward_score"), reward_fn
+
+
+def run_online(ctx: Context) -> dict:
+    """Stage 3 with an online algorithm: rollouts from the RL prompts, ``algo.learn`` on each."""
     from rlhf_data import collate_prompts
     from rlhf_hybrid import HybridEngine, ValueModel, all_reduce_mean, load_causal_lm, load_tokenizer
 
-    cfg, p = ctx.cfg, ctx.cfg.ppo
+    cfg, p = ctx.cfg, ctx.cfg.rl
+    algo_cls, acfg = cfg.algorithm(), cfg.algorithm_config()
+    name = algo_cls.name
     _seed(cfg.seed + 2 + 1000 * ctx.rank)  # ranks sample different responses
     data = _data(ctx)
-    sft_dir = _require_stage_output(ctx, "sft", "ppo")
-    rm_dir = _require_stage_output(ctx, "rm", "ppo") if p.reward == "model" else None  # fail before any work
+    sft_dir = _require_stage_output(ctx, "sft", name)
+    rm_dir = _require_stage_output(ctx, "rm", name) if p.reward == "model" else None  # fail before any work
     tokenizer = load_tokenizer(str(sft_dir))
-    actor = HybridEngine(load_causal_lm(str(sft_dir)), _engine_cfg(cfg, lr=p.actor_lr, batch=p.micro_batch_size))
-    reference = HybridEngine(load_causal_lm(str(sft_dir)), _engine_cfg(cfg, lr=p.actor_lr, batch=p.micro_batch_size),
-                             trainable=False)
-    if rm_dir is not None:
-        critic_model = ValueModel.from_pretrained(str(rm_dir))
-        reward_engine = HybridEngine(ValueModel.from_pretrained(str(rm_dir)),
-                                     _engine_cfg(cfg, lr=p.critic_lr, batch=p.micro_batch_size), trainable=False)
-        reward_fn = ModelReward(reward_engine)
-    else:
-        # With the verifier as reward there is no reward model: the critic starts from the SFT model.
-        critic_model = ValueModel.from_pretrained(str(sft_dir))
-        reward_fn = VerifierReward(data.verifier, tokenizer)
-    critic = HybridEngine(critic_model, _engine_cfg(cfg, lr=p.critic_lr, batch=p.micro_batch_size))
-    algo = PPO(PPOConfig(kl_coef=p.kl_coef, kl_estimator=p.kl_estimator, clip_reward=p.clip_reward, gamma=p.gamma,
-                         lam=p.lam, clip_eps=p.clip_eps, value_clip_eps=p.value_clip_eps, ppo_epochs=p.ppo_epochs,
-                         micro_batch_size=p.micro_batch_size, whiten_advantages=p.whiten_advantages,
-                         max_new_tokens=p.max_new_tokens, temperature=p.temperature),
-               actor, reference, critic, reward_fn, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id, reduce_metrics=all_reduce_mean, seed=cfg.seed + ctx.rank)
+    needs = set(algo_cls.required_models)
+    engine = _engine_cfg(cfg, lr=p.actor_lr, batch=p.micro_batch_size)
+    actor = HybridEngine(load_causal_lm(str(sft_dir)), engine)
+    reference = HybridEngine(load_causal_lm(str(sft_dir)), engine, trainable=False)
+    reward_fn = _reward_function(ctx, data, tokenizer, rm_dir, p.micro_batch_size)
+    critic = None
+    if "critic" in needs:
+        # The critic starts from the reward model (DeepSpeed-Chat's choice), else from the SFT model.
+        critic = HybridEngine(ValueModel.from_pretrained(str(rm_dir or sft_dir)),
+                              _engine_cfg(cfg, lr=p.critic_lr, batch=p.micro_batch_size))
+    algo = algo_cls(acfg, actor=actor, reference=reference, critic=critic, reward_fn=reward_fn,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    reduce_metrics=all_reduce_mean, seed=cfg.seed + ctx.rank)
 
     data_stats: dict = {}
     train_prompts = _tokenized(ctx, tokenizer, data.rl, "rl", "rl", data_stats)
-    valid_prompts = _tokenized(ctx, tokenizer, data.rl_valid, "rl", "rl validation", data_stats)
-    eval_prompts = _tokenized(ctx, tokenizer, data.rl_eval, "rl", "rl held-out", data_stats)
-    # Held-out answers are scored by the verifier where the data has one, else by the reward model.
-    if data.verifier is not None:
-        metric, scorer = "verifier_score", VerifierReward(data.verifier, tokenizer)
-    else:
-        metric, scorer = "reward_model_score", reward_fn
-    ev = dict(tokenizer=tokenizer, scorer=scorer, max_new_tokens=p.max_new_tokens, temperature=p.temperature)
-
-    def held_out(tag: str) -> dict:
-        greedy = evaluate_policy(actor, prompts=eval_prompts, do_sample=False, **ev)
-        sampled = evaluate_policy(actor, prompts=eval_prompts, do_sample=True, reference=reference, **ev)
-        return {f"{metric}_{tag}": greedy["score"], f"{metric}_sampled_{tag}": sampled["score"],
-                f"kl_to_ref_{tag}": sampled["kl_to_ref"]}
-
-    before = held_out("before")
-    def validate() -> float:
-        # Averaged over ranks so that every rank takes the same keep-this-checkpoint decision
-        # (full_state_dict is collective under ZeRO-3; diverging decisions would deadlock).
-        score = evaluate_policy(actor, prompts=valid_prompts, do_sample=False, **ev)["score"]
-        return all_reduce_mean({"valid": score})["valid"]
-
-    best_score = validate()
+    metric, scorer = _eval_metric(data, reward_fn, p.reward)
+    ev = _Evaluator(ctx, tokenizer, data, actor, reference, scorer or TextReward(_per_item(data.verifier), tokenizer),
+                    metric)
+    data_stats |= ev.stats
+    before = ev.held_out("before")
+    best_score = ev.validate()
     best_iter, best_state = 0, None
     rng = random.Random(cfg.seed + 7)
     order: list[int] = []
     t0 = time.perf_counter()
-    with ctx.reporter.stage("ppo", p.iterations, ctx.out / ".ppo.metrics.jsonl") as rep:
-        rep.log({"stage": "ppo", "iteration": 0, f"valid_{metric}": best_score, **before})
+    with ctx.reporter.stage(name, p.iterations, ctx.out / f".{name}.metrics.jsonl") as rep:
+        rep.log({"stage": name, "iteration": 0, f"valid_{metric}": best_score, **before})
         for it in range(1, p.iterations + 1):
             # prompts for this rank: a seeded shuffle shared by all ranks, then every rank takes its slice
             need = p.rollout_batch_size * ctx.world_size
@@ -528,9 +564,9 @@ def run_ppo(ctx: Context) -> dict:
             exp = algo.generate_experience(b["input_ids"], b["attention_mask"], b["meta"])
             metrics = algo.learn(exp)
             metrics |= {k: v for k, v in actor.timings.items()}
-            row = {"stage": "ppo", "iteration": it, **metrics}
+            row = {"stage": name, "iteration": it, **metrics}
             if it % p.eval_every == 0 or it == p.iterations:
-                valid = validate()
+                valid = ev.validate()
                 row[f"valid_{metric}"] = valid
                 if p.select == "best" and valid > best_score:
                     best_score, best_iter, best_state = valid, it, actor.full_state_dict()
@@ -540,13 +576,98 @@ def run_ppo(ctx: Context) -> dict:
     if p.select == "best":
         if best_state is not None:
             actor.load_full_state_dict(best_state)
-        ctx.reporter.print(f"ppo: keeping the checkpoint of iteration {best_iter} "
+        ctx.reporter.print(f"{name}: keeping the checkpoint of iteration {best_iter} "
                            f"(validation greedy {metric.replace('_', ' ')} {best_score:.3f})")
-    after = held_out("after")
+    after = ev.held_out("after")
     metrics = {**before, **after, "kl_to_ref": after["kl_to_ref_after"], "selected_iteration": best_iter
-               if p.select == "best" else p.iterations, "reward": p.reward, "eval_metric": metric, "data": data_stats}
-    _save(ctx, actor, "ppo", tokenizer, metrics)
+               if p.select == "best" else p.iterations, "reward": p.reward, "eval_metric": metric, "algo": name,
+               "data": data_stats}
+    _save(ctx, actor, name, tokenizer, metrics)
     return metrics | {"wall_seconds": wall}
+
+
+def run_offline(ctx: Context) -> dict:
+    """Stage 3 with preference optimisation (DPO, ...): ``algo.learn`` on batches of the RM pairs."""
+    from rlhf_data import collate_pairs
+    from rlhf_hybrid import HybridEngine, all_reduce_mean, load_causal_lm, load_tokenizer
+
+    cfg, s = ctx.cfg, ctx.cfg.pref
+    algo_cls, acfg = cfg.algorithm(), cfg.algorithm_config()
+    name = algo_cls.name
+    _seed(cfg.seed + 3)
+    data = _data(ctx)
+    sft_dir = _require_stage_output(ctx, "sft", name)
+    tokenizer = load_tokenizer(str(sft_dir))
+    data_stats: dict = {}
+    train = _tokenized(ctx, tokenizer, data.rm, "rm", "pairs", data_stats)
+    steps_per_epoch = len(train) // (s.batch_size * ctx.world_size)
+    if steps_per_epoch == 0:
+        raise PipelineError(f"pref.batch_size: {s.batch_size} x {ctx.world_size} rank(s) is more than the {len(train)} "
+                            f"preference pairs; lower it or add data")
+    total = steps_per_epoch * s.epochs
+    policy = HybridEngine(load_causal_lm(str(sft_dir)), _engine_cfg(cfg, lr=s.lr, batch=s.batch_size,
+                                                                    grad_accum=s.grad_accum, warmup=s.warmup_steps,
+                                                                    decay=total // s.grad_accum))
+    frozen = _engine_cfg(cfg, lr=s.lr, batch=s.batch_size)
+    reference = HybridEngine(load_causal_lm(str(sft_dir)), frozen, trainable=False) if (
+        "reference" in algo_cls.required_models or data.verifier is not None) else None
+    algo = algo_cls(acfg, policy=policy, reference=reference if "reference" in algo_cls.required_models else None,
+                    reduce_metrics=all_reduce_mean)
+    # held-out answers: the verifier if the data has one, else the reward model if stage 2 ran
+    rm_dir = ctx.stage_dir("rm")
+    if data.verifier is not None:
+        metric, scorer = "verifier_score", TextReward(_per_item(data.verifier), tokenizer)
+    elif (rm_dir / "config.json").is_file():
+        from rlhf_hybrid import ValueModel
+
+        metric, scorer = "reward_model_score", ModelReward(
+            HybridEngine(ValueModel.from_pretrained(str(rm_dir)), frozen, trainable=False))
+    else:
+        metric, scorer = "none", None
+    ev = _Evaluator(ctx, tokenizer, data, policy, reference, scorer, metric)
+    data_stats |= ev.stats
+    before = ev.held_out("before")
+    best_score, best_epoch, best_state = ev.validate(), 0, None
+    rng = random.Random(cfg.seed + 3)
+    pad = tokenizer.pad_token_id
+    t0 = time.perf_counter()
+    step = 0
+    with ctx.reporter.stage(name, total, ctx.out / f".{name}.metrics.jsonl") as rep:
+        rep.log({"stage": name, "step": 0, f"valid_{metric}": best_score, **before})
+        for epoch in range(s.epochs):
+            for chunk in _epoch_batches(ctx, train, s.batch_size, steps_per_epoch, rng):
+                m = algo.learn(collate_pairs(chunk, pad))
+                step += 1
+                rep.update(show={"epoch": epoch + 1, "loss": m["loss"], **({"acc": m["accuracy"]} if "accuracy" in m
+                                                                           else {})},
+                           log={"stage": name, "step": step, "epoch": epoch, **m})
+            valid = ev.validate()
+            rep.update(advance=0, show={"epoch": epoch + 1, "valid": valid},
+                       log={"stage": name, "step": step, "epoch": epoch, f"valid_{metric}": valid})
+            if scorer is not None and s.select == "best" and valid > best_score:
+                best_score, best_epoch, best_state = valid, epoch + 1, policy.full_state_dict()
+    wall = time.perf_counter() - t0
+    if scorer is not None and s.select == "best":
+        if best_state is not None:
+            policy.load_full_state_dict(best_state)
+        ctx.reporter.print(f"{name}: keeping the checkpoint of epoch {best_epoch} "
+                           f"(validation greedy {metric.replace('_', ' ')} {best_score:.3f})")
+    after = ev.held_out("after")
+    metrics = {**before, **after, "kl_to_ref": after["kl_to_ref_after"], "train_steps": step, "eval_metric": metric,
+               "selected_epoch": best_epoch if scorer is not None and s.select == "best" else s.epochs,
+               "algo": name, "data": data_stats}
+    _save(ctx, policy, name, tokenizer, metrics)
+    return metrics | {"wall_seconds": wall}
+
+
+def stages_for(cfg: RunConfig, stage: str) -> list[str]:
+    """The stages ``--stage`` runs: ``all`` = sft, rm (when the algorithm trains on a reward model's
+    scores), then the algorithm; ``sft``, ``rm`` or the algorithm's name alone."""
+    cls = cfg.algorithm()
+    if stage != "all":
+        return [stage]
+    needs_rm = cls.kind == "online" and cfg.rl.reward == "model"
+    return ["sft", *(["rm"] if needs_rm else []), cls.name]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -566,10 +687,12 @@ def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: in
             summary = {}
     summary.setdefault("wall_seconds", {})
     data = _data(ctx)  # load (and check) the data before any stage starts
-    if "ppo" in stages and cfg.ppo.reward == "verifier" and data.verifier is None:
-        raise PipelineError(f"ppo.reward: 'verifier' needs data with a ground-truth verifier (the demo task); "
-                            f"data.sources={cfg.data.sources!r} has none; use ppo.reward=model")
-    runners = {"sft": run_sft, "rm": run_rm, "ppo": run_ppo}
+    algo_cls = cfg.algorithm()
+    if algo_cls.name in stages and algo_cls.kind == "online" and cfg.rl.reward == "verifier" and data.verifier is None:
+        raise PipelineError(f"rl.reward: 'verifier' needs data with a ground-truth verifier (the demo task); "
+                            f"data.sources={cfg.data.sources!r} has none; use rl.reward=model or a registered "
+                            f"reward function")
+    runners = {"sft": run_sft, "rm": run_rm, algo_cls.name: run_online if algo_cls.kind == "online" else run_offline}
     t_all = time.perf_counter()
     for stage in stages:
         t0 = time.perf_counter()
@@ -597,12 +720,15 @@ def summary_rows(summary: dict) -> list[tuple[str, str, str, str, str]]:
         s = summary["rm"]
         rows.append(("rm", "held-out pairwise accuracy", f(s.get("heldout_accuracy_before")),
                      f(s.get("heldout_accuracy")), f"{w.get('rm', 0):.0f} s"))
-    if "ppo" in summary:
-        s = summary["ppo"]
+    for stage, s in summary.items():  # stage 3: every algorithm's section carries "algo"
+        if not isinstance(s, dict) or "algo" not in s and stage != "ppo":
+            continue
         m = s.get("eval_metric", "verifier_score")
         name = m.replace("_", " ")
-        rows.append(("ppo", f"{name}, greedy", f(s.get(f"{m}_before")), f(s.get(f"{m}_after")),
-                     f"{w.get('ppo', 0):.0f} s"))
-        rows.append(("ppo", f"{name}, sampled", f(s.get(f"{m}_sampled_before")), f(s.get(f"{m}_sampled_after")), ""))
-        rows.append(("ppo", "KL to reference", f(s.get("kl_to_ref_before")), f(s.get("kl_to_ref_after")), ""))
+        if m != "none":
+            rows.append((stage, f"{name}, greedy", f(s.get(f"{m}_before")), f(s.get(f"{m}_after")),
+                         f"{w.get(stage, 0):.0f} s"))
+            rows.append((stage, f"{name}, sampled", f(s.get(f"{m}_sampled_before")), f(s.get(f"{m}_sampled_after")), ""))
+        rows.append((stage, "KL to reference", f(s.get("kl_to_ref_before")), f(s.get("kl_to_ref_after")),
+                     "" if m != "none" else f"{w.get(stage, 0):.0f} s"))
     return rows

@@ -193,3 +193,13 @@ class AdditionTask:
         for a, b in self.problems("sft") + self.problems("rm"):
             lines.append(f"Human: {question(a, b)}\n\nAssistant: {a + b}")
         return lines
+
+
+def addition_reward(responses: list[str], meta: list[dict]) -> list[float]:
+    """The demo task's verifier as a reward function (registered under ``rlhf.rewards`` as
+    ``addition``): 1.0 for each response that is exactly ``meta["a"] + meta["b"]``, else 0.0.
+
+    Raises:
+        KeyError: a ``meta`` without the operands (the prompts are not the demo task's).
+    """
+    return [AdditionTask.verify(r, m) for r, m in zip(responses, meta, strict=True)]

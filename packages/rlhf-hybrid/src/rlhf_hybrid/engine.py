@@ -41,6 +41,8 @@ class EngineConfig:
         warmup_steps: linear learning-rate warm-up steps (0 = none).
         decay_steps: total optimizer steps of a cosine decay to 10% of ``lr`` after the warm-up
             (0 = constant learning rate after the warm-up).
+        optimizer: "adamw" (betas 0.9/0.95) or "sgd" (plain, no momentum: an update proportional to
+            the gradient, which invariance tests need; Adam's first step hides the gradient's scale).
     """
 
     zero_stage: int = 0
@@ -53,6 +55,7 @@ class EngineConfig:
     offload_optimizer: bool = False
     warmup_steps: int = 0
     decay_steps: int = 0
+    optimizer: str = "adamw"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -66,6 +69,8 @@ class EngineConfig:
             )
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer: needs zero_stage >= 1, got zero_stage=0")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer: {self.optimizer!r} is not allowed; allowed: 'adamw', 'sgd'")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -147,8 +152,11 @@ class HybridEngine:
             kwargs = {}
             if trainable:
                 params = [p for p in module.parameters() if p.requires_grad]
-                kwargs["optimizer"] = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                                        betas=(0.9, 0.95))
+                if cfg.optimizer == "sgd":
+                    kwargs["optimizer"] = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+                else:
+                    kwargs["optimizer"] = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                            betas=(0.9, 0.95))
                 if cfg.warmup_steps > 0 or cfg.decay_steps > 0:
                     kwargs["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(
                         opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.decay_steps))
