@@ -382,8 +382,10 @@ def fused_logprobs(
         targets: (B, T) int64 token ids in [0, V), or ``ignore_index``.
         temperature: Softmax temperature, > 0.
         return_entropy: Also return the entropy of ``softmax(logits / temperature)``.
-        chunk_size: Rows (of the flattened B*T) upcast to fp32 at a time; peak extra memory is
-            about 2 * chunk_size * V * 4 bytes.
+        chunk_size: Rows (of the flattened B*T) upcast to fp32 at a time by the reference
+            backend; its peak extra memory is about 2 * chunk_size * V * 4 bytes. The Triton
+            kernel streams over the vocabulary inside each row and ignores it (its forward
+            allocates nothing of size (rows, V); its backward only the gradient).
         ignore_index: Target value marking positions to skip (padding, prompt tokens); they get
             log-prob 0, entropy 0 and zero gradient. ``None`` disables ignoring.
 
