@@ -7,7 +7,8 @@
     python3 -m nox -s lint
     python3 -m nox -s demo                     # rlhf run --stage all on the built-in demo
     python3 -m nox -s demo -- rl.iterations=10             # ... with config overrides
-    python3 -m nox -s kernels_standalone       # rlhf-kernels alone, with nothing but torch
+    python3 -m nox -s kernels_standalone       # rlhf-kernels alone, with nothing but torch (+ triton)
+    python3 -m nox -s bench_kernels            # kernels vs their PyTorch references (CPU: small sizes)
 
 Every session builds a fresh virtual environment under .nox/ (``-r`` reuses it) and installs with
 ``-c constraints/dev.txt``. That file pins the CPU build of torch that lies on the CI machine's
@@ -34,6 +35,11 @@ TEST_PATHS = [f"packages/{p}/tests" for p in PACKAGES] + ["tests"]
 LINT_PATHS = ["packages", "tests", "benchmarks", "noxfile.py"]
 # Pinned here so a new ruff release cannot turn CI red on unchanged code.
 RUFF = "ruff==0.17.6"
+# rlhf-kernels' optional extra; the test sessions install it so that the Triton kernels are tested
+# (on CPU through TRITON_INTERPRET=1, which the kernels' conftest.py sets when there is no GPU).
+# Pinned for the same reason as ruff: the interpreter's behaviour changes between releases. The
+# interpreter runs on numpy, which triton itself does not require.
+TRITON = ("triton==3.9.0", "numpy")
 
 # OMP_NUM_THREADS=1 for the tests (a value already in the environment wins). Measured on the
 # 2-core CI-class machine with other work running on it (load average about 5): the kernels +
@@ -102,7 +108,7 @@ def tests(session: nox.Session) -> None:
     """Every package's tests and the cross-package tests, against editable installs."""
     _install_torch(session)
     editable = [arg for p in PACKAGES for arg in ("-e", f"packages/{p}")]
-    session.install("-q", "-c", CONSTRAINTS, *editable, "pytest")
+    session.install("-q", "-c", CONSTRAINTS, *editable, "pytest", *TRITON)
     # Named paths replace the default ones; options alone (-m "not slow", -x, -k ...) add to them.
     paths = [] if _names_paths(session.posargs) else _existing(TEST_PATHS)
     session.run("pytest", *paths, *session.posargs, env=TEST_ENV)
@@ -150,9 +156,12 @@ print(f"rlhf_kernels {rlhf_kernels.__version__} alone, from {rlhf_kernels.__file
 
 @nox.session
 def kernels_standalone(session: nox.Session) -> None:
-    """rlhf-kernels installed alone (non-editable, torch its only dependency) passes its tests."""
+    """rlhf-kernels installed alone (non-editable, torch its only dependency) passes its tests.
+
+    triton, its optional extra, is installed too, so that the Triton kernels are tested as well.
+    """
     _install_torch(session)
-    _install_built(session, "rlhf-kernels", extra=("pytest",))
+    _install_built(session, "rlhf-kernels", extra=("pytest", *TRITON))
     session.run("python", "-c", _KERNELS_ALONE_CHECK)
     # Run from the package's folder with its own pyproject.toml as the pytest config file, so
     # neither the workspace's pytest settings and conftest files nor the source tree (tests import
@@ -172,3 +181,18 @@ def kernels_standalone(session: nox.Session) -> None:
         *session.posargs,
         env=TEST_ENV,
     )
+
+
+@nox.session
+def bench_kernels(session: nox.Session) -> None:
+    """Every rlhf-kernels op against its PyTorch reference: time, peak memory, fraction of copy bandwidth.
+
+    Full sizes on a GPU, small ones on CPU (where the Triton rows are skipped). Writes
+    runs/bench-kernels.json (device, versions, git SHA, command, results) and prints a markdown table.
+    Extra arguments go to ``python -m rlhf_kernels.bench`` (e.g. ``-- --ops fused_logprobs --size full``).
+    """
+    _install_torch(session)
+    _install_built(session, "rlhf-kernels", extra=TRITON)
+    (ROOT / "runs").mkdir(exist_ok=True)
+    out = str(ROOT / "runs" / "bench-kernels.json")
+    session.run("python", "-m", "rlhf_kernels.bench", "--out", out, *session.posargs, env=CPU_ENV)

@@ -1,11 +1,12 @@
-"""fused_logprobs / logprobs_from_hidden against an oracle written here: full fp32 log_softmax + gather,
-entropy from its definition -sum p log p, gradients by autograd through that oracle."""
+"""fused_logprobs / logprobs_from_hidden against an oracle written here: full fp64 log_softmax + gather,
+entropy from its definition -sum p log p, gradients by autograd through that oracle. Every test runs
+on both backends (the reference and the Triton kernels; on CPU the latter through TRITON_INTERPRET)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from rlhf_kernels import fused_logprobs, logprobs_from_hidden, use_backend
+from rlhf_kernels import fused_logprobs, logprobs_from_hidden
 from torch.utils._python_dispatch import TorchDispatchMode
 
 IGNORE = -100
@@ -38,9 +39,9 @@ DTYPES = list(FWD_TOL)
 
 
 @pytest.fixture(autouse=True)
-def _reference_backend():
-    with use_backend("reference"):
-        yield
+def _every_backend(cpu_backend):
+    """Every test here runs on the reference and on the Triton kernels (see conftest.py)."""
+    yield
 
 
 def oracle(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, ignore_index=IGNORE):

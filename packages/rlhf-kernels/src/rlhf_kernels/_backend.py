@@ -1,18 +1,20 @@
 """Backend selection: which implementation of an op runs.
 
 Every op registers a pure-PyTorch ``reference`` implementation (the CPU path and the test oracle)
-and, later, optionally a ``triton`` one. The choice is made once per (op, device type), at the
-first call, and cached:
+and a ``triton`` one. The choice is made once per (op, device type), at the first call, and cached:
 
 1. the backend requested by :func:`set_backend` / :func:`use_backend`, else
 2. the environment variable ``RLHF_KERNELS_BACKEND`` (``auto`` | ``reference`` | ``triton``), else
 3. ``auto``: ``triton`` when a Triton implementation is registered, triton is importable and the
    input is on a CUDA device; ``reference`` otherwise.
 
-An explicit request that cannot be honoured raises instead of silently falling back.
+An explicit request that cannot be honoured raises instead of silently falling back. An explicit
+``triton`` request for CPU inputs is honoured only under ``TRITON_INTERPRET=1`` (Triton's
+interpreter runs the kernels on CPU tensors, slowly; it is how the tests check the kernels without
+a GPU); ``auto`` never picks the interpreter.
 
-Triton implementations register themselves with :func:`register` from a module that imports
-triton only inside the registered function, so that importing rlhf_kernels never imports triton.
+Triton implementations are registered as ``"module:function"`` strings and imported at their
+first dispatch, so that importing rlhf_kernels never imports triton.
 """
 
 from __future__ import annotations
@@ -30,21 +32,23 @@ ENV_VAR = "RLHF_KERNELS_BACKEND"
 CHOICES = ("auto", "reference", "triton")
 _IMPLEMENTATIONS = ("reference", "triton")
 
-# op -> backend -> implementation
-_REGISTRY: dict[str, dict[str, Callable[..., Any]]] = {}
+# op -> backend -> implementation, or "module:function" to import at first dispatch
+_REGISTRY: dict[str, dict[str, Callable[..., Any] | str]] = {}
 # Backend requested in code (set_backend / use_backend); None means "read the environment".
 _override: str | None = None
 # (op, device type) -> chosen backend. Cleared whenever the request changes.
 _chosen: dict[tuple[str, str], str] = {}
 
 
-def register(op: str, backend: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+def register(op: str, backend: str, fn: Callable[..., Any] | str) -> Callable[..., Any] | str:
     """Registers ``fn`` as the ``backend`` implementation of ``op``.
 
     Args:
         op: Public op name, e.g. ``"fused_logprobs"``.
         backend: ``"reference"`` or ``"triton"``.
-        fn: The implementation; it receives the public function's (validated) arguments.
+        fn: The implementation; it receives the public function's (validated) arguments. A string
+            ``"package.module:function"`` is imported at the first dispatch to it (Triton modules
+            import triton at their top, so they are registered this way).
 
     Returns:
         ``fn``, so this can be used as a decorator body.
@@ -126,8 +130,13 @@ def _triton_unusable_reason(op: str, device: torch.device) -> str | None:
         return f"no Triton implementation of {op!r} is registered"
     if not _triton_importable():
         return "triton is not installed (pip install triton)"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None  # Triton's interpreter runs the kernels on CPU tensors (tests)
     if device.type != "cuda":
-        return f"the input is on device type {device.type!r}, and Triton kernels need a CUDA device"
+        return (
+            f"the input is on device type {device.type!r}, and Triton kernels need a CUDA device "
+            "(or, for CPU tensors, TRITON_INTERPRET=1 set before triton is imported)"
+        )
     return None
 
 
@@ -155,7 +164,8 @@ def get_backend(op: str, device: torch.device | str = "cpu") -> str:
     requested, source = _requested()
     reason = _triton_unusable_reason(op, torch.device(device_type))
     if requested == "auto":
-        chosen = "triton" if reason is None else "reference"
+        # Never the interpreter: on CPU the reference is the fast path.
+        chosen = "triton" if reason is None and device_type == "cuda" else "reference"
     elif requested == "triton" and reason is not None:
         raise RuntimeError(f"{op}: backend 'triton' was requested ({source}) but cannot be used: {reason}")
     else:
@@ -170,4 +180,10 @@ def get_backend(op: str, device: torch.device | str = "cpu") -> str:
 
 def dispatch(op: str, device: torch.device) -> Callable[..., Any]:
     """Returns the implementation of ``op`` for inputs on ``device`` (see :func:`get_backend`)."""
-    return _REGISTRY[op][get_backend(op, device)]
+    backend = get_backend(op, device)
+    impl = _REGISTRY[op][backend]
+    if isinstance(impl, str):  # first dispatch to a lazily registered implementation
+        module, _, name = impl.partition(":")
+        impl = getattr(importlib.import_module(module), name)
+        _REGISTRY[op][backend] = impl
+    return impl

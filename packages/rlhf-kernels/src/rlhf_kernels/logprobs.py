@@ -14,7 +14,8 @@ Math, per row with z = logits / temperature, p = softmax(z), y = target:
 and d/d logits = (d/d z) / temperature.
 
 This module holds the pure-PyTorch reference implementations, registered as the ``reference``
-backend; faster backends plug in through :mod:`rlhf_kernels._backend`.
+backend; the Triton ones (:mod:`rlhf_kernels._triton.logprobs`) stream over the vocabulary
+inside each row instead and never allocate anything of size (rows, V) in the forward.
 """
 
 from __future__ import annotations
@@ -333,6 +334,8 @@ def _logprobs_from_hidden_reference(
 
 _backend.register("fused_logprobs", "reference", _fused_logprobs_reference)
 _backend.register("logprobs_from_hidden", "reference", _logprobs_from_hidden_reference)
+_backend.register("fused_logprobs", "triton", "rlhf_kernels._triton.logprobs:fused_logprobs")
+_backend.register("logprobs_from_hidden", "triton", "rlhf_kernels._triton.logprobs:logprobs_from_hidden")
 
 
 # --------------------------------------------------------------------------- public API
@@ -379,8 +382,10 @@ def fused_logprobs(
         targets: (B, T) int64 token ids in [0, V), or ``ignore_index``.
         temperature: Softmax temperature, > 0.
         return_entropy: Also return the entropy of ``softmax(logits / temperature)``.
-        chunk_size: Rows (of the flattened B*T) upcast to fp32 at a time; peak extra memory is
-            about 2 * chunk_size * V * 4 bytes.
+        chunk_size: Rows (of the flattened B*T) upcast to fp32 at a time by the reference
+            backend; its peak extra memory is about 2 * chunk_size * V * 4 bytes. The Triton
+            kernel streams over the vocabulary inside each row and ignores it (its forward
+            allocates nothing of size (rows, V); its backward only the gradient).
         ignore_index: Target value marking positions to skip (padding, prompt tokens); they get
             log-prob 0, entropy 0 and zero gradient. ``None`` disables ignoring.
 

@@ -10,7 +10,7 @@ int4 codes are stored offset by +8 (so in [1, 15]) and packed two per byte: elem
 in the low nibble of byte k, element 2k+1 in the high nibble.
 
 This module holds the pure-PyTorch reference implementations, registered as the ``reference``
-backend; faster backends plug in through :mod:`rlhf_kernels._backend`.
+backend; the Triton kernels live in :mod:`rlhf_kernels._triton.quant`.
 """
 
 from __future__ import annotations
@@ -116,7 +116,9 @@ def _dequantize_reference(q: QuantizedTensor) -> Tensor:
 
 
 _backend.register("quantize_blockwise", "reference", _quantize_reference)
+_backend.register("quantize_blockwise", "triton", "rlhf_kernels._triton.quant:quantize")
 _backend.register("dequantize_blockwise", "reference", _dequantize_reference)
+_backend.register("dequantize_blockwise", "triton", "rlhf_kernels._triton.quant:dequantize")
 
 
 def quantize_blockwise(
