@@ -67,7 +67,7 @@ from .preference import (
 )
 from .protocols import RewardFunction, ScoringPolicy, TrainablePolicy, ValueFunction
 from .registry import ENTRY_POINT_GROUP, available_algorithms, get_algorithm
-from .rewards import REWARD_GROUP, available_rewards, get_reward
+from .rewards import REWARD_GROUP, TextReward, available_rewards, decode_responses, get_reward
 
 __all__ = [
     "CDPO",
@@ -107,6 +107,7 @@ __all__ = [
     "RewardFunction",
     "Rollout",
     "ScoringPolicy",
+    "TextReward",
     "SimPO",
     "SimPOConfig",
     "TrainablePolicy",
@@ -115,6 +116,7 @@ __all__ = [
     "aggregate_loss",
     "available_algorithms",
     "available_rewards",
+    "decode_responses",
     "discounted_returns",
     "dpo_loss",
     "explained_variance",

@@ -19,7 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
-__all__ = ["REWARD_GROUP", "available_rewards", "get_reward"]
+import torch
+
+__all__ = ["REWARD_GROUP", "TextReward", "available_rewards", "decode_responses", "get_reward"]
 
 REWARD_GROUP = "rlhf.rewards"
 
@@ -47,3 +49,32 @@ def get_reward(name: str) -> RewardFn:
     if not callable(fn):
         raise TypeError(f"reward function {name} = {eps[name].value!r} (group {REWARD_GROUP!r}) is not callable")
     return fn
+
+
+def decode_responses(tokenizer, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> list[str]:
+    """The response text of each row: the tokens after ``prompt_len`` where ``attention_mask`` is 1."""
+    out = []
+    for row, m in zip(sequences[:, prompt_len:], attention_mask[:, prompt_len:], strict=True):
+        out.append(tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True))
+    return out
+
+
+class TextReward:
+    """A text-level reward function (``fn(responses, meta) -> list[float]``, e.g. one registered under
+    ``rlhf.rewards``) as the tensor-level :class:`rlhf_algos.RewardFunction` the algorithms call.
+
+    Args:
+        fn: the reward function.
+        tokenizer: anything with ``decode(ids, skip_special_tokens=True)``.
+    """
+
+    def __init__(self, fn: RewardFn, tokenizer) -> None:
+        self.fn, self.tokenizer = fn, tokenizer
+
+    def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                 meta: list[dict]) -> torch.Tensor:
+        texts = decode_responses(self.tokenizer, sequences, attention_mask, prompt_len)
+        scores = self.fn(texts, list(meta))
+        if len(scores) != len(texts):
+            raise ValueError(f"reward function returned {len(scores)} scores for {len(texts)} responses")
+        return torch.tensor([float(x) for x in scores])  # (B,)

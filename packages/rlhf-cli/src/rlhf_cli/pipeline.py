@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from rlhf_algos import TextReward
 
 from .config import RunConfig
 from .report import Reporter
@@ -400,29 +401,9 @@ class ModelReward:
         return self.engine.score(sequences, attention_mask)
 
 
-class TextReward:
-    """Reward = ``fn(responses, meta) -> list[float]`` on the decoded responses (a function registered
-    under ``rlhf.rewards``, or the data's verifier)."""
-
-    def __init__(self, fn, tokenizer) -> None:
-        self.fn, self.tokenizer = fn, tokenizer
-
-    def __call__(self, sequences, attention_mask, prompt_len, meta):
-        texts = decode_responses(self.tokenizer, sequences, attention_mask, prompt_len)
-        return torch.tensor([float(x) for x in self.fn(texts, list(meta))])
-
-
 def _per_item(verify):
     """A ``verify(response, meta) -> float`` as a batch reward function."""
     return lambda responses, meta: [verify(r, m) for r, m in zip(responses, meta, strict=True)]
-
-
-def decode_responses(tokenizer, sequences, attention_mask, prompt_len) -> list[str]:
-    out = []
-    for row, m in zip(sequences[:, prompt_len:], attention_mask[:, prompt_len:], strict=True):
-        ids = row[m.bool()].tolist()
-        out.append(tokenizer.decode(ids, skip_special_tokens=True))
-    return out
 
 
 def evaluate_policy(actor, tokenizer, scorer, prompts: list[dict], *, do_sample: bool, temperature: float,
