@@ -28,25 +28,14 @@ import pytest
 import torch
 
 PAD, EOS, VOCAB = 0, 1, 24
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def world_of_one():
-    import torch.distributed as dist
-    from rlhf_hybrid import init_distributed
+    from rlhf_hybrid.testing import world_of_one
 
-    saved = {k: os.environ.get(k) for k in _DIST_ENV}
-    was_initialized = dist.is_initialized()
-    init_distributed()
-    yield
-    if not was_initialized and dist.is_initialized():
-        dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with world_of_one():
+        yield
 
 
 def tiny_llama(seed: int, eos_bias: float = 0.0):

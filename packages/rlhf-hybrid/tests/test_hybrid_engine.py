@@ -17,30 +17,20 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports deepsp
 
 import pytest
 import torch
-from rlhf_hybrid import EngineConfig, HybridEngine, ValueModel, atomic_dir, init_distributed
+from rlhf_hybrid import EngineConfig, HybridEngine, ValueModel, atomic_dir
 from torch.testing import assert_close
 
 PAD, EOS, VOCAB = 0, 1, 97
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def world_of_one():
-    """init_distributed() for this module only; the process group and env vars are undone after."""
-    import torch.distributed as dist
+    """A world of one for this module (rlhf_hybrid.testing.world_of_one: env vars restored after)."""
+    from rlhf_hybrid.testing import world_of_one
 
-    saved = {k: os.environ.get(k) for k in _DIST_ENV}
-    was_initialized = dist.is_initialized()
-    info = init_distributed()
-    assert info.world_size == 1 and info.rank == 0
-    yield info
-    if not was_initialized and dist.is_initialized():
-        dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with world_of_one() as info:
+        assert info.world_size == 1 and info.rank == 0
+        yield info
 
 
 def tiny_llama(seed: int = 0):

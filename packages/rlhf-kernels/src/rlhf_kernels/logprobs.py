@@ -304,7 +304,8 @@ def _fused_logprobs_reference(
     return out.view(lead_shape)
 
 
-def _logprobs_from_hidden_reference(
+def run_from_hidden(
+    function: type[torch.autograd.Function],
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
@@ -315,9 +316,11 @@ def _logprobs_from_hidden_reference(
     chunk_size: int,
     ignore_index: int | None,
 ) -> Tensor | tuple[Tensor, Tensor]:
+    """Flatten the rows, apply a from-hidden autograd ``function`` (the reference's or a kernel
+    backend's: same arguments), restore the leading shape. Shared by every backend."""
     lead_shape, hidden_size = hidden.shape[:-1], hidden.shape[-1]
     flat_targets, valid = _prepare_targets(targets, lead_shape, ignore_index)
-    out = _LogprobsFromHidden.apply(
+    out = function.apply(
         hidden.reshape(-1, hidden_size),  # (N, H)
         weight,
         bias,
@@ -330,6 +333,10 @@ def _logprobs_from_hidden_reference(
     if return_entropy:
         return out[0].view(lead_shape), out[1].view(lead_shape)
     return out.view(lead_shape)
+
+
+def _logprobs_from_hidden_reference(hidden: Tensor, weight: Tensor, targets: Tensor, **kw) -> Tensor | tuple[Tensor, Tensor]:
+    return run_from_hidden(_LogprobsFromHidden, hidden, weight, targets, **kw)
 
 
 _backend.register("fused_logprobs", "reference", _fused_logprobs_reference)

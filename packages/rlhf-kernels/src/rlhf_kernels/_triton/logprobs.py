@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..logprobs import _prepare_targets, _row_chunks, _upstream
+from ..logprobs import _prepare_targets, _row_chunks, _upstream, run_from_hidden
 from ._common import block_for, cast_rtne, warps_for
 
 Tensor = torch.Tensor
@@ -298,29 +298,5 @@ class _TritonLogprobsFromHidden(torch.autograd.Function):
         )
 
 
-def logprobs_from_hidden(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    *,
-    bias: Tensor | None,
-    temperature: float,
-    return_entropy: bool,
-    chunk_size: int,
-    ignore_index: int | None,
-) -> Tensor | tuple[Tensor, Tensor]:
-    lead_shape, hidden_size = hidden.shape[:-1], hidden.shape[-1]
-    flat_targets, valid = _prepare_targets(targets, lead_shape, ignore_index)
-    out = _TritonLogprobsFromHidden.apply(
-        hidden.reshape(-1, hidden_size),  # (N, H)
-        weight,
-        bias,
-        flat_targets,
-        valid,
-        float(temperature),
-        chunk_size,
-        return_entropy,
-    )
-    if return_entropy:
-        return out[0].view(lead_shape), out[1].view(lead_shape)
-    return out.view(lead_shape)
+def logprobs_from_hidden(hidden: Tensor, weight: Tensor, targets: Tensor, **kw) -> Tensor | tuple[Tensor, Tensor]:
+    return run_from_hidden(_TritonLogprobsFromHidden, hidden, weight, targets, **kw)
