@@ -1,0 +1,26 @@
+"""Generate mode's fast path: an inference layout of a HF causal LM and a KV-cache decode loop.
+
+    reason = supported(model)            # None, or why not (log it and fall back to HF generate)
+    layout = build_layout(model, state)  # fused QKV / gate-up, other weights shared, not copied
+    out = generate(layout, input_ids, attention_mask, max_new_tokens=256, eos_token_id=eos)
+    out.sequences                        # (B, P + R), as HF generate returns them
+
+Families: Llama-style (Llama, Mistral, Qwen2), OPT and GPT-2 (see :mod:`.adapters`). Greedy tokens
+match HF ``generate`` on the same weights (fp32, left-padded prompts); the kernels are
+rlhf_kernels' ops (PyTorch references on CPU).
+"""
+
+from .adapters import SUPPORTED_CLASSES, build_layout, supported
+from .generate import GenerationOutput, generate
+from .layout import InferenceLayout, KVCache, LayerWeights
+
+__all__ = [
+    "SUPPORTED_CLASSES",
+    "GenerationOutput",
+    "InferenceLayout",
+    "KVCache",
+    "LayerWeights",
+    "build_layout",
+    "generate",
+    "supported",
+]

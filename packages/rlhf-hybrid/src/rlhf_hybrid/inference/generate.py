@@ -1,0 +1,161 @@
+"""The decode loop: left-padded prompts in, HF ``generate``-compatible sequences out.
+
+Conventions matched to Hugging Face ``generate`` (transformers 5), for every supported family:
+
+* positions are counted over real tokens: ``position_ids = cumsum(mask) - 1``, 0 on padding
+  (``GenerationMixin._prepare_position_ids_for_generation``; Llama, OPT and GPT-2 all accept
+  ``position_ids``, so ``generate`` passes these to all three), and each new token's position is
+  the previous one + 1;
+* greedy is argmax of the float32 logits (first index on ties); sampling applies temperature,
+  then top-k, then top-p;
+* once a row emits an EOS token every later token of that row is ``pad_token_id`` (EOS itself when
+  no pad is given); the loop stops when every row has finished, so the output may be shorter than
+  ``P + max_new_tokens``.
+
+Sampled tokens differ from HF's (different random streams); greedy tokens are the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from rlhf_kernels import fused_logprobs, rotary_cos_sin, sample
+
+from .layout import InferenceLayout, KVCache
+from .model import decode_step, prefill
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """What :func:`generate` returns.
+
+    Attributes:
+        sequences: (B, P + R) prompts followed by R <= max_new_tokens generated tokens; rows that
+            finished early are padded with ``pad_token_id`` after their EOS.
+        logprobs: (B, R) float32 log-probability of each generated token under
+            ``softmax(logits / temperature)`` (temperature 1 for greedy), before top-k/top-p
+            filtering, i.e. what a training-mode recomputation at that temperature gives; 0 after
+            a row's EOS. None unless ``return_logprobs``.
+    """
+
+    sequences: Tensor
+    logprobs: Tensor | None = None
+
+
+@torch.no_grad()
+def generate(
+    layout: InferenceLayout,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    return_logprobs: bool = False,
+) -> GenerationOutput:
+    """Generates continuations of left-padded prompts with a preallocated KV cache.
+
+    Args:
+        layout: From :func:`rlhf_hybrid.inference.build_layout`.
+        input_ids: (B, P) left-padded prompt ids.
+        attention_mask: (B, P) 1 on real tokens, 0 on padding; every row's last column is real.
+        max_new_tokens: R, the most tokens to generate per row.
+        do_sample: Sample (temperature/top-k/top-p) or greedy argmax.
+        temperature: Sampling temperature, > 0 (ignored when greedy).
+        top_k: Keep the k most likely tokens; 0 disables (ignored when greedy).
+        top_p: Nucleus mass in (0, 1]; 1 disables (ignored when greedy).
+        eos_token_id: Token id(s) that end a row; None: rows never end early.
+        pad_token_id: Fills a row after its EOS; default the (first) EOS id, as HF does.
+        generator: CPU generator the per-step sampling seeds are drawn from (default: torch's).
+        return_logprobs: Also return the generated tokens' log-probs (see :class:`GenerationOutput`).
+
+    Returns:
+        A :class:`GenerationOutput` on the layout's device.
+
+    Raises:
+        ValueError: On mismatched shapes, prompts that are not left-padded, a bad option, or a
+            length beyond the model's learned position table.
+        NotImplementedError: If the length exceeds the model's sliding window.
+    """
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids and attention_mask must both be (B, P); got {tuple(input_ids.shape)} "
+                         f"and {tuple(attention_mask.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling; got {temperature!r}")
+    device = layout.device
+    ids = input_ids.to(device)
+    mask = attention_mask.to(device=device, dtype=torch.long)
+    B, P = ids.shape
+    R = max_new_tokens
+    if B == 0 or P == 0:
+        raise ValueError(f"need at least one prompt of at least one token; got input_ids {tuple(ids.shape)}")
+    if not bool(mask[:, -1].all()):  # host sync, once per call
+        raise ValueError("attention_mask: prompts must be left-padded (every row's last column a real token)")
+    if layout.sliding_window is not None and P + R > layout.sliding_window:
+        raise NotImplementedError(f"length {P + R} exceeds the model's sliding window {layout.sliding_window}; "
+                                  "windowed decode attention is not implemented")
+
+    # HF's position_ids: cumsum over the mask, padding at 0; new tokens continue from the last one.
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, P)
+    next_position = positions[:, -1] + 1  # (B,)
+    if layout.max_positions is not None and P + R > layout.max_positions:
+        longest = int(next_position.max()) + R - 1
+        if longest >= layout.max_positions:
+            raise ValueError(f"position {longest} is beyond the model's {layout.max_positions} learned positions")
+
+    eos = None
+    if eos_token_id is not None:
+        eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        eos = torch.tensor(eos_list, dtype=torch.long, device=device)
+        if pad_token_id is None:
+            pad_token_id = eos_list[0]
+    fill = pad_token_id if pad_token_id is not None else 0  # unused without EOS: no row ends early
+
+    out = torch.full((B, P + R), fill, dtype=torch.long, device=device)
+    out[:, :P] = ids
+    logprobs = torch.zeros(B, R, dtype=torch.float32, device=device) if return_logprobs else None
+    if R == 0:
+        return GenerationOutput(out, logprobs)
+
+    rope = None
+    if layout.rope_theta is not None:
+        # Positions never exceed P + R - 1 (a row's next position is its real length <= P).
+        rope = rotary_cos_sin(P + R, layout.head_dim, base=layout.rope_theta, device=device)
+    cache = KVCache.allocate(layout, B, P + R)
+    logits = prefill(layout, cache, ids, mask, positions, rope)  # (B, V) float32
+
+    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    lp_temperature = temperature if do_sample else 1.0
+    steps = R
+    for t in range(R):
+        if do_sample:
+            token = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        else:
+            token = sample(logits, temperature=0.0)  # argmax
+        if logprobs is not None:
+            logprobs[:, t] = fused_logprobs(logits, token, temperature=lp_temperature, ignore_index=None)
+        if eos is not None:
+            # As HF: finished rows emit padding, then a row finishes when it emits EOS.
+            token = torch.where(unfinished, token, fill)
+            if logprobs is not None:
+                logprobs[:, t].masked_fill_(~unfinished, 0.0)
+            unfinished &= ~torch.isin(token, eos)
+        out[:, P + t] = token
+        # Host sync once per step (as HF's stopping check); a CUDA-graph loop would check every k steps.
+        if eos is not None and not bool(unfinished.any()):
+            steps = t + 1
+            break
+        if t + 1 < R:  # the last token's logits are never needed
+            logits = decode_step(layout, cache, token, next_position + t, rope)
+    return GenerationOutput(out[:, : P + steps], None if logprobs is None else logprobs[:, :steps])
