@@ -20,10 +20,10 @@ def sft_out(tmp_path_factory, rlhf, explain):
     return out
 
 
-def test_all_with_grpo_and_a_registered_reward_skips_the_reward_model(tmp_path, rlhf, explain) -> None:
+def test_all_with_grpo_a_registered_reward_and_fast_generation(tmp_path, rlhf, explain) -> None:
     out = tmp_path / "out"
     proc = rlhf(["run", "--stage", "all", "--algo", "grpo", "--out", out, *TINY, "rl.reward=addition",
-                 "algo.samples_per_prompt=2", "algo.kl_coef=0.02"], timeout=600)
+                 "algo.samples_per_prompt=2", "algo.kl_coef=0.02", "rl.generation=fast"], timeout=600)
     assert proc.returncode == 0, explain(proc)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"sft", "grpo", "wall_seconds"}  # sft -> grpo, no rm stage

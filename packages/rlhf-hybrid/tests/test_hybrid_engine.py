@@ -67,11 +67,14 @@ def reference_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, start: int,
 
 
 @pytest.mark.parametrize("zero_stage", [0, 3])
+@pytest.mark.parametrize("generation", ["hf", "fast"])
 @pytest.mark.parametrize("trainable", [True, False])
-def test_greedy_generate_matches_hf_and_logprobs_match_reference(zero_stage: int, trainable: bool) -> None:
+def test_greedy_generate_matches_hf_and_logprobs_match_reference(zero_stage: int, trainable: bool,
+                                                                    generation: str) -> None:
     model = tiny_llama()
     hf = copy.deepcopy(model)  # the plain HF reference; the engine's copy may be sharded in place
-    engine = HybridEngine(model, EngineConfig(zero_stage=zero_stage, micro_batch_size=3), trainable=trainable)
+    engine = HybridEngine(model, EngineConfig(zero_stage=zero_stage, micro_batch_size=3, generation=generation),
+                          trainable=trainable)
     ids, mask = ragged_prompts()
 
     got = engine.generate(ids, mask, max_new_tokens=16, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)

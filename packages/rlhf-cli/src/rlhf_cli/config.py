@@ -192,6 +192,8 @@ class RLSection:
             reward function registered under the entry-point group rlhf.rewards (e.g. "addition").
         eval_every: iterations between validation evaluations (checkpoint selection).
         select: "best" keeps the checkpoint with the best validation score, "last" the final one.
+        generation: "hf" (transformers generate) or "fast" (rlhf-hybrid's inference layout with a KV cache over
+            rlhf-kernels ops; Llama/Mistral/Qwen2, OPT, GPT-2; other models fall back to hf with a warning).
     """
 
     iterations: int = 60
@@ -205,6 +207,7 @@ class RLSection:
     reward: str = "model"
     eval_every: int = 5
     select: str = "best"
+    generation: str = "hf"
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,7 @@ class RunConfig:
             ("deepspeed.zero_stage", self.deepspeed.zero_stage, (0, 1, 2, 3)),
             ("deepspeed.dtype", self.deepspeed.dtype, ("fp32", "bf16", "fp16")),
             ("rl.select", self.rl.select, ("best", "last")),
+            ("rl.generation", self.rl.generation, ("hf", "fast")),
             ("pref.select", self.pref.select, ("best", "last")),
         ]
         for key, value, allowed in checks:

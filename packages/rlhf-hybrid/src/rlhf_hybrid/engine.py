@@ -43,6 +43,9 @@ class EngineConfig:
             (0 = constant learning rate after the warm-up).
         optimizer: "adamw" (betas 0.9/0.95) or "sgd" (plain, no momentum: an update proportional to
             the gradient, which invariance tests need; Adam's first step hides the gradient's scale).
+        generation: "hf" (transformers ``generate``) or "fast" (``rlhf_hybrid.inference``: an
+            inference layout with fused QKV and a preallocated KV cache over rlhf-kernels ops; a
+            model it does not support falls back to "hf" with a warning naming the reason).
     """
 
     zero_stage: int = 0
@@ -56,6 +59,7 @@ class EngineConfig:
     warmup_steps: int = 0
     decay_steps: int = 0
     optimizer: str = "adamw"
+    generation: str = "hf"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -71,6 +75,8 @@ class EngineConfig:
             raise ValueError("offload_optimizer: needs zero_stage >= 1, got zero_stage=0")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer: {self.optimizer!r} is not allowed; allowed: 'adamw', 'sgd'")
+        if self.generation not in ("hf", "fast"):
+            raise ValueError(f"generation: {self.generation!r} is not allowed; allowed: 'hf', 'fast'")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -289,6 +295,14 @@ class HybridEngine:
         if isinstance(self.module, ValueModel):
             raise TypeError("generate: this engine holds a value model, not a causal LM")
         was_training = self.module.training
+        if self.cfg.generation == "fast":
+            seqs = self._generate_fast(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                       temperature=temperature, top_k=top_k, top_p=top_p,
+                                       eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+            if seqs is not None:
+                if was_training:
+                    self.module.train()
+                return seqs
         t0 = time.perf_counter()
         if self.cfg.zero_stage == 3 and self.engine is not None:
             state = self.full_state_dict()
@@ -314,6 +328,36 @@ class HybridEngine:
         if was_training:
             self.module.train()
         return seqs
+
+    def _generate_fast(self, input_ids, attention_mask, *, max_new_tokens, do_sample, temperature, top_k, top_p,
+                       eos_token_id, pad_token_id) -> torch.Tensor | None:
+        """Generation through ``rlhf_hybrid.inference``; None (after a warning naming the reason)
+        when the model is not supported, so the caller falls back to HF ``generate``."""
+        from . import inference
+
+        reason = inference.supported(self.module, max_length=input_ids.shape[1] + max_new_tokens)
+        if reason is not None:
+            if not getattr(self, "_warned_fast", False):
+                log.warning("generation='fast' is not available for this model (%s); using transformers generate",
+                            reason)
+                self._warned_fast = True
+            return None
+        if eos_token_id is None:  # HF falls back to the model's own EOS; do the same
+            eos_token_id = getattr(getattr(self.module, "generation_config", None), "eos_token_id", None)
+        t0 = time.perf_counter()
+        # Under ZeRO-3 the shards are gathered once (collective) into full tensors the layout uses;
+        # otherwise the layout reads the training parameters themselves.
+        state = self.full_state_dict() if self.cfg.zero_stage == 3 and self.engine is not None else None
+        layout = inference.build_layout(self.module, state, device=self.device)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            out = inference.generate(layout, input_ids.to(self.device), attention_mask.to(self.device),
+                                     max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                     top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        t2 = time.perf_counter()
+        self.timings["gather_s"] = t1 - t0
+        self.timings["generate_s"] = t2 - t1
+        return out.sequences
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str, tokenizer=None, is_main: bool = True) -> None:
