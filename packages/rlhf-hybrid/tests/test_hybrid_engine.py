@@ -44,15 +44,10 @@ def tiny_llama(seed: int = 0):
 
 
 def ragged_prompts() -> tuple[torch.Tensor, torch.Tensor]:
-    """Three left-padded prompts of lengths 5, 2 and 7 (no pad or EOS inside them). (3, 7)."""
-    g = torch.Generator().manual_seed(1)
-    lengths = [5, 2, 7]
-    ids = torch.full((3, 7), PAD)
-    mask = torch.zeros((3, 7), dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, 7 - n :] = torch.randint(2, VOCAB, (n,), generator=g)
-        mask[i, 7 - n :] = 1
-    return ids, mask
+    """Three left-padded prompts of lengths 5, 2 and 7. (3, 7) ids and mask."""
+    from rlhf_hybrid.testing import ragged_prompts as make
+
+    return make(VOCAB, (5, 2, 7), pad=PAD, low=2)
 
 
 def reference_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, start: int, temperature: float = 1.0):

@@ -105,14 +105,9 @@ def make_model(name: str, seed: int = 0):
 
 def ragged_prompts() -> tuple[torch.Tensor, torch.Tensor]:
     """Three left-padded prompts of lengths 5, 2 and 7. (3, 7) ids and mask."""
-    g = torch.Generator().manual_seed(1)
-    lengths = [5, 2, 7]
-    ids = torch.full((3, 7), PAD)
-    mask = torch.zeros((3, 7), dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, 7 - n :] = torch.randint(1, VOCAB, (n,), generator=g)
-        mask[i, 7 - n :] = 1
-    return ids, mask
+    from rlhf_hybrid.testing import ragged_prompts as make
+
+    return make(VOCAB, (5, 2, 7), pad=PAD, low=1)
 
 
 def hf_greedy(model, ids, mask, eos):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+
+import torch
 
 from .distributed import DistInfo, init_distributed
 
@@ -36,3 +38,20 @@ def world_of_one() -> Iterator[DistInfo]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def ragged_prompts(vocab: int, lengths: Sequence[int] = (5, 2, 7), *, pad: int = 0, low: int = 1,
+                   seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random prompts of the given ``lengths``: ids and mask, each (B, max(lengths)).
+
+    Token ids are drawn from ``[low, vocab)``, so choose ``low`` above the pad and EOS ids to keep
+    them out of the prompts.
+    """
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad)
+    mask = torch.zeros((len(lengths), width), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n :] = torch.randint(low, vocab, (n,), generator=g)
+        mask[i, width - n :] = 1
+    return ids, mask
