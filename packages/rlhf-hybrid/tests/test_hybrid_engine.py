@@ -73,6 +73,7 @@ def test_greedy_generate_matches_hf_and_logprobs_match_reference(zero_stage: int
     ids, mask = ragged_prompts()
 
     got = engine.generate(ids, mask, max_new_tokens=16, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+    assert engine.generation_used == generation  # no silent fallback
     with torch.no_grad():
         want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
                            eos_token_id=EOS, pad_token_id=PAD)
@@ -238,3 +239,24 @@ def test_packed_rows_score_like_separate_rows(zero_stage: int) -> None:
     torch.testing.assert_close(lp[0, :5], alone[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lp[0, 6:8], alone[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lp[1, :4], alone[2], atol=1e-5, rtol=1e-5)
+
+
+def test_fast_generation_falls_back_to_hf_with_a_warning_naming_the_reason(caplog) -> None:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=64,
+                                             pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)).eval()
+    hf = copy.deepcopy(model)
+    engine = HybridEngine(model, EngineConfig(micro_batch_size=3, generation="fast"), trainable=False)
+    ids, mask = ragged_prompts()
+    with caplog.at_level("WARNING", logger="rlhf_hybrid.engine"):
+        got = engine.generate(ids, mask, max_new_tokens=8, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+    assert engine.generation_used == "hf"
+    assert any("generation='fast' is not available" in r.message and "GPTNeoX" in r.message for r in caplog.records), (
+        caplog.text)
+    with torch.no_grad():
+        want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=EOS,
+                           pad_token_id=PAD)
+    assert torch.equal(got.cpu(), want)

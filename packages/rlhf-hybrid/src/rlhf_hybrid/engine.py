@@ -151,6 +151,7 @@ class HybridEngine:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else (
             torch.device("cpu"))
         self.timings: dict[str, float] = {"gather_s": 0.0, "generate_s": 0.0, "train_s": 0.0}
+        self.generation_used: str | None = None  # "fast" or "hf": the path the last generate() took
         module = module.to(cfg.torch_dtype)
         if trainable or cfg.zero_stage == 3:
             ds = _import_deepspeed()
@@ -300,6 +301,7 @@ class HybridEngine:
                                        temperature=temperature, top_k=top_k, top_p=top_p,
                                        eos_token_id=eos_token_id, pad_token_id=pad_token_id)
             if seqs is not None:
+                self.generation_used = "fast"
                 if was_training:
                     self.module.train()
                 return seqs
@@ -325,6 +327,7 @@ class HybridEngine:
         t2 = time.perf_counter()
         self.timings["gather_s"] = t1 - t0
         self.timings["generate_s"] = t2 - t1
+        self.generation_used = "hf"
         if was_training:
             self.module.train()
         return seqs
