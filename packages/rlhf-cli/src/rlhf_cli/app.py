@@ -26,6 +26,8 @@ algos_app = typer.Typer(help="Registered algorithms.", no_args_is_help=True)
 app.add_typer(algos_app, name="algos")
 data_app = typer.Typer(help="Data sources, splits and blends (docs/data.md).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+bench_app = typer.Typer(help="Benchmarks (docs/performance.md).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 STAGE_CHOICES = ("sft", "rm", "all")  # or the name of a registered algorithm
 
@@ -318,6 +320,63 @@ def data_inspect(
         inspect_data(cfg, tokenizer, examples)
     except (DataError, OSError, ValueError) as e:
         _fail(str(e))
+
+
+@bench_app.command(
+    "generate",
+    help="Generation throughput in one run on the same random weights: transformers generate, transformers with "
+    "a static cache + torch.compile (CUDA only), and rlhf-hybrid's fast path. Defaults: on a GPU the OPT-1.3B and "
+    "Llama-3.2-1B shapes in bf16, batch 8/32/64/128, prompt 256, 256 new tokens; on a CPU the tiny shape.",
+)
+def bench_generate(
+    shape: list[str] = typer.Option(None, "--shape", help="opt-1.3b, llama-3.2-1b or tiny (repeatable)."),
+    batch: list[int] = typer.Option(None, "--batch", help="Batch sizes (repeatable)."),
+    prompt_len: int = typer.Option(None, "--prompt-len", help="Prompt tokens (default 256 on GPU, 16 on CPU)."),
+    new_tokens: int = typer.Option(None, "--new-tokens", help="Generated tokens (default 256 on GPU, 16 on CPU)."),
+    method: list[str] = typer.Option(None, "--method", help="hf, hf-static-compile, fast (repeatable; default all)."),
+    dtype: str = typer.Option(None, "--dtype", help="bf16 or fp32 (default bf16 on GPU, fp32 on CPU)."),
+    out: Path = typer.Option(None, "--out", help="Also write the report as JSON here."),
+) -> None:
+    _quiet_libraries()
+    import torch
+    from rlhf_hybrid import bench
+
+    gpu = torch.cuda.is_available()
+    shapes = shape or (["opt-1.3b", "llama-3.2-1b"] if gpu else ["tiny"])
+    batches = batch or ([8, 32, 64, 128] if gpu else [4])
+    methods = method or list(bench.METHODS)
+    dtype = dtype or ("bf16" if gpu else "fp32")
+    for s in shapes:
+        if s not in bench.SHAPES:
+            _fail(f"--shape: {s!r} is not allowed; allowed: {', '.join(bench.SHAPES)}")
+    for m in methods:
+        if m not in bench.METHODS:
+            _fail(f"--method: {m!r} is not allowed; allowed: {', '.join(bench.METHODS)}")
+    if dtype not in ("bf16", "fp32"):
+        _fail(f"--dtype: {dtype!r} is not allowed; allowed: bf16, fp32")
+    for name, v in (("--batch", min(batches)), ("--prompt-len", prompt_len or 1), ("--new-tokens", new_tokens or 1)):
+        if v < 1:
+            _fail(f"{name}: must be >= 1, got {v}")
+    device = torch.device("cuda" if gpu else "cpu")
+    report = bench.run(shapes, batches, prompt_len or (256 if gpu else 16), new_tokens or (256 if gpu else 16), methods,
+                       device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], " ".join(sys.argv))
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"generation on {report.device}, {report.dtype}, prompt {report.prompt_len} + "
+                    f"{report.new_tokens} new tokens, copy bandwidth {report.copy_bandwidth_gbs:.1f} GB/s")
+    for col in ("shape", "method", "batch", "tokens/s", "ms/step", "floor ms/step", "peak GiB", "vs hf", "note"):
+        t.add_column(col, justify="left" if col in ("shape", "method", "note") else "right")
+
+    def f(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    for r in report.rows:
+        t.add_row(r.shape, r.method, str(r.batch), f(r.tokens_per_s, ",.0f"), f(r.ms_per_step, ".2f"),
+                  f(r.floor_ms_per_step, ".3f"), f(r.peak_mem_gib, ".2f"), f(r.speedup_vs_hf, ".2f"), r.note)
+    Console().print(t)
+    if out:
+        out.write_text(bench.to_json(report))
 
 
 @app.command(help="Print the versions and devices this installation sees.")

@@ -1,0 +1,204 @@
+"""Generation benchmark: HF ``generate`` vs HF static cache + ``torch.compile`` vs the fast path.
+
+Every method runs in the same process on the same random weights, for each batch size, with EOS
+disabled so that every row generates exactly ``new_tokens`` tokens. Reported per method and batch:
+tokens/s, ms per decode step, the memory-bandwidth floor of a decode step (weights + KV cache read
+once, at the measured copy bandwidth), peak device memory (CUDA only) and speed-up over HF.
+
+``rlhf bench generate`` is the command-line front; the issue's sizes (OPT-1.3B and Llama-3.2-1B
+shapes, batch 8-128, prompt 256, 256 new tokens) are for a GPU; ``--shape tiny`` runs anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+SHAPES = {
+    # facebook/opt-1.3b: 24 layers, hidden 2048, 32 heads, FFN 8192, vocab 50272
+    "opt-1.3b": ("opt", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                             vocab_size=50272, word_embed_proj_dim=2048, max_position_embeddings=2048)),
+    # meta-llama/Llama-3.2-1B: 16 layers, hidden 2048, 32 heads / 8 KV heads, FFN 8192, vocab 128256
+    "llama-3.2-1b": ("llama", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                                   num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
+                                   max_position_embeddings=4096, tie_word_embeddings=True)),
+    "tiny": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=128, vocab_size=512, max_position_embeddings=512)),
+}
+METHODS = ("hf", "hf-static-compile", "fast")
+
+
+@dataclass
+class Row:
+    shape: str
+    method: str
+    batch: int
+    tokens_per_s: float | None = None
+    ms_per_step: float | None = None
+    floor_ms_per_step: float | None = None
+    peak_mem_gib: float | None = None
+    speedup_vs_hf: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    device: str
+    dtype: str
+    prompt_len: int
+    new_tokens: int
+    copy_bandwidth_gbs: float
+    versions: dict
+    git_sha: str
+    command: str
+    rows: list[Row] = field(default_factory=list)
+
+
+def build_model(shape: str, dtype: torch.dtype, device: torch.device):
+    """A randomly initialised model of ``shape`` (see :data:`SHAPES`)."""
+    family, kw = SHAPES[shape]
+    torch.manual_seed(0)
+    if family == "opt":
+        from transformers import OPTConfig, OPTForCausalLM
+
+        model = OPTForCausalLM(OPTConfig(**kw))
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(**kw))
+    model.generation_config.eos_token_id = None  # every row runs the full length
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write counted)."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        y.copy_(x)
+    _sync(device)
+    return 2 * nbytes * 5 / (time.perf_counter() - t0)
+
+
+def decode_floor_s(model, batch: int, context: int, dtype: torch.dtype, bandwidth: float) -> float:
+    """Seconds a decode step needs at least: every weight and the KV cache read once."""
+    weights = sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
+    cfg = model.config
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    kv = 2 * cfg.num_hidden_layers * batch * kv_heads * head_dim * context * torch.finfo(dtype).bits // 8
+    return (weights + kv) / bandwidth
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    fn()  # warm-up (and compilation)
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def run(shapes: list[str], batches: list[int], prompt_len: int, new_tokens: int, methods: list[str],
+        device: torch.device, dtype: torch.dtype, command: str = "") -> Report:
+    """Benchmark every method on every shape and batch size (see the module docstring)."""
+    from . import inference
+
+    bandwidth = copy_bandwidth(device)
+    report = Report(_device_name(device), str(dtype).replace("torch.", ""), prompt_len, new_tokens, bandwidth / 1e9,
+                    _versions(), _git_sha(), command)
+    for shape in shapes:
+        model = build_model(shape, dtype, device)
+        vocab = model.config.vocab_size
+        for batch in batches:
+            g = torch.Generator().manual_seed(batch)
+            ids = torch.randint(3, vocab, (batch, prompt_len), generator=g).to(device)
+            mask = torch.ones_like(ids)
+            floor = decode_floor_s(model, batch, prompt_len + new_tokens // 2, dtype, bandwidth)
+            hf_s = None
+            for method in methods:
+                row = Row(shape, method, batch, floor_ms_per_step=floor * 1e3)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    fn = _method(method, model, ids, mask, new_tokens, device, inference)
+                except NotImplementedError as e:
+                    row.note = str(e)
+                    report.rows.append(row)
+                    continue
+                try:
+                    seconds = _timed(fn, device)
+                finally:
+                    model.__dict__.pop("forward", None)  # undo hf-static-compile's compiled forward
+                row.tokens_per_s = batch * new_tokens / seconds
+                row.ms_per_step = seconds / new_tokens * 1e3
+                if device.type == "cuda":
+                    row.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
+                if method == "hf":
+                    hf_s = seconds
+                row.speedup_vs_hf = hf_s / seconds if hf_s else None
+                report.rows.append(row)
+        del model
+    return report
+
+
+def _method(method: str, model, ids, mask, new_tokens: int, device: torch.device, inference) -> Callable[[], object]:
+    if method == "hf":
+        return lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    if method == "hf-static-compile":
+        if device.type != "cuda":
+            raise NotImplementedError("needs CUDA (torch.compile of the static-cache decode step)")
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        return lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                                      cache_implementation="static")
+    if method == "fast":
+        reason = inference.supported(model, max_length=ids.shape[1] + new_tokens)
+        if reason:
+            raise NotImplementedError(reason)
+        layout = inference.build_layout(model)
+        return lambda: inference.generate(layout, ids, mask, max_new_tokens=new_tokens, do_sample=False,
+                                          eos_token_id=None, pad_token_id=0)
+    raise ValueError(f"method: {method!r} is not allowed; allowed: {', '.join(METHODS)}")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _versions() -> dict:
+    import transformers
+
+    from . import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "rlhf-hybrid": __version__}
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def to_json(report: Report) -> str:
+    return json.dumps(asdict(report), indent=2)

@@ -1,0 +1,25 @@
+"""`rlhf bench generate` runs end to end on the CPU (tiny shape) and writes a complete report;
+the GPU sizes are the same code with bigger numbers (docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+
+
+def test_bench_generate_tiny(rlhf, explain, tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    proc = rlhf(["bench", "generate", "--shape", "tiny", "--batch", "2", "--batch", "3", "--prompt-len", "8",
+                 "--new-tokens", "8", "--out", out], timeout=300)
+    assert proc.returncode == 0, explain(proc)
+    r = json.loads(out.read_text())
+    assert r["prompt_len"] == 8 and r["new_tokens"] == 8 and r["copy_bandwidth_gbs"] > 0
+    assert r["versions"]["torch"] and r["git_sha"] and "bench generate" in r["command"]
+    rows = {(x["method"], x["batch"]): x for x in r["rows"]}
+    assert set(rows) == {(m, b) for m in ("hf", "hf-static-compile", "fast") for b in (2, 3)}
+    for b in (2, 3):
+        for m in ("hf", "fast"):
+            assert rows[(m, b)]["tokens_per_s"] > 0 and rows[(m, b)]["ms_per_step"] > 0, rows[(m, b)]
+        assert rows[("hf", b)]["speedup_vs_hf"] == 1.0
+        assert "needs CUDA" in rows[("hf-static-compile", b)]["note"]  # said, not silently skipped
+    bad = rlhf(["bench", "generate", "--shape", "gpt-5"], timeout=60)
+    assert bad.returncode == 2 and "--shape: 'gpt-5' is not allowed" in bad.stderr
