@@ -1,6 +1,10 @@
-"""Two gloo ranks under ZeRO-3 (every parameter sharded): the fast generation path gathers the
-shards collectively, then each rank generates its own prompts; greedy tokens must equal HF
-``generate`` on the unsharded weights. Spawned processes (CPU, gloo)."""
+"""Two gloo ranks under ZeRO-3 (every parameter sharded), spawned processes on the CPU.
+
+The fast generation path gathers the shards collectively, then generates; with
+``inference_tp_size=2`` the two ranks also split every layer's heads and MLP between them and
+generate both ranks' prompts together. Either way each rank's greedy tokens must equal HF
+``generate`` on the unsharded weights for its own prompts.
+"""
 
 from __future__ import annotations
 
@@ -14,32 +18,44 @@ import torch.multiprocessing as mp
 PAD, EOS, VOCAB, NEW = 0, 1, 97, 24
 
 
-def tiny_llama():
+def tiny_model(family: str):
+    torch.manual_seed(0)
+    if family == "opt":
+        from transformers import OPTConfig, OPTForCausalLM
+
+        cfg = OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                        word_embed_proj_dim=32, max_position_embeddings=64, pad_token_id=PAD, eos_token_id=EOS,
+                        bos_token_id=EOS)
+        return OPTForCausalLM(cfg).eval()
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=False, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None)
     return LlamaForCausalLM(cfg).eval()
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def prompts(rank: int):
+    from rlhf_hybrid.testing import ragged_prompts
+
+    return ragged_prompts(VOCAB, (5, 2, 7) if rank == 0 else (3, 6, 1), pad=PAD, low=2, seed=rank + 1)
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, family: str, tp: int) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     from rlhf_hybrid import EngineConfig, HybridEngine, init_distributed
-    from rlhf_hybrid.testing import ragged_prompts
 
     init_distributed()
-    engine = HybridEngine(tiny_llama(), EngineConfig(zero_stage=3, micro_batch_size=3, generation="fast"))
-    ids, mask = ragged_prompts(VOCAB, (5, 2, 7) if rank == 0 else (3, 6, 1), pad=PAD, low=2, seed=rank + 1)
+    engine = HybridEngine(tiny_model(family), EngineConfig(zero_stage=3, micro_batch_size=3, generation="fast",
+                                                           inference_tp_size=tp))
+    ids, mask = prompts(rank)
     seqs = engine.generate(ids, mask, max_new_tokens=NEW, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
     # the shards really are shards: this rank holds part of every weight, not all of it
     numel = sum(p.ds_tensor.numel() for p in engine.module.parameters())
     full = sum(p.ds_numel for p in engine.module.parameters())
-    torch.save({"ids": ids, "mask": mask, "seqs": seqs.cpu(), "numel": numel, "full": full,
-                "path": engine.generation_used},
+    torch.save({"seqs": seqs.cpu(), "numel": numel, "full": full, "path": engine.generation_used},
                os.path.join(out_dir, f"rank{rank}.pt"))
     import torch.distributed as dist
 
@@ -54,14 +70,16 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_zero3_two_ranks_fast_greedy_matches_hf(tmp_path) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    hf = tiny_llama()
+@pytest.mark.parametrize(("family", "tp"), [("llama", 1), ("llama", 2), ("opt", 2)])
+def test_zero3_two_ranks_fast_greedy_matches_hf(tmp_path, family: str, tp: int) -> None:
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), family, tp), nprocs=2, join=True)
+    hf = tiny_model(family)
     for rank in (0, 1):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert r["numel"] < r["full"], "ZeRO-3 did not shard the parameters"
         assert r["path"] == "fast", "the engine fell back to transformers generate"
+        ids, mask = prompts(rank)
         with torch.no_grad():
-            want = hf.generate(input_ids=r["ids"], attention_mask=r["mask"], max_new_tokens=NEW, do_sample=False,
+            want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
                                eos_token_id=EOS, pad_token_id=PAD)
         assert torch.equal(r["seqs"], want), (rank, r["seqs"], want)

@@ -194,6 +194,8 @@ class RLSection:
         select: "best" keeps the checkpoint with the best validation score, "last" the final one.
         generation: "hf" (transformers generate) or "fast" (rlhf-hybrid's inference layout with a KV cache over
             rlhf-kernels ops; Llama/Mistral/Qwen2, OPT, GPT-2; other models fall back to hf with a warning).
+        inference_tp_size: with generation=fast, split the generation layout's heads and MLP over this many
+            consecutive ranks (tensor parallelism in generate mode only; training stays data-parallel).
     """
 
     iterations: int = 60
@@ -208,6 +210,7 @@ class RLSection:
     eval_every: int = 5
     select: str = "best"
     generation: str = "hf"
+    inference_tp_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -267,7 +270,7 @@ class RunConfig:
         positive = ["deepspeed.nproc", "sft.epochs", "sft.batch_size", "sft.grad_accum", "rm.epochs",
                     "rm.batch_size", "rm.grad_accum", "rl.iterations", "rl.rollout_batch_size",
                     "rl.micro_batch_size", "rl.epochs", "rl.max_new_tokens", "rl.eval_every",
-                    "pref.epochs", "pref.batch_size", "pref.grad_accum",
+                    "pref.epochs", "pref.batch_size", "pref.grad_accum", "rl.inference_tp_size",
                     "data.max_prompt_len", "data.max_response_len", "data.pairs_per_prompt"]
         for key in positive:
             value = get_key(self, key)
@@ -294,6 +297,12 @@ class RunConfig:
                 raise ConfigError(str(e)) from None  # the message names data.split
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1, got 0")
+        if self.rl.inference_tp_size > 1 and self.rl.generation != "fast":
+            raise ConfigError(f"rl.inference_tp_size: {self.rl.inference_tp_size} needs rl.generation=fast, got "
+                              f"rl.generation={self.rl.generation!r}")
+        if self.deepspeed.nproc % self.rl.inference_tp_size:
+            raise ConfigError(f"rl.inference_tp_size: {self.rl.inference_tp_size} must divide deepspeed.nproc="
+                              f"{self.deepspeed.nproc}")
         if self.rl.reward not in ("model", "verifier"):
             from rlhf_algos import available_rewards
 

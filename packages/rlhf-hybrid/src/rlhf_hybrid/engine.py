@@ -46,6 +46,10 @@ class EngineConfig:
         generation: "hf" (transformers ``generate``) or "fast" (``rlhf_hybrid.inference``: an
             inference layout with fused QKV and a preallocated KV cache over rlhf-kernels ops; a
             model it does not support falls back to "hf" with a warning naming the reason).
+        inference_tp_size: with generation="fast", split the attention heads and MLP of the
+            generation layout over this many consecutive ranks (tensor parallelism in generate mode
+            only; training stays data-parallel ZeRO). The ranks of a group generate their prompts
+            together and each gets its own rows back.
     """
 
     zero_stage: int = 0
@@ -60,6 +64,7 @@ class EngineConfig:
     decay_steps: int = 0
     optimizer: str = "adamw"
     generation: str = "hf"
+    inference_tp_size: int = 1
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,6 +82,11 @@ class EngineConfig:
             raise ValueError(f"optimizer: {self.optimizer!r} is not allowed; allowed: 'adamw', 'sgd'")
         if self.generation not in ("hf", "fast"):
             raise ValueError(f"generation: {self.generation!r} is not allowed; allowed: 'hf', 'fast'")
+        if self.inference_tp_size < 1:
+            raise ValueError(f"inference_tp_size: must be >= 1, got {self.inference_tp_size}")
+        if self.inference_tp_size > 1 and self.generation != "fast":
+            raise ValueError(f"inference_tp_size: {self.inference_tp_size} needs generation='fast', got "
+                             f"generation={self.generation!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -352,15 +362,48 @@ class HybridEngine:
         # otherwise the layout reads the training parameters themselves.
         state = self.full_state_dict() if self.cfg.zero_stage == 3 and self.engine is not None else None
         layout = inference.build_layout(self.module, state, device=self.device)
+        group = self._tp_group()
+        generator = None
+        if group is not None:
+            layout = inference.shard_layout(layout, group)
+            ids, mask, own = _tp_gather_prompts(input_ids.to(self.device), attention_mask.to(self.device), group,
+                                                pad_token_id if pad_token_id is not None else 0)
+            # the group samples in lockstep: one seed for all its ranks
+            seed = torch.randint(0, 2**62, (1,), dtype=torch.long).to(self.device)
+            import torch.distributed as dist
+
+            dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
+            generator = torch.Generator().manual_seed(int(seed))
+        else:
+            ids, mask, own = input_ids.to(self.device), attention_mask.to(self.device), None
         t1 = time.perf_counter()
         with torch.no_grad():
-            out = inference.generate(layout, input_ids.to(self.device), attention_mask.to(self.device),
-                                     max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                     top_k=top_k, top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+            out = inference.generate(layout, ids, mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                     temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                                     pad_token_id=pad_token_id, generator=generator)
+        seqs = out.sequences if own is None else _tp_own_rows(out.sequences, own, eos_token_id, pad_token_id)
         t2 = time.perf_counter()
         self.timings["gather_s"] = t1 - t0
         self.timings["generate_s"] = t2 - t1
-        return out.sequences
+        return seqs
+
+    def _tp_group(self):
+        """This rank's tensor-parallel generation group (consecutive ranks), created once (collective)."""
+        tp = self.cfg.inference_tp_size
+        if tp == 1:
+            return None
+        if getattr(self, "_tp", None) is None:
+            import torch.distributed as dist
+
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            if world % tp:
+                raise ValueError(f"inference_tp_size={tp} must divide the world size {world}")
+            rank = dist.get_rank()
+            for start in range(0, world, tp):  # every rank creates every group (new_group is collective)
+                g = dist.new_group(list(range(start, start + tp)))
+                if start <= rank < start + tp:
+                    self._tp = g
+        return self._tp
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str, tokenizer=None, is_main: bool = True) -> None:
@@ -373,6 +416,49 @@ class HybridEngine:
         state = self.full_state_dict()
         if is_main:
             save_hf_checkpoint(self.module, state, out_dir, tokenizer)
+
+
+def _tp_gather_prompts(ids: torch.Tensor, mask: torch.Tensor, group, pad: int):
+    """The prompts of every rank of ``group`` as one left-padded batch, identical on every rank.
+
+    Returns ``(ids, mask, own)``: (tp*B, P_max) each, and ``(row slice, prompt width P)`` of this rank.
+    """
+    import torch.distributed as dist
+
+    tp, r = dist.get_world_size(group), dist.get_rank(group)
+    sizes = torch.tensor([ids.shape[0], ids.shape[1]], dtype=torch.long, device=ids.device)
+    all_sizes = [torch.empty_like(sizes) for _ in range(tp)]
+    dist.all_gather(all_sizes, sizes, group=group)
+    batches = {int(s[0]) for s in all_sizes}
+    if len(batches) != 1:
+        raise ValueError(f"inference_tp_size: the ranks of a generation group must bring the same number of "
+                         f"prompts; got {sorted(int(s[0]) for s in all_sizes)}")
+    B, P = ids.shape
+    width = max(int(s[1]) for s in all_sizes)
+    left = width - P  # left padding keeps every prompt's last token in the last column
+    ids = torch.nn.functional.pad(ids, (left, 0), value=pad)
+    mask = torch.nn.functional.pad(mask, (left, 0), value=0)
+    all_ids = [torch.empty_like(ids) for _ in range(tp)]
+    all_mask = [torch.empty_like(mask) for _ in range(tp)]
+    dist.all_gather(all_ids, ids.contiguous(), group=group)
+    dist.all_gather(all_mask, mask.contiguous(), group=group)
+    return torch.cat(all_ids), torch.cat(all_mask), (slice(r * B, (r + 1) * B), P, left)
+
+
+def _tp_own_rows(seqs: torch.Tensor, own, eos_token_id, pad_token_id) -> torch.Tensor:
+    """This rank's rows of a group's generation, cut to what generating them alone would give:
+    its own prompt width, and no trailing columns after all its rows have finished."""
+    rows, P, left = own
+    mine = seqs[rows, left:]  # (B, P + R_group)
+    if eos_token_id is None:
+        return mine
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=mine.device)
+    resp = mine[:, P:]  # (B, R_group)
+    hit = torch.isin(resp, eos)
+    if not bool(hit.any(dim=1).all()):
+        return mine  # some row of this rank ran to the end
+    last = int((hit.int().argmax(dim=1) + 1).max())  # the step at which its last row emitted EOS
+    return mine[:, : P + last]
 
 
 def _plain_copy(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

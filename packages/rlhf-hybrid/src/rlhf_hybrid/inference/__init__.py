@@ -13,6 +13,7 @@ rlhf_kernels' ops (PyTorch references on CPU).
 from .adapters import SUPPORTED_CLASSES, build_layout, supported
 from .generate import GenerationOutput, generate
 from .layout import InferenceLayout, KVCache, LayerWeights
+from .tp import shard_layout
 
 __all__ = [
     "SUPPORTED_CLASSES",
@@ -22,5 +23,6 @@ __all__ = [
     "LayerWeights",
     "build_layout",
     "generate",
+    "shard_layout",
     "supported",
 ]

@@ -85,6 +85,9 @@ class InferenceLayout:
         max_positions: Largest number of positions the model supports (learned tables), or None.
         sliding_window: Attention window of the model (Mistral), or None. Generation longer than
             this is refused, since the decode attention here is not windowed.
+        tp_group: The tensor-parallel process group of a sharded layout (:func:`~.tp.shard_layout`):
+            this rank holds ``num_heads`` / ``num_kv_heads`` of the heads and a slice of the MLP,
+            and the attention-output and MLP-down projections are summed over the group. None: whole.
     """
 
     family: str
@@ -108,6 +111,7 @@ class InferenceLayout:
     rope_theta: float | None
     max_positions: int | None
     sliding_window: int | None
+    tp_group: object | None = None
 
     @property
     def dtype(self) -> torch.dtype:

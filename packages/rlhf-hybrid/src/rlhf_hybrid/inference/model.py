@@ -45,6 +45,18 @@ def _embed(layout: InferenceLayout, tokens: Tensor, positions: Tensor) -> Tensor
     return x
 
 
+def _row_parallel(layout: InferenceLayout, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``linear(x, weight, bias)`` whose input features are split over the tensor-parallel group:
+    each rank's partial product is summed over the group, then the bias is added once."""
+    if layout.tp_group is None:
+        return F.linear(x, weight, bias)
+    import torch.distributed as dist
+
+    y = F.linear(x, weight)
+    dist.all_reduce(y, group=layout.tp_group)  # collective: every rank of the group, every layer
+    return y if bias is None else y + bias
+
+
 def _mlp(layout: InferenceLayout, lw: LayerWeights, h: Tensor) -> Tensor:
     u = F.linear(h, lw.up_weight, lw.up_bias)  # (B, T, 2I) gated, else (B, T, I)
     if layout.gated_mlp:
@@ -52,7 +64,7 @@ def _mlp(layout: InferenceLayout, lw: LayerWeights, h: Tensor) -> Tensor:
         u = layout.act(gate) * up  # (B, T, I)
     else:
         u = layout.act(u)
-    return F.linear(u, lw.down_weight, lw.down_bias)  # (B, T, H)
+    return _row_parallel(layout, u, lw.down_weight, lw.down_bias)  # (B, T, H)
 
 
 def _qkv(layout: InferenceLayout, lw: LayerWeights, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -73,7 +85,7 @@ def _blocks(layout: InferenceLayout, x: Tensor, positions: Tensor, rope: tuple[T
         q, k, v = _qkv(layout, lw, h)
         if rope is not None:
             apply_rotary_(q, k, rope[0], rope[1], positions)  # in place, on views of the qkv output
-        a = F.linear(attend(i, lw, q, k, v), lw.o_weight, lw.o_bias)  # (B, T, H)
+        a = _row_parallel(layout, attend(i, lw, q, k, v), lw.o_weight, lw.o_bias)  # (B, T, H)
         if layout.norm_before:
             # Fused residual add + norm: x <- x + a, h = norm2(x).
             h, x = _norm(layout, a, lw.norm2_weight, lw.norm2_bias, residual=x)
