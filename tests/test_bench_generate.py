@@ -23,3 +23,19 @@ def test_bench_generate_tiny(rlhf, explain, tmp_path) -> None:
         assert "needs CUDA" in rows[("hf-static-compile", b)]["note"]  # said, not silently skipped
     bad = rlhf(["bench", "generate", "--shape", "gpt-5"], timeout=60)
     assert bad.returncode == 2 and "--shape: 'gpt-5' is not allowed" in bad.stderr
+
+
+def test_bench_ppo_tiny(rlhf, explain, tmp_path) -> None:
+    out = tmp_path / "ppo.json"
+    proc = rlhf(["bench", "ppo", "--batch", "2", "--prompt-len", "4", "--new-tokens", "4", "--iterations", "1",
+                 "--out", out], timeout=300)
+    assert proc.returncode == 0, explain(proc)
+    r = json.loads(out.read_text())
+    assert (r["actor_shape"], r["critic_shape"], r["batch"], r["iterations"]) == ("tiny", "tiny-critic", 2, 1)
+    modes = [row["mode"] for row in r["rows"]]
+    assert modes == ["baseline (hf generate)", "hybrid (fast generate)"]
+    for row in r["rows"]:
+        assert row["samples_per_s"] > 0 and row["generate_s"] > 0 and row["train_s"] > 0, row
+    assert r["rows"][0]["speedup_vs_baseline"] == 1.0
+    bad = rlhf(["bench", "ppo", "--zero-stage", "5"], timeout=60)
+    assert bad.returncode == 2 and "--zero-stage: 5 is not allowed" in bad.stderr

@@ -379,6 +379,70 @@ def bench_generate(
         out.write_text(bench.to_json(report))
 
 
+@bench_app.command(
+    "ppo",
+    help="Full PPO iterations (generate, score, learn) with our generate mode against the baseline built in the "
+    "same run from transformers generate + DeepSpeed ZeRO training (what DeepSpeed-Chat does without its hybrid "
+    "engine): samples/s and the phase breakdown. Defaults: on a GPU an OPT-1.3B-shape actor with OPT-350m-shape "
+    "critic and reward model, batch 64, 256 + 256 tokens, bf16, ZeRO-2; on a CPU tiny shapes.",
+)
+def bench_ppo(
+    actor_shape: str = typer.Option(None, "--actor-shape", help="opt-1.3b, llama-3.2-1b or tiny."),
+    critic_shape: str = typer.Option(None, "--critic-shape", help="opt-350m or tiny-critic (critic and reward model)."),
+    batch: int = typer.Option(None, "--batch", help="Prompts per iteration (default 64 on GPU, 4 on CPU)."),
+    prompt_len: int = typer.Option(None, "--prompt-len", help="Prompt tokens (default 256 on GPU, 8 on CPU)."),
+    new_tokens: int = typer.Option(None, "--new-tokens", help="Answer tokens (default 256 on GPU, 8 on CPU)."),
+    iterations: int = typer.Option(3, "--iterations", help="Timed iterations after one warm-up."),
+    zero_stage: int = typer.Option(None, "--zero-stage", help="DeepSpeed ZeRO stage (default 2 on GPU, 0 on CPU)."),
+    dtype: str = typer.Option(None, "--dtype", help="bf16 or fp32 (default bf16 on GPU, fp32 on CPU)."),
+    out: Path = typer.Option(None, "--out", help="Also write the report as JSON here."),
+) -> None:
+    _quiet_libraries()
+    import torch
+    from rlhf_hybrid import bench
+
+    gpu = torch.cuda.is_available()
+    actor_shape = actor_shape or ("opt-1.3b" if gpu else "tiny")
+    critic_shape = critic_shape or ("opt-350m" if gpu else "tiny-critic")
+    for opt, v in (("--actor-shape", actor_shape), ("--critic-shape", critic_shape)):
+        if v not in bench.SHAPES:
+            _fail(f"{opt}: {v!r} is not allowed; allowed: {', '.join(bench.SHAPES)}")
+    dtype = dtype or ("bf16" if gpu else "fp32")
+    if dtype not in ("bf16", "fp32"):
+        _fail(f"--dtype: {dtype!r} is not allowed; allowed: bf16, fp32")
+    zero_stage = (2 if gpu else 0) if zero_stage is None else zero_stage
+    if zero_stage not in (0, 1, 2, 3):
+        _fail(f"--zero-stage: {zero_stage} is not allowed; allowed: 0, 1, 2, 3")
+    batch, prompt_len, new_tokens = batch or (64 if gpu else 4), prompt_len or (256 if gpu else 8), new_tokens or (
+        256 if gpu else 8)
+    for opt, v in (("--batch", batch), ("--prompt-len", prompt_len), ("--new-tokens", new_tokens),
+                   ("--iterations", iterations)):
+        if v < 1:
+            _fail(f"{opt}: must be >= 1, got {v}")
+    if not os.environ.get("DS_ACCELERATOR") and not gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    from . import bench_ppo as bp
+
+    report = bp.run(actor_shape, critic_shape, batch, prompt_len, new_tokens, iterations, zero_stage,
+                     {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype],
+                     torch.device("cuda" if gpu else "cpu"), " ".join(sys.argv))
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"PPO on {report.device}: actor {actor_shape}, critic/reward {critic_shape}, batch {batch}, "
+                    f"{prompt_len}+{new_tokens} tokens, ZeRO-{zero_stage}, {dtype}")
+    for col in ("mode", "samples/s", "s/iteration", "gather s", "generate s", "score s", "train s", "peak GiB",
+                "vs baseline"):
+        t.add_column(col, justify="left" if col == "mode" else "right")
+    for r in report.rows:
+        t.add_row(r.mode, f"{r.samples_per_s:.2f}", f"{r.iteration_s:.3f}", f"{r.gather_s:.3f}", f"{r.generate_s:.3f}",
+                  f"{r.score_s:.3f}", f"{r.train_s:.3f}", "-" if r.peak_mem_gib is None else f"{r.peak_mem_gib:.2f}",
+                  f"{r.speedup_vs_baseline:.2f}")
+    Console().print(t)
+    if out:
+        out.write_text(bp.to_json(report))
+
+
 @app.command(help="Print the versions and devices this installation sees.")
 def env() -> None:
     import platform

@@ -28,6 +28,12 @@ SHAPES = {
     "llama-3.2-1b": ("llama", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                                    num_key_value_heads=8, intermediate_size=8192, vocab_size=128256,
                                    max_position_embeddings=4096, tie_word_embeddings=True)),
+    # facebook/opt-350m: 24 layers, hidden 1024, 16 heads, FFN 4096, 512-wide embeddings, post-norm
+    "opt-350m": ("opt", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
+                             vocab_size=50272, word_embed_proj_dim=512, do_layer_norm_before=False,
+                             max_position_embeddings=2048)),
+    "tiny-critic": ("llama", dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                  intermediate_size=64, vocab_size=512, max_position_embeddings=512)),
     "tiny": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            intermediate_size=128, vocab_size=512, max_position_embeddings=512)),
 }

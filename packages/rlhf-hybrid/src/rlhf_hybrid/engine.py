@@ -311,6 +311,7 @@ class HybridEngine:
                                        temperature=temperature, top_k=top_k, top_p=top_p,
                                        eos_token_id=eos_token_id, pad_token_id=pad_token_id)
             if seqs is not None:
+                self._record_peak_memory()
                 self.generation_used = "fast"
                 if was_training:
                     self.module.train()
@@ -338,6 +339,7 @@ class HybridEngine:
         self.timings["gather_s"] = t1 - t0
         self.timings["generate_s"] = t2 - t1
         self.generation_used = "hf"
+        self._record_peak_memory()
         if was_training:
             self.module.train()
         return seqs
@@ -386,6 +388,11 @@ class HybridEngine:
         self.timings["gather_s"] = t1 - t0
         self.timings["generate_s"] = t2 - t1
         return seqs
+
+    def _record_peak_memory(self) -> None:
+        """``timings["peak_mem_gib"]``: the device's peak allocated memory so far (CUDA only)."""
+        if self.device.type == "cuda":
+            self.timings["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
 
     def _tp_group(self):
         """This rank's tensor-parallel generation group (consecutive ranks), created once (collective)."""
