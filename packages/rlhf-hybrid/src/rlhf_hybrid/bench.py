@@ -199,9 +199,12 @@ def _versions() -> dict:
 
 
 def _git_sha() -> str:
+    """The commit of the checkout this package was imported from ("unknown" for an installed wheel)."""
+    from pathlib import Path
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
