@@ -197,7 +197,7 @@ def _save(ctx: Context, engine, stage: str, tokenizer, metrics: dict) -> None:
     """Write ``<out>/<stage>`` atomically: model, tokenizer, run card (collective under ZeRO-3)."""
     from rlhf_hybrid import save_hf_checkpoint
 
-    state = engine.full_state_dict()
+    state = engine.export_state_dict()
     if ctx.is_main:
         jsonl = ctx.out / f".{stage}.metrics.jsonl"
         extra = {"run_card.json": _run_card(ctx, stage, metrics)}

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .lora import has_lora, merged_state_dict
 from .models import ValueModel, last_token_index, position_ids_from_mask
 
 log = logging.getLogger(__name__)
@@ -318,7 +319,7 @@ class HybridEngine:
                 return seqs
         t0 = time.perf_counter()
         if self.cfg.zero_stage == 3 and self.engine is not None:
-            state = self.full_state_dict()
+            state = self.export_state_dict()  # plain keys: LoRA adapters (if any) fused
             model = _plain_copy(self.module, state)
         else:
             model = self.module
@@ -363,6 +364,8 @@ class HybridEngine:
         # Under ZeRO-3 the shards are gathered once (collective) into full tensors the layout uses;
         # otherwise the layout reads the training parameters themselves.
         state = self.full_state_dict() if self.cfg.zero_stage == 3 and self.engine is not None else None
+        if has_lora(self.module):  # adapters fused into new weight tensors for this rollout (see .lora)
+            state = merged_state_dict(self.module, state)
         layout = inference.build_layout(self.module, state, device=self.device)
         group = self._tp_group()
         generator = None
@@ -420,9 +423,15 @@ class HybridEngine:
         """
         from .checkpoint import save_hf_checkpoint
 
-        state = self.full_state_dict()
+        state = self.export_state_dict()
         if is_main:
             save_hf_checkpoint(self.module, state, out_dir, tokenizer)
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full state dict as a plain HF model has it: LoRA adapters (if any) fused into the
+        weights. Collective under ZeRO-3."""
+        state = self.full_state_dict()
+        return merged_state_dict(self.module, state) if has_lora(self.module) else state
 
 
 def _tp_gather_prompts(ids: torch.Tensor, mask: torch.Tensor, group, pad: int):
@@ -474,7 +483,11 @@ def _plain_copy(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 
     config = copy.deepcopy(module.config)
     model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
-    model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # only a tied output embedding may be absent from the state; anything else is a bug, not a warning
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False))]
+    if missing or unexpected:
+        raise KeyError(f"generation copy: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     model.tie_weights()
     if hasattr(module, "generation_config"):
         model.generation_config = copy.deepcopy(module.generation_config)
