@@ -46,19 +46,12 @@ class PPOReport:
     rows: list[PPORow] = field(default_factory=list)
 
 
-class _Reward:
-    def __init__(self, engine) -> None:
-        self.engine = engine
-
-    @torch.no_grad()
-    def __call__(self, sequences, attention_mask, prompt_len, meta):
-        return self.engine.score(sequences, attention_mask)
-
-
 def run(actor_shape: str, critic_shape: str, batch: int, prompt_len: int, new_tokens: int, iterations: int,
         zero_stage: int, dtype: torch.dtype, device: torch.device, command: str = "") -> PPOReport:
     from rlhf_algos import PPO, PPOConfig
     from rlhf_hybrid import EngineConfig, HybridEngine, ValueModel, bench, init_distributed
+
+    from .pipeline import ModelReward
 
     init_distributed()
     report = PPOReport(bench._device_name(device), str(dtype).replace("torch.", ""), actor_shape, critic_shape, batch,
@@ -74,7 +67,7 @@ def run(actor_shape: str, critic_shape: str, batch: int, prompt_len: int, new_to
         reward = HybridEngine(ValueModel(bench.build_model(critic_shape, dtype, device)), cfg(5e-6, "hf"),
                               trainable=False)
         algo = PPO(PPOConfig(max_new_tokens=new_tokens, micro_batch_size=batch), actor=actor, reference=reference,
-                   critic=critic, reward_fn=_Reward(reward), eos_token_id=None, pad_token_id=0)
+                   critic=critic, reward_fn=ModelReward(reward), eos_token_id=None, pad_token_id=0)
         g = torch.Generator().manual_seed(0)
         vocab = actor.module.config.vocab_size
         prompts = torch.randint(3, vocab, (batch, prompt_len), generator=g)
