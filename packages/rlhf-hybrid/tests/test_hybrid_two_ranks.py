@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -72,7 +74,13 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize(("family", "tp"), [("llama", 1), ("llama", 2), ("opt", 2)])
 def test_zero3_two_ranks_fast_greedy_matches_hf(tmp_path, family: str, tp: int) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), family, tp), nprocs=2, join=True)
+    # This file runs as a script (see the bottom) so that the spawned ranks can import `_worker`
+    # from __main__ whatever import mode pytest used for this module.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path), family, str(tp)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
     hf = tiny_model(family)
     for rank in (0, 1):
         r = torch.load(tmp_path / f"rank{rank}.pt")
@@ -83,3 +91,7 @@ def test_zero3_two_ranks_fast_greedy_matches_hf(tmp_path, family: str, tp: int) 
             want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
                                eos_token_id=EOS, pad_token_id=PAD)
         assert torch.equal(r["seqs"], want), (rank, r["seqs"], want)
+
+
+if __name__ == "__main__":
+    mp.spawn(_worker, args=(2, _free_port(), sys.argv[1], sys.argv[2], int(sys.argv[3])), nprocs=2, join=True)
