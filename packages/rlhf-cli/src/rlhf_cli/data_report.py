@@ -36,17 +36,34 @@ def tiny_vocab_size(cfg: RunConfig) -> int:
     return cfg.model.tokenizer_vocab_size or (320 if cfg.data.sources == "demo" else 2048)
 
 
+def load_stage_data(cfg: RunConfig):
+    """The run's per-stage datasets (``rlhf_data.StageData``) from the ``data.*`` keys; ``rlhf run``
+    and ``rlhf data inspect`` both load through here, so they see the same data."""
+    from rlhf_data import build_stage_data
+
+    d = cfg.data
+    sizes = {"sft": d.sft_samples, "rm": d.rm_samples, "rl": d.rl_samples}
+    return build_stage_data(d.sources, split=d.split or None, seed=cfg.seed, eval_fraction=d.eval_fraction,
+                            max_eval=d.max_eval, sizes={k: v for k, v in sizes.items() if v},
+                            source_options={"demo": d.demo_options()})
+
+
+def tokenize_config(cfg: RunConfig):
+    """The ``rlhf_data.TokenizeConfig`` of the ``data.*`` length keys."""
+    from rlhf_data import TokenizeConfig
+
+    d = cfg.data
+    return TokenizeConfig(max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len, truncation=d.truncation)
+
+
 def inspect_data(cfg: RunConfig, tokenizer_name: str | None, examples: int = 3, console: Console | None = None) -> None:
-    from rlhf_data import TokenizeConfig, build_stage_data, histogram, inspect_stage_data
+    from rlhf_data import histogram, inspect_stage_data
 
     console = console or Console()
     d = cfg.data
-    sizes = {"sft": d.sft_samples, "rm": d.rm_samples, "rl": d.rl_samples}
-    data = build_stage_data(d.sources, split=d.split or None, seed=cfg.seed, eval_fraction=d.eval_fraction,
-                            max_eval=d.max_eval, sizes={k: v for k, v in sizes.items() if v},
-                            source_options={"demo": d.demo_options()})
+    data = load_stage_data(cfg)
     tok = load_inspection_tokenizer(cfg, tokenizer_name, data.corpus)
-    tc = TokenizeConfig(max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len, truncation=d.truncation)
+    tc = tokenize_config(cfg)
 
     src = Table(title=f"data.sources = {d.sources}   split = {d.split or 'source default'}   seed = {cfg.seed}")
     for col in ("source", "format", "rows read", "dropped rows", "weight", "sft", "rm", "rl", "held out"):

@@ -64,13 +64,9 @@ def _data(ctx: Context):
     if ctx.data is None:
         import json
 
-        from rlhf_data import build_stage_data
+        from .data_report import load_stage_data
 
-        d = ctx.cfg.data
-        sizes = {"sft": d.sft_samples, "rm": d.rm_samples, "rl": d.rl_samples}
-        ctx.data = build_stage_data(d.sources, split=d.split or None, seed=ctx.cfg.seed, eval_fraction=d.eval_fraction,
-                                    max_eval=d.max_eval, sizes={k: v for k, v in sizes.items() if v},
-                                    source_options={"demo": d.demo_options()})
+        ctx.data = load_stage_data(ctx.cfg)
         report = ctx.data.report_dict()
         if ctx.is_main:
             from rlhf_hybrid import write_json_atomic
@@ -85,25 +81,19 @@ def _data(ctx: Context):
     return ctx.data
 
 
-def _tok_cfg(cfg: RunConfig):
-    from rlhf_data import TokenizeConfig
-
-    d = cfg.data
-    return TokenizeConfig(max_prompt_len=d.max_prompt_len, max_response_len=d.max_response_len,
-                          truncation=d.truncation)
-
-
 def _tokenized(ctx: Context, tokenizer, records: list, stage: str, what: str, stats: dict) -> list[dict]:
     """Tokenize ``records`` for ``stage`` (cached by content), record the length-limit counts in
     ``stats[what]`` and say when samples were truncated or dropped."""
     from rlhf_data import default_cache_dir, tokenize_records
+
+    from .data_report import tokenize_config
 
     d = ctx.cfg.data
     if not records:
         raise PipelineError(f"data: no {what} samples (data.sources={d.sources!r}, data.split={d.split!r}); "
                             f"`rlhf data inspect` shows what each source gives each stage")
     cache = (Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()) if d.cache else None
-    out = tokenize_records(tokenizer, records, stage, _tok_cfg(ctx.cfg), cache_dir=cache)
+    out = tokenize_records(tokenizer, records, stage, tokenize_config(ctx.cfg), cache_dir=cache)
     c = out.stats.counts()
     stats[what] = c | {"cache_hit": out.stats.cache_hit}
     cut = {k: v for k, v in c.items() if k.startswith(("truncated", "dropped")) and v}
