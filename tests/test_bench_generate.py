@@ -15,14 +15,22 @@ def test_bench_generate_tiny(rlhf, explain, tmp_path) -> None:
     assert r["prompt_len"] == 8 and r["new_tokens"] == 8 and r["copy_bandwidth_gbs"] > 0
     assert r["versions"]["torch"] and r["git_sha"] and "bench generate" in r["command"]
     rows = {(x["method"], x["batch"]): x for x in r["rows"]}
-    assert set(rows) == {(m, b) for m in ("hf", "hf-static-compile", "fast") for b in (2, 3)}
+    engine_methods = ("fast-zero2", "fast-zero3", "fast-zero3-int8")
+    assert set(rows) == {(m, b) for m in ("hf", "hf-static-compile", "fast", *engine_methods) for b in (2, 3)}
     for b in (2, 3):
-        for m in ("hf", "fast"):
+        for m in ("hf", "fast", *engine_methods):
             assert rows[(m, b)]["tokens_per_s"] > 0 and rows[(m, b)]["ms_per_step"] > 0, rows[(m, b)]
         assert rows[("hf", b)]["speedup_vs_hf"] == 1.0
         assert "needs CUDA" in rows[("hf-static-compile", b)]["note"]  # said, not silently skipped
+    train = {x["method"]: x for x in r["train_rows"]}
+    assert set(train) == {"plain-amp", "zero2", "zero3"}
+    assert all(x["ms_per_step"] > 0 and (x["batch"], x["seq_len"]) == (2, 32) for x in train.values())
+    assert train["plain-amp"]["ratio_vs_plain"] == 1.0
+    assert abs(train["zero2"]["ratio_vs_plain"] - train["zero2"]["ms_per_step"] / train["plain-amp"]["ms_per_step"]) < 1e-9
     bad = rlhf(["bench", "generate", "--shape", "gpt-5"], timeout=60)
     assert bad.returncode == 2 and "--shape: 'gpt-5' is not allowed" in bad.stderr
+    bad = rlhf(["bench", "generate", "--train-method", "zero4"], timeout=60)
+    assert bad.returncode == 2 and "--train-method: 'zero4' is not allowed" in bad.stderr
 
 
 def test_bench_ppo_tiny(rlhf, explain, tmp_path) -> None:

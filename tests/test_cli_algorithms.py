@@ -51,3 +51,18 @@ def test_offline_stage_on_the_demo_pairs(sft_out, algo, rlhf, explain) -> None:
 def test_stage_and_algo_must_agree(rlhf, tmp_path) -> None:
     proc = rlhf(["run", "--stage", "grpo", "--algo", "dpo", "--out", tmp_path], timeout=60)
     assert proc.returncode == 2 and "--algo: 'dpo' contradicts --stage grpo" in proc.stderr
+
+
+def test_grpo_under_zero3_with_int8_gathered_fast_generation(sft_out, rlhf, explain) -> None:
+    """rl.gather_quantization=int8: the actor's ZeRO-3 shards travel int8 on the wire, one all-gather
+    per layer, and the metrics say so."""
+    proc = rlhf(["run", "--stage", "grpo", "--out", sft_out, *TINY, "rl.reward=addition", "algo.samples_per_prompt=2",
+                 "deepspeed.zero_stage=3", "rl.generation=fast", "rl.gather_quantization=int8"], timeout=600)
+    assert proc.returncode == 0, explain(proc)
+    rows = [json.loads(x) for x in (sft_out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if r.get("iteration", 0) > 0]
+    assert len(trained) == 2
+    for r in trained:
+        assert r["gather_collectives"] == 3  # 2 decoder layers + embeddings/final norm/head
+        assert r["gather_sent_mib"] == 0  # a world of one sends nothing to other ranks ...
+        assert r["layout_copied_mib"] > 0  # ... but the layout is built from gathered (dequantized) copies

@@ -200,6 +200,10 @@ def test_atomic_dir_replaces_only_on_success(tmp_path) -> None:
         ({"micro_batch_size": 0}, ["micro_batch_size", ">= 1"]),
         ({"grad_accum": 0}, ["grad_accum", ">= 1"]),
         ({"offload_optimizer": True, "zero_stage": 0}, ["offload_optimizer", "zero_stage"]),
+        ({"gather_quantization": "int2"}, ["gather_quantization", "'int2'", "'int8'"]),
+        ({"gather_quantization": "int8", "zero_stage": 2, "generation": "fast"},
+         ["gather_quantization", "zero_stage=3", "zero_stage=2"]),
+        ({"gather_quantization": "int8", "zero_stage": 3}, ["gather_quantization", "generation='fast'"]),
     ],
 )
 def test_engine_config_rejects_bad_values(kwargs: dict, needles: list[str]) -> None:

@@ -4,6 +4,10 @@ The fast generation path gathers the shards collectively, then generates; with
 ``inference_tp_size=2`` the two ranks also split every layer's heads and MLP between them and
 generate both ranks' prompts together. Either way each rank's greedy tokens must equal HF
 ``generate`` on the unsharded weights for its own prompts.
+
+The gather itself (one all-gather per layer, rlhf_hybrid.gather) is checked against DeepSpeed's own
+GatheredParameters: exactly equal, and through the int8 wire format within half a quantization
+step of it, with a quarter of the bytes sent.
 """
 
 from __future__ import annotations
@@ -57,8 +61,28 @@ def _worker(rank: int, world: int, port: int, out_dir: str, family: str, tp: int
     # the shards really are shards: this rank holds part of every weight, not all of it
     numel = sum(p.ds_tensor.numel() for p in engine.module.parameters())
     full = sum(p.ds_numel for p in engine.module.parameters())
-    torch.save({"seqs": seqs.cpu(), "numel": numel, "full": full, "path": engine.generation_used},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    result = {"seqs": seqs.cpu(), "numel": numel, "full": full, "path": engine.generation_used,
+              "collectives": engine.timings["gather_collectives"]}
+    if tp == 1:
+        import dataclasses
+
+        from rlhf_hybrid.gather import gather_full_params
+        from rlhf_hybrid.inference import fused_groups
+
+        reference = engine.full_state_dict()  # DeepSpeed's GatheredParameters, one parameter at a time
+        fused = fused_groups(engine.module)
+        exact, s0 = gather_full_params(engine.module, fused=fused)
+        q8, s8 = gather_full_params(engine.module, fused=fused, quantization="int8")
+        result["exact_equal"] = all(torch.equal(exact[k], reference[k]) for k in exact)
+        result["keys_missing"] = sorted(set(reference) - set(exact) - {"lm_head.weight"})
+        result["int8_err"] = max(float((q8[k] - reference[k]).abs().max()) for k in q8)
+        result["absmax"] = max(float(reference[k].abs().max()) for k in q8)
+        result["bytes"] = (s0.bytes_sent, s8.bytes_sent, s8.bytes_unquantized)
+        engine.cfg = dataclasses.replace(engine.cfg, gather_quantization="int8")
+        q8_seqs = engine.generate(ids, mask, max_new_tokens=NEW, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+        result["int8_seqs_shape"] = tuple(q8_seqs.shape)
+        result["int8_sent_mib"] = engine.timings["gather_sent_mib"]
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     import torch.distributed as dist
 
     dist.barrier()
@@ -91,6 +115,14 @@ def test_zero3_two_ranks_fast_greedy_matches_hf(tmp_path, family: str, tp: int) 
             want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
                                eos_token_id=EOS, pad_token_id=PAD)
         assert torch.equal(r["seqs"], want), (rank, r["seqs"], want)
+        assert r["collectives"] == 3  # embeddings/head/final norm, then one per decoder layer
+        if tp == 1:
+            assert r["exact_equal"] and not r["keys_missing"]
+            # blockwise absmax int8: each element within half a step (absmax of its block / 127 / 2)
+            assert 0 < r["int8_err"] <= r["absmax"] / 254 * 1.001
+            exact_bytes, int8_bytes, unquantized = r["bytes"]
+            assert exact_bytes == unquantized and int8_bytes < 0.3 * exact_bytes  # fp32 -> int8 + scales
+            assert r["int8_seqs_shape"][0] == 3 and r["int8_sent_mib"] * 2**20 == int8_bytes
 
 
 if __name__ == "__main__":

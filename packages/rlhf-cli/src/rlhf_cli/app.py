@@ -325,16 +325,25 @@ def data_inspect(
 @bench_app.command(
     "generate",
     help="Generation throughput in one run on the same random weights: transformers generate, transformers with "
-    "a static cache + torch.compile (CUDA only), and rlhf-hybrid's fast path. Defaults: on a GPU the OPT-1.3B and "
-    "Llama-3.2-1B shapes in bf16, batch 8/32/64/128, prompt 256, 256 new tokens; on a CPU the tiny shape.",
+    "a static cache + torch.compile (CUDA only), rlhf-hybrid's fast path over the plain model, and through "
+    "HybridEngine under ZeRO-2 (layout = views of the training weights) and ZeRO-3 (gather included, exact or int8). "
+    "Then train mode: one optimizer step under ZeRO-2/ZeRO-3 against a plain PyTorch bf16-autocast step of the same "
+    "model and batch. Defaults: on a GPU the OPT-1.3B and Llama-3.2-1B shapes in bf16, batch 8/32/64/128, prompt "
+    "256, 256 new tokens, train batch 8 x 512; on a CPU the tiny shape.",
 )
 def bench_generate(
     shape: list[str] = typer.Option(None, "--shape", help="opt-1.3b, llama-3.2-1b or tiny (repeatable)."),
     batch: list[int] = typer.Option(None, "--batch", help="Batch sizes (repeatable)."),
     prompt_len: int = typer.Option(None, "--prompt-len", help="Prompt tokens (default 256 on GPU, 16 on CPU)."),
     new_tokens: int = typer.Option(None, "--new-tokens", help="Generated tokens (default 256 on GPU, 16 on CPU)."),
-    method: list[str] = typer.Option(None, "--method", help="hf, hf-static-compile, fast (repeatable; default all)."),
+    method: list[str] = typer.Option(None, "--method", help="hf, hf-static-compile, fast, fast-zero2, fast-zero3, "
+                                     "fast-zero3-int8 (repeatable; default all)."),
     dtype: str = typer.Option(None, "--dtype", help="bf16 or fp32 (default bf16 on GPU, fp32 on CPU)."),
+    train_method: list[str] = typer.Option(None, "--train-method", help="plain-amp, zero2, zero3 (repeatable; default "
+                                           "all; 'none' skips the train-mode table). plain-amp is the baseline."),
+    train_batch: int = typer.Option(None, "--train-batch", help="Train-mode batch (default 8 on GPU, 2 on CPU)."),
+    train_seq_len: int = typer.Option(None, "--train-seq-len", help="Train-mode tokens per row (default 512 on GPU, "
+                                      "32 on CPU)."),
     out: Path = typer.Option(None, "--out", help="Also write the report as JSON here."),
 ) -> None:
     _quiet_libraries()
@@ -354,12 +363,23 @@ def bench_generate(
             _fail(f"--method: {m!r} is not allowed; allowed: {', '.join(bench.METHODS)}")
     if dtype not in ("bf16", "fp32"):
         _fail(f"--dtype: {dtype!r} is not allowed; allowed: bf16, fp32")
-    for name, v in (("--batch", min(batches)), ("--prompt-len", prompt_len or 1), ("--new-tokens", new_tokens or 1)):
+    train_methods = [] if train_method == ["none"] else (train_method or list(bench.TRAIN_METHODS))
+    for m in train_methods:
+        if m not in bench.TRAIN_METHODS:
+            _fail(f"--train-method: {m!r} is not allowed; allowed: {', '.join(bench.TRAIN_METHODS)}, none")
+    train_batch, train_seq_len = train_batch or (8 if gpu else 2), train_seq_len or (512 if gpu else 32)
+    for name, v in (("--batch", min(batches)), ("--prompt-len", prompt_len or 1), ("--new-tokens", new_tokens or 1),
+                    ("--train-batch", train_batch), ("--train-seq-len", train_seq_len)):
         if v < 1:
             _fail(f"{name}: must be >= 1, got {v}")
+    if not os.environ.get("DS_ACCELERATOR") and not gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
     device = torch.device("cuda" if gpu else "cpu")
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     report = bench.run(shapes, batches, prompt_len or (256 if gpu else 16), new_tokens or (256 if gpu else 16), methods,
-                       device, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype], " ".join(sys.argv))
+                       device, torch_dtype, " ".join(sys.argv))
+    if train_methods:
+        bench.run_train(report, shapes, train_batch, train_seq_len, train_methods, device, torch_dtype)
     from rich.console import Console
     from rich.table import Table
 
@@ -375,6 +395,13 @@ def bench_generate(
         t.add_row(r.shape, r.method, str(r.batch), f(r.tokens_per_s, ",.0f"), f(r.ms_per_step, ".2f"),
                   f(r.floor_ms_per_step, ".3f"), f(r.peak_mem_gib, ".2f"), f(r.speedup_vs_hf, ".2f"), r.note)
     Console().print(t)
+    if report.train_rows:
+        t = Table(title=f"train mode: one optimizer step, batch {train_batch} x {train_seq_len} tokens, {report.dtype}")
+        for col in ("shape", "method", "ms/step", "peak GiB", "vs plain-amp"):
+            t.add_column(col, justify="left" if col in ("shape", "method") else "right")
+        for r in report.train_rows:
+            t.add_row(r.shape, r.method, f(r.ms_per_step, ".1f"), f(r.peak_mem_gib, ".2f"), f(r.ratio_vs_plain, ".2f"))
+        Console().print(t)
     if out:
         out.write_text(bench.to_json(report))
 

@@ -196,6 +196,10 @@ class RLSection:
             rlhf-kernels ops; Llama/Mistral/Qwen2, OPT, GPT-2; other models fall back to hf with a warning).
         inference_tp_size: with generation=fast, split the generation layout's heads and MLP over this many
             consecutive ranks (tensor parallelism in generate mode only; training stays data-parallel).
+        gather_quantization: with generation=fast and deepspeed.zero_stage=3, how the actor's shards travel when
+            gathered for a rollout (one all-gather per layer): "none" (exact), "int8" or "int4" (blockwise
+            quantized on the wire, ZeRO++ style; generation then samples from weights within half a quantization
+            step of the trained ones).
     """
 
     iterations: int = 60
@@ -211,6 +215,7 @@ class RLSection:
     select: str = "best"
     generation: str = "hf"
     inference_tp_size: int = 1
+    gather_quantization: str = "none"
 
 
 @dataclass(frozen=True)
@@ -262,6 +267,7 @@ class RunConfig:
             ("deepspeed.dtype", self.deepspeed.dtype, ("fp32", "bf16", "fp16")),
             ("rl.select", self.rl.select, ("best", "last")),
             ("rl.generation", self.rl.generation, ("hf", "fast")),
+            ("rl.gather_quantization", self.rl.gather_quantization, ("none", "int8", "int4")),
             ("pref.select", self.pref.select, ("best", "last")),
         ]
         for key, value, allowed in checks:
@@ -300,6 +306,10 @@ class RunConfig:
         if self.rl.inference_tp_size > 1 and self.rl.generation != "fast":
             raise ConfigError(f"rl.inference_tp_size: {self.rl.inference_tp_size} needs rl.generation=fast, got "
                               f"rl.generation={self.rl.generation!r}")
+        if self.rl.gather_quantization != "none" and (self.rl.generation != "fast" or self.deepspeed.zero_stage != 3):
+            raise ConfigError(f"rl.gather_quantization: {self.rl.gather_quantization!r} needs rl.generation=fast and "
+                              f"deepspeed.zero_stage=3 (only ZeRO-3 gathers weights for generation); got "
+                              f"rl.generation={self.rl.generation!r}, deepspeed.zero_stage={self.deepspeed.zero_stage}")
         if self.deepspeed.nproc % self.rl.inference_tp_size:
             raise ConfigError(f"rl.inference_tp_size: {self.rl.inference_tp_size} must divide deepspeed.nproc="
                               f"{self.deepspeed.nproc}")

@@ -1,9 +1,19 @@
-"""Generation benchmark: HF ``generate`` vs HF static cache + ``torch.compile`` vs the fast path.
+"""Generation benchmark: HF ``generate`` vs HF static cache + ``torch.compile`` vs the fast path,
+and train mode vs a plain PyTorch step.
 
 Every method runs in the same process on the same random weights, for each batch size, with EOS
 disabled so that every row generates exactly ``new_tokens`` tokens. Reported per method and batch:
 tokens/s, ms per decode step, the memory-bandwidth floor of a decode step (weights + KV cache read
 once, at the measured copy bandwidth), peak device memory (CUDA only) and speed-up over HF.
+
+Methods: ``hf``, ``hf-static-compile`` (CUDA only), ``fast`` (the inference layout over the plain
+model), and through a :class:`~rlhf_hybrid.HybridEngine` holding the weights as training does —
+``fast-zero2`` (ZeRO-2: the layout is views of the training weights) and ``fast-zero3`` /
+``fast-zero3-int8`` (ZeRO-3: the time includes gathering the shards, exactly or int8 on the wire).
+
+Train mode (:func:`run_train`): one optimizer step (forward, backward, AdamW) of a batch through
+HybridEngine under ZeRO-2 and ZeRO-3, against a plain PyTorch mixed-precision step of the same
+model and batch (fp32 weights, bf16 autocast, torch AdamW), reported as ms/step and the ratio.
 
 ``rlhf bench generate`` is the command-line front; the issue's sizes (OPT-1.3B and Llama-3.2-1B
 shapes, batch 8-128, prompt 256, 256 new tokens) are for a GPU; ``--shape tiny`` runs anywhere.
@@ -37,7 +47,8 @@ SHAPES = {
     "tiny": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                            intermediate_size=128, vocab_size=512, max_position_embeddings=512)),
 }
-METHODS = ("hf", "hf-static-compile", "fast")
+METHODS = ("hf", "hf-static-compile", "fast", "fast-zero2", "fast-zero3", "fast-zero3-int8")
+TRAIN_METHODS = ("plain-amp", "zero2", "zero3")
 
 
 @dataclass
@@ -54,6 +65,18 @@ class Row:
 
 
 @dataclass
+class TrainRow:
+    shape: str
+    method: str
+    batch: int
+    seq_len: int
+    ms_per_step: float | None = None
+    peak_mem_gib: float | None = None
+    ratio_vs_plain: float | None = None
+    note: str = ""
+
+
+@dataclass
 class Report:
     device: str
     dtype: str
@@ -64,6 +87,7 @@ class Report:
     git_sha: str
     command: str
     rows: list[Row] = field(default_factory=list)
+    train_rows: list[TrainRow] = field(default_factory=list)
 
 
 def build_model(shape: str, dtype: torch.dtype, device: torch.device):
@@ -80,6 +104,14 @@ def build_model(shape: str, dtype: torch.dtype, device: torch.device):
         model = LlamaForCausalLM(LlamaConfig(**kw))
     model.generation_config.eos_token_id = None  # every row runs the full length
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _sync(device: torch.device) -> None:
@@ -158,6 +190,8 @@ def run(shapes: list[str], batches: list[int], prompt_len: int, new_tokens: int,
                     hf_s = seconds
                 row.speedup_vs_hf = hf_s / seconds if hf_s else None
                 report.rows.append(row)
+                fn = None  # an engine method's copy of the model goes before the next method builds its own
+                _free(device)
         del model
     return report
 
@@ -180,7 +214,98 @@ def _method(method: str, model, ids, mask, new_tokens: int, device: torch.device
         layout = inference.build_layout(model)
         return lambda: inference.generate(layout, ids, mask, max_new_tokens=new_tokens, do_sample=False,
                                           eos_token_id=None, pad_token_id=0)
+    if method.startswith("fast-zero"):
+        engine = _engine(model, int(method[len("fast-zero")]), "int8" if method.endswith("int8") else "none")
+        return lambda: engine.generate(ids, mask, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+                                       pad_token_id=0)
     raise ValueError(f"method: {method!r} is not allowed; allowed: {', '.join(METHODS)}")
+
+
+def _engine(model, stage: int, quantization: str = "none", generation: str = "fast"):
+    """A trainable HybridEngine over a copy of ``model`` (weights as training holds them: ZeRO
+    ``stage``, AdamW state allocated), in a world of one when no process group exists."""
+    import copy
+
+    from .distributed import init_distributed
+    from .engine import EngineConfig, HybridEngine
+
+    init_distributed()
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(model.parameters()).dtype, "fp32")
+    cfg = EngineConfig(zero_stage=stage, dtype=dtype, generation=generation, gather_quantization=quantization,
+                       micro_batch_size=1, max_grad_norm=0.0)
+    engine = HybridEngine(copy.deepcopy(model), cfg)
+    engine.eval()
+    return engine
+
+
+def run_train(report: Report, shapes: list[str], batch: int, seq_len: int, methods: list[str],
+              device: torch.device, dtype: torch.dtype, steps: int = 3) -> Report:
+    """Appends train-mode rows to ``report``: ms per optimizer step of ``batch`` x ``seq_len`` random
+    tokens (mean of ``steps`` after one warm-up), plain PyTorch mixed precision vs HybridEngine."""
+    for shape in shapes:
+        vocab = SHAPES[shape][1]["vocab_size"]
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, vocab, (batch, seq_len), generator=g).to(device)
+        mask = torch.ones_like(ids)
+        plain_ms = None
+        for method in methods:
+            row = TrainRow(shape, method, batch, seq_len)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            if method == "plain-amp":
+                step = _plain_amp_step(build_model(shape, torch.float32, device).train(), ids, mask, device)
+            elif method in ("zero2", "zero3"):
+                engine = _engine(build_model(shape, dtype, device), int(method[-1]), generation="hf")
+                step = _engine_step(engine, ids, mask)
+            else:
+                raise ValueError(f"train method: {method!r} is not allowed; allowed: {', '.join(TRAIN_METHODS)}")
+            step()  # warm-up: optimizer state allocated, kernels chosen
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            _sync(device)
+            row.ms_per_step = (time.perf_counter() - t0) / steps * 1e3
+            if device.type == "cuda":
+                row.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
+            if method == "plain-amp":
+                plain_ms = row.ms_per_step
+            row.ratio_vs_plain = row.ms_per_step / plain_ms if plain_ms else None
+            report.train_rows.append(row)
+            step = engine = None  # noqa: F841 — free the model before the next method
+            _free(device)
+    return report
+
+
+def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: logits (B, L, V), ids (B, L)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def _engine_step(engine, ids, mask) -> Callable[[], None]:
+    """One HybridEngine optimizer step (forward, backward, step) on the batch."""
+    engine.train()
+
+    def step() -> None:
+        engine.backward(_lm_loss(engine.logits(ids, mask), ids))
+        engine.step()
+
+    return step
+
+
+def _plain_amp_step(model, ids, mask, device: torch.device) -> Callable[[], None]:
+    """The baseline: fp32 weights, bf16 autocast forward, fp32 gradients, torch AdamW (fused on CUDA)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        _lm_loss(logits, ids).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
 
 
 def _device_name(device: torch.device) -> str:

@@ -51,6 +51,10 @@ class EngineConfig:
             generation layout over this many consecutive ranks (tensor parallelism in generate mode
             only; training stays data-parallel ZeRO). The ranks of a group generate their prompts
             together and each gets its own rows back.
+        gather_quantization: with generation="fast" and ZeRO-3, how the shards travel when they are
+            gathered for a rollout (one all-gather per layer): "none" (exact), "int8" or "int4"
+            (blockwise quantized on the wire, ZeRO++ qwZ style; the generation weights then differ
+            from the trained ones by up to half a quantization step per 128-element block).
     """
 
     zero_stage: int = 0
@@ -66,6 +70,7 @@ class EngineConfig:
     optimizer: str = "adamw"
     generation: str = "hf"
     inference_tp_size: int = 1
+    gather_quantization: str = "none"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -88,6 +93,13 @@ class EngineConfig:
         if self.inference_tp_size > 1 and self.generation != "fast":
             raise ValueError(f"inference_tp_size: {self.inference_tp_size} needs generation='fast', got "
                              f"generation={self.generation!r}")
+        if self.gather_quantization not in ("none", "int8", "int4"):
+            raise ValueError(f"gather_quantization: {self.gather_quantization!r} is not allowed; allowed: "
+                             "'none', 'int8', 'int4'")
+        if self.gather_quantization != "none" and (self.generation != "fast" or self.zero_stage != 3):
+            raise ValueError(f"gather_quantization: {self.gather_quantization!r} needs generation='fast' and "
+                             f"zero_stage=3 (only ZeRO-3 gathers weights for generation); got "
+                             f"generation={self.generation!r}, zero_stage={self.zero_stage}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -164,12 +176,16 @@ class HybridEngine:
         self.timings: dict[str, float] = {"gather_s": 0.0, "generate_s": 0.0, "train_s": 0.0}
         self.generation_used: str | None = None  # "fast" or "hf": the path the last generate() took
         module = module.to(cfg.torch_dtype)
+        fused = self._share_storage(module)
         if trainable or cfg.zero_stage == 3:
             ds = _import_deepspeed()
             conf = deepspeed_config(cfg, self.world_size, trainable)
             kwargs = {}
             if trainable:
-                params = [p for p in module.parameters() if p.requires_grad]
+                # ZeRO-1/2 flatten the parameters in this order: fused groups adjacent (see _share_storage)
+                from .inference.storage import order_for_fusion
+
+                params = order_for_fusion(((n, p) for n, p in module.named_parameters() if p.requires_grad), fused)
                 if cfg.optimizer == "sgd":
                     kwargs["optimizer"] = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
                 else:
@@ -182,11 +198,31 @@ class HybridEngine:
             self.module = self.engine.module
         else:
             self.engine = None
-            self.module = module.to(self.device)
+            self.module = module.to(self.device)  # keeps packed storage: already there when packed
         if not trainable:
             self.module.eval()
             for p in self.module.parameters():
                 p.requires_grad_(False)
+
+    def _share_storage(self, module: nn.Module) -> list[tuple[str, ...]]:
+        """Lets the fast path's inference layout be views of the training weights (ZeRO-0/1/2).
+
+        The layout fuses q/k/v and gate/up; the fused matrices are views when the parts are adjacent
+        in one storage. Under ZeRO-0 the parts are packed into one buffer here (on the device, since
+        moving a module re-allocates its parameters); ZeRO-1/2 flatten the parameters in the
+        optimizer's order, which ``__init__`` arranges. Returns the fused groups (empty when nothing
+        is to share: ZeRO-3, HF generation, LoRA or an unsupported model).
+        """
+        if self.cfg.generation != "fast" or self.cfg.zero_stage == 3:
+            return []
+        from .inference import fused_groups
+        from .inference.storage import pack_fused_params
+
+        module.to(self.device)
+        groups = fused_groups(module)
+        if self.cfg.zero_stage == 0:
+            pack_fused_params(module, groups)
+        return groups
 
     # -- modes -------------------------------------------------------------------------------
     def train(self) -> None:
@@ -350,6 +386,7 @@ class HybridEngine:
         """Generation through ``rlhf_hybrid.inference``; None (after a warning naming the reason)
         when the model is not supported, so the caller falls back to HF ``generate``."""
         from . import inference
+        from .inference.storage import layout_sharing
 
         reason = inference.supported(self.module, max_length=input_ids.shape[1] + max_new_tokens)
         if reason is not None:
@@ -361,12 +398,22 @@ class HybridEngine:
         if eos_token_id is None:  # HF falls back to the model's own EOS; do the same
             eos_token_id = getattr(getattr(self.module, "generation_config", None), "eos_token_id", None)
         t0 = time.perf_counter()
-        # Under ZeRO-3 the shards are gathered once (collective) into full tensors the layout uses;
-        # otherwise the layout reads the training parameters themselves.
-        state = self.full_state_dict() if self.cfg.zero_stage == 3 and self.engine is not None else None
+        # Under ZeRO-3 the shards are gathered once (collective, one all-gather per layer) into full
+        # tensors the layout uses; otherwise the layout reads the training parameters themselves.
+        state = None
+        if self.cfg.zero_stage == 3 and self.engine is not None:
+            from .gather import gather_full_params
+
+            state, stats = gather_full_params(self.module, fused=inference.fused_groups(self.module),
+                                              quantization=self.cfg.gather_quantization, device=self.device)
+            self.timings["gather_collectives"] = stats.collectives
+            self.timings["gather_sent_mib"] = stats.bytes_sent / 2**20
         if has_lora(self.module):  # adapters fused into new weight tensors for this rollout (see .lora)
             state = merged_state_dict(self.module, state)
         layout = inference.build_layout(self.module, state, device=self.device)
+        shared, copied = layout_sharing(layout, self.module.parameters())
+        self.timings["layout_shared_mib"] = shared / 2**20  # views of the training weights
+        self.timings["layout_copied_mib"] = copied / 2**20  # gathered (ZeRO-3), fused copies, LoRA-fused
         group = self._tp_group()
         generator = None
         if group is not None:

@@ -10,7 +10,7 @@ match HF ``generate`` on the same weights (fp32, left-padded prompts); the kerne
 rlhf_kernels' ops (PyTorch references on CPU).
 """
 
-from .adapters import SUPPORTED_CLASSES, build_layout, supported
+from .adapters import SUPPORTED_CLASSES, build_layout, fused_groups, supported
 from .generate import GenerationOutput, generate
 from .layout import InferenceLayout, KVCache, LayerWeights
 from .tp import shard_layout
@@ -22,6 +22,7 @@ __all__ = [
     "KVCache",
     "LayerWeights",
     "build_layout",
+    "fused_groups",
     "generate",
     "shard_layout",
     "supported",

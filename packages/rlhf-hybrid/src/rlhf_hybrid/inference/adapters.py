@@ -25,6 +25,8 @@ class _Adapter:
     family: str
     check: Callable[[object], str | None]
     build: Callable[[object, _Weights], InferenceLayout]
+    # config -> the parameter names the layout fuses, one tuple per fused matrix, in fused order
+    fused: Callable[[object], list[tuple[str, ...]]]
 
 
 class _Weights:
@@ -48,14 +50,39 @@ class _Weights:
         return t
 
 
+def _adjacent(parts: list[Tensor]) -> bool:
+    """Whether ``parts`` lie one after another in one storage, so that their concatenation along
+    dim 0 is a view of it (training weights packed by :func:`~.storage.pack_fused_params` or
+    flattened by DeepSpeed ZeRO-1/2 in fused order; weights gathered by :mod:`rlhf_hybrid.gather`)."""
+    first = parts[0]
+    if not all(p.is_contiguous() and p.dtype == first.dtype and p.device == first.device
+               and p.shape[1:] == first.shape[1:] for p in parts):
+        return False
+    ptr = first.untyped_storage().data_ptr()
+    offset = first.storage_offset()
+    for p in parts:
+        if p.untyped_storage().data_ptr() != ptr or p.storage_offset() != offset:
+            return False
+        offset += p.numel()
+    return True
+
+
 def _cat(*parts: Tensor | None) -> Tensor | None:
-    """Concatenates fused-projection parts along dim 0 (a copy, made once); None if all are None."""
+    """Fuses projection parts along dim 0; None if all are None.
+
+    A view of the parts' storage when they are adjacent in it (no copy: the layout then reads the
+    training weights themselves), else a copy made once per layout.
+    """
     present = [p for p in parts if p is not None]
     if not present:
         return None
     if len(present) != len(parts):
         # A bias on q but not on k, say: no supported family does this.
         raise ValueError("fused projection: some of the fused parts have a bias and some do not")
+    if _adjacent(present):
+        first = present[0]
+        rows = sum(p.shape[0] for p in present)
+        return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
     return torch.cat(present, dim=0)
 
 
@@ -99,6 +126,23 @@ def _llama_check(config) -> str | None:
     return _act_reason(getattr(config, "hidden_act", None))
 
 
+def _qkv(prefix: str, kind: str) -> tuple[str, str, str]:
+    """Names of the q, k and v projections' ``kind`` ("weight" / "bias") under ``prefix``: fused order."""
+    return prefix + "q_proj." + kind, prefix + "k_proj." + kind, prefix + "v_proj." + kind
+
+
+def _gate_up(prefix: str, kind: str) -> tuple[str, str]:
+    return prefix + "gate_proj." + kind, prefix + "up_proj." + kind
+
+
+def _llama_fused(config) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for i in range(config.num_hidden_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        out += [_qkv(a, "weight"), _qkv(a, "bias"), _gate_up(m, "weight"), _gate_up(m, "bias")]
+    return out
+
+
 def _llama_build(config, w: _Weights) -> InferenceLayout:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -108,13 +152,13 @@ def _llama_build(config, w: _Weights) -> InferenceLayout:
         a, m = p + "self_attn.", p + "mlp."
         layers.append(LayerWeights(
             norm1_weight=w[p + "input_layernorm.weight"], norm1_bias=None,
-            qkv_weight=_cat(w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]),
+            qkv_weight=_cat(*map(w.__getitem__, _qkv(a, "weight"))),
             # Qwen2 (and Llama with attention_bias=True) have q/k/v biases.
-            qkv_bias=_cat(w.get(a + "q_proj.bias"), w.get(a + "k_proj.bias"), w.get(a + "v_proj.bias")),
+            qkv_bias=_cat(*map(w.get, _qkv(a, "bias"))),
             o_weight=w[a + "o_proj.weight"], o_bias=w.get(a + "o_proj.bias"),
             norm2_weight=w[p + "post_attention_layernorm.weight"], norm2_bias=None,
-            up_weight=_cat(w[m + "gate_proj.weight"], w[m + "up_proj.weight"]),  # (2I, H) = [gate; up]
-            up_bias=_cat(w.get(m + "gate_proj.bias"), w.get(m + "up_proj.bias")),
+            up_weight=_cat(*map(w.__getitem__, _gate_up(m, "weight"))),  # (2I, H) = [gate; up]
+            up_bias=_cat(*map(w.get, _gate_up(m, "bias"))),
             down_weight=w[m + "down_proj.weight"], down_bias=w.get(m + "down_proj.bias"),
             attn_scale=head_dim**-0.5,
         ))
@@ -139,6 +183,14 @@ def _opt_check(config) -> str | None:
     return _act_reason(getattr(config, "activation_function", None))
 
 
+def _opt_fused(config) -> list[tuple[str, ...]]:
+    out: list[tuple[str, ...]] = []
+    for i in range(config.num_hidden_layers):
+        a = f"model.decoder.layers.{i}.self_attn."
+        out += [_qkv(a, "weight"), _qkv(a, "bias")]
+    return out
+
+
 def _opt_build(config, w: _Weights) -> InferenceLayout:
     hidden, heads = config.hidden_size, config.num_attention_heads
     head_dim = hidden // heads
@@ -159,8 +211,8 @@ def _opt_build(config, w: _Weights) -> InferenceLayout:
         n2w, n2b = norm(p + "final_layer_norm")
         layers.append(LayerWeights(
             norm1_weight=n1w, norm1_bias=n1b,
-            qkv_weight=_cat(w[a + "q_proj.weight"], w[a + "k_proj.weight"], w[a + "v_proj.weight"]),
-            qkv_bias=_cat(w.get(a + "q_proj.bias"), w.get(a + "k_proj.bias"), w.get(a + "v_proj.bias")),
+            qkv_weight=_cat(*map(w.__getitem__, _qkv(a, "weight"))),
+            qkv_bias=_cat(*map(w.get, _qkv(a, "bias"))),
             o_weight=w[a + "out_proj.weight"], o_bias=w.get(a + "out_proj.bias"),
             norm2_weight=n2w, norm2_bias=n2b,
             up_weight=w[p + "fc1.weight"], up_bias=w.get(p + "fc1.bias"),
@@ -228,13 +280,17 @@ def _gpt2_build(config, w: _Weights) -> InferenceLayout:
     )
 
 
-_LLAMA = _Adapter("llama", _llama_check, _llama_build)
+def _gpt2_fused(config) -> list[tuple[str, ...]]:
+    return []  # c_attn already holds q, k and v in one matrix
+
+
+_LLAMA = _Adapter("llama", _llama_check, _llama_build, _llama_fused)
 _ADAPTERS: dict[str, _Adapter] = {
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
     "Qwen2ForCausalLM": _LLAMA,
-    "OPTForCausalLM": _Adapter("opt", _opt_check, _opt_build),
-    "GPT2LMHeadModel": _Adapter("gpt2", _gpt2_check, _gpt2_build),
+    "OPTForCausalLM": _Adapter("opt", _opt_check, _opt_build, _opt_fused),
+    "GPT2LMHeadModel": _Adapter("gpt2", _gpt2_check, _gpt2_build, _gpt2_fused),
 }
 SUPPORTED_CLASSES: tuple[str, ...] = tuple(sorted(_ADAPTERS))
 
@@ -307,3 +363,14 @@ def build_layout(
     weights = _Weights(state, dtype, torch.device(device) if device is not None else None)
     with torch.no_grad():
         return _ADAPTERS[type(model).__name__].build(model.config, weights)
+
+
+def fused_groups(model: nn.Module) -> list[tuple[str, ...]]:
+    """The parameter names :func:`build_layout` fuses into one matrix, one tuple per matrix, in fused
+    order, restricted to parameters ``model`` has (no biases in a bias-free model). Empty for an
+    unsupported model."""
+    adapter = _ADAPTERS.get(type(model).__name__)
+    if adapter is None:
+        return []
+    names = {n for n, _ in model.named_parameters()}
+    return [g for g in adapter.fused(model.config) if all(n in names for n in g)]
