@@ -5,6 +5,7 @@ disabled so that every row generates exactly ``new_tokens`` tokens. Reported per
 tokens/s, ms per decode step, the memory-bandwidth floor of a decode step (weights + KV cache read
 once, at the measured copy bandwidth), peak device memory (CUDA only) and speed-up over HF.
 
+On CUDA the fast path replays CUDA graphs of its decode step, captured during the warm-up run.
 ``rlhf bench generate`` is the command-line front; the issue's sizes (OPT-1.3B and Llama-3.2-1B
 shapes, batch 8-128, prompt 256, 256 new tokens) are for a GPU; ``--shape tiny`` runs anywhere.
 """
@@ -178,8 +179,11 @@ def _method(method: str, model, ids, mask, new_tokens: int, device: torch.device
         if reason:
             raise NotImplementedError(reason)
         layout = inference.build_layout(model)
+        # On CUDA: one DecodeGraphs for the warm-up and the timed run, so the capture is not timed
+        # (as an engine keeps one across rollouts).
+        graphs = inference.DecodeGraphs() if device.type == "cuda" else None
         return lambda: inference.generate(layout, ids, mask, max_new_tokens=new_tokens, do_sample=False,
-                                          eos_token_id=None, pad_token_id=0)
+                                          eos_token_id=None, pad_token_id=0, graphs=graphs)
     raise ValueError(f"method: {method!r} is not allowed; allowed: {', '.join(METHODS)}")
 
 
