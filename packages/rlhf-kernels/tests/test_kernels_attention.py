@@ -86,3 +86,22 @@ def test_invalid_inputs_raise():
         decode_attention(torch.randn(2, 4, 8), kv, kv, torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="dtype"):
         decode_attention(torch.randn(2, 4, 8).double(), kv, kv, torch.tensor([1, 2]))
+
+
+def test_reference_over_the_whole_cache_equals_the_prefix():
+    # With lengths on an accelerator the reference attends over all S_max slots (reading the longest
+    # length would be a host sync, impossible inside a CUDA graph). Same inputs as the oracle test,
+    # the whole-cache branch forced on CPU, against the same fp64 oracle.
+    from rlhf_kernels.attention import _decode_attention_reference
+
+    B, Hq, Hkv, S, D, lengths = CASES[1]
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(B, Hq, D, generator=gen)
+    k_cache = torch.randn(B, Hkv, S, D, generator=gen)
+    v_cache = torch.randn(B, Hkv, S, D, generator=gen)
+    lengths_t = torch.tensor(lengths)
+    for b, n in enumerate(lengths):
+        k_cache[b, :, n:] = 1e4
+        v_cache[b, :, n:] = float("nan")
+    out = _decode_attention_reference(q, k_cache, v_cache, lengths_t, scale=D**-0.5, longest=S)
+    torch.testing.assert_close(out.double(), oracle(q, k_cache, v_cache, lengths_t, D**-0.5), atol=2e-5, rtol=1e-4)

@@ -15,6 +15,8 @@ Train mode (:func:`run_train`): one optimizer step (forward, backward, AdamW) of
 HybridEngine under ZeRO-2 and ZeRO-3, against a plain PyTorch mixed-precision step of the same
 model and batch (fp32 weights, bf16 autocast, torch AdamW), reported as ms/step and the ratio.
 
+On CUDA the fast paths replay CUDA graphs of their decode step, captured during the warm-up run.
+
 ``rlhf bench generate`` is the command-line front; the issue's sizes (OPT-1.3B and Llama-3.2-1B
 shapes, batch 8-128, prompt 256, 256 new tokens) are for a GPU; ``--shape tiny`` runs anywhere.
 """
@@ -212,8 +214,11 @@ def _method(method: str, model, ids, mask, new_tokens: int, device: torch.device
         if reason:
             raise NotImplementedError(reason)
         layout = inference.build_layout(model)
+        # On CUDA: one DecodeGraphs for the warm-up and the timed run, so the capture is not timed
+        # (as an engine keeps one across rollouts).
+        graphs = inference.DecodeGraphs() if device.type == "cuda" else None
         return lambda: inference.generate(layout, ids, mask, max_new_tokens=new_tokens, do_sample=False,
-                                          eos_token_id=None, pad_token_id=0)
+                                          eos_token_id=None, pad_token_id=0, graphs=graphs)
     if method.startswith("fast-zero"):
         engine = _engine(model, int(method[len("fast-zero")]), "int8" if method.endswith("int8") else "none")
         return lambda: engine.generate(ids, mask, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None,

@@ -11,6 +11,8 @@ kv head i // (Hq / Hkv) (the Hugging Face ``repeat_kv`` convention); Hkv = Hq is
 This module holds the pure-PyTorch reference (``reference`` backend); the Triton kernel, which
 streams over the cache with an online softmax and reads each kv head once for its whole query
 group, lives in :mod:`rlhf_kernels._triton.attention`. Not differentiable (an inference op).
+Neither backend reads the lengths on the host when they are on an accelerator, so a decode step
+built on this op can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -25,11 +27,18 @@ Tensor = torch.Tensor
 
 
 def _decode_attention_reference(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *, scale: float
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor, *, scale: float,
+    longest: int | None = None,
 ) -> Tensor:
     B, Hq, D = q.shape
     Hkv = k_cache.shape[1]
-    longest = int(cache_seqlens.max()) if B else 0  # host sync; fine for the reference
+    if longest is None:
+        # Lengths on the CPU: read the longest one and skip the unfilled tail (no device involved).
+        # Lengths on an accelerator: attend over all S_max slots instead (masked slots add exactly
+        # 0), because reading them would be a host-device sync in every decode step and would make
+        # the step impossible to capture in a CUDA graph.
+        on_host = cache_seqlens.device.type == "cpu"
+        longest = (int(cache_seqlens.max()) if B else 0) if on_host else k_cache.shape[2]
     k = k_cache[:, :, :longest].float()  # (B, Hkv, L, D)
     v = v_cache[:, :, :longest].float()
     qg = q.float().view(B, Hkv, Hq // Hkv, D)  # (B, Hkv, G, D)

@@ -34,13 +34,13 @@ _MASK32 = 0xFFFFFFFF
 _FMIX1, _FMIX2, _GOLDEN = 0x85EBCA6B, 0xC2B2AE35, 0x9E3779B9
 
 
-def _mul32(x: Tensor, c: int) -> Tensor:
-    """(x * c) mod 2^32 for int64 tensors x in [0, 2^32), without int64 overflow."""
+def _mul32(x: Tensor | int, c: int) -> Tensor | int:
+    """(x * c) mod 2^32 for int64 tensors (or Python ints) x in [0, 2^32), without int64 overflow."""
     lo, hi = c & 0xFFFF, c >> 16
     return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
 
 
-def _fmix32(x: Tensor) -> Tensor:
+def _fmix32(x: Tensor | int) -> Tensor | int:
     x = x ^ (x >> 16)
     x = _mul32(x, _FMIX1)
     x = x ^ (x >> 13)
@@ -64,7 +64,8 @@ def hash_uniform(seed: int, rows: int, cols: int, device: torch.device | str = "
     Returns:
         (rows, cols) float32 tensor.
     """
-    seed_mix = _fmix32(torch.tensor(seed & _MASK32, dtype=torch.int64, device=device))
+    # Mixed on the host (the same arithmetic on a Python int): no host-to-device copy per call.
+    seed_mix = _fmix32(seed & _MASK32)
     r = torch.arange(rows, dtype=torch.int64, device=device)[:, None]
     row_mix = _fmix32((_mul32(r, _GOLDEN) + seed_mix) & _MASK32)  # (rows, 1)
     c = torch.arange(cols, dtype=torch.int64, device=device)[None, :]

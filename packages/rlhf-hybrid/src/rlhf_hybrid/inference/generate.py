@@ -13,6 +13,18 @@ Conventions matched to Hugging Face ``generate`` (transformers 5), for every sup
   ``P + max_new_tokens``.
 
 Sampled tokens differ from HF's (different random streams); greedy tokens are the same.
+
+Two ways to run the decode steps (the results are the same):
+
+* eager (the default on CPU): :func:`~.model.decode_step` on the B rows, a cache sized to the call;
+* static (the default on CUDA, or with ``graphs=DecodeGraphs()``): the step runs at a batch-size
+  bucket >= B on static buffers and a cache kept in a :class:`~.graphs.DecodeGraphs`, replayed from
+  a captured CUDA graph (``cuda_graphs``) or run eagerly on the same buffers (see :mod:`.graphs`).
+
+Host syncs: one per call on the inputs (left padding; the longest position when near the model's
+limit), then one every ``stop_check_every`` steps to stop once every row has finished (and one at
+the end to trim the extra steps). Steps run after the last row finished only emit padding, which
+is trimmed: the output does not depend on ``stop_check_every``.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from rlhf_kernels import fused_logprobs, rotary_cos_sin, sample
 
+from .graphs import DecodeGraphs
 from .layout import InferenceLayout, KVCache
 from .model import decode_step, prefill
 
@@ -61,6 +74,9 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     return_logprobs: bool = False,
+    cuda_graphs: bool | None = None,
+    graphs: DecodeGraphs | None = None,
+    stop_check_every: int | None = None,
 ) -> GenerationOutput:
     """Generates continuations of left-padded prompts with a preallocated KV cache.
 
@@ -77,6 +93,15 @@ def generate(
         pad_token_id: Fills a row after its EOS; default the (first) EOS id, as HF does.
         generator: CPU generator the per-step sampling seeds are drawn from (default: torch's).
         return_logprobs: Also return the generated tokens' log-probs (see :class:`GenerationOutput`).
+        cuda_graphs: Replay each decode step from a CUDA graph captured per batch-size bucket.
+            None: on when the layout is on CUDA and not tensor-parallel. True on CPU raises.
+        graphs: The static decode state to use and keep (cache, buffers, graphs): pass the same
+            :class:`~.graphs.DecodeGraphs` to every call to reuse them. Given with
+            ``cuda_graphs=False`` (or on CPU), the static bucketed steps run eagerly. None: a
+            fresh one for this call when graphs are on, else the eager path.
+        stop_check_every: Check every k steps (a host sync) whether every row has finished.
+            None: 1 on CPU, 8 elsewhere. The output does not depend on it; the state ``generator``
+            is left in does (the extra steps draw their sampling seeds too).
 
     Returns:
         A :class:`GenerationOutput` on the layout's device.
@@ -85,6 +110,7 @@ def generate(
         ValueError: On mismatched shapes, prompts that are not left-padded, a bad option, or a
             length beyond the model's learned position table.
         NotImplementedError: If the length exceeds the model's sliding window.
+        RuntimeError: If ``cuda_graphs=True`` and the layout is not on a CUDA device.
     """
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids and attention_mask must both be (B, P); got {tuple(input_ids.shape)} "
@@ -94,6 +120,17 @@ def generate(
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature must be > 0 when sampling; got {temperature!r}")
     device = layout.device
+    if stop_check_every is None:
+        stop_check_every = 1 if device.type == "cpu" else 8
+    if isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int) or stop_check_every < 1:
+        raise ValueError(f"stop_check_every must be an int >= 1; got {stop_check_every!r}")
+    if cuda_graphs is None:
+        # All-reduces inside a captured step (tensor parallelism) have never been run: opt-in only.
+        cuda_graphs = device.type == "cuda" and layout.tp_group is None
+    if cuda_graphs:
+        graphs = DecodeGraphs() if graphs is None else graphs
+        if (reason := graphs.capture_unavailable(layout)) is not None:
+            raise RuntimeError(f"cuda_graphs=True: {reason}")
     ids = input_ids.to(device)
     mask = attention_mask.to(device=device, dtype=torch.long)
     B, P = ids.shape
@@ -128,14 +165,25 @@ def generate(
     if R == 0:
         return GenerationOutput(out, logprobs)
 
-    rope = None
-    if layout.rope_theta is not None:
-        # Positions never exceed P + R - 1 (a row's next position is its real length <= P).
-        rope = rotary_cos_sin(P + R, layout.head_dim, base=layout.rope_theta, device=device)
-    cache = KVCache.allocate(layout, B, P + R)
+    static = None
+    if graphs is not None:
+        # Before prefill: a first capture runs a warm-up step on the cache.
+        static = graphs.prepare(layout, B, P + R, capture=cuda_graphs)
+        rope, cache = static.rope, static.prefill_cache(B)
+    else:
+        rope = None
+        if layout.rope_theta is not None:
+            # Positions never exceed P + R - 1 (a row's next position is its real length <= P).
+            rope = rotary_cos_sin(P + R, layout.head_dim, base=layout.rope_theta, device=device)
+        cache = KVCache.allocate(layout, B, P + R)
     logits = prefill(layout, cache, ids, mask, positions, rope)  # (B, V) float32
+    if static is not None:
+        static.start(next_position)
 
     unfinished = torch.ones(B, dtype=torch.bool, device=device)
+    # Steps at whose start some row was unfinished: the real length when the stop check is late.
+    late_check = eos is not None and stop_check_every > 1
+    live_steps = torch.zeros((), dtype=torch.long, device=device) if late_check else None
     lp_temperature = temperature if do_sample else 1.0
     steps = R
     for t in range(R):
@@ -150,12 +198,21 @@ def generate(
             token = torch.where(unfinished, token, fill)
             if logprobs is not None:
                 logprobs[:, t].masked_fill_(~unfinished, 0.0)
-            unfinished &= ~torch.isin(token, eos)
+            if live_steps is not None:
+                live_steps += unfinished.any()
+            # Not torch.isin: with many EOS ids it sorts and calls unique (a host sync on CUDA).
+            unfinished &= ~(token[:, None] == eos).any(dim=1)  # (B, n_eos) -> (B,)
         out[:, P + t] = token
-        # Host sync once per step (as HF's stopping check); a CUDA-graph loop would check every k steps.
-        if eos is not None and not bool(unfinished.any()):
+        # Host sync every stop_check_every steps (every step: as HF's stopping check).
+        if eos is not None and (t + 1) % stop_check_every == 0 and not bool(unfinished.any()):
             steps = t + 1
             break
         if t + 1 < R:  # the last token's logits are never needed
-            logits = decode_step(layout, cache, token, next_position + t, rope)
+            if static is None:
+                logits = decode_step(layout, cache, token, next_position + t, rope)
+            else:
+                static.tokens[:B].copy_(token)
+                logits = static.run()[:B]  # (B, V); padding rows dropped
+    if live_steps is not None:
+        steps = int(live_steps)  # host sync, once: steps after every row finished are dropped
     return GenerationOutput(out[:, : P + steps], None if logprobs is None else logprobs[:, :steps])

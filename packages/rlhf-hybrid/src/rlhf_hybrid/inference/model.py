@@ -154,6 +154,11 @@ def decode_step(layout: InferenceLayout, cache: KVCache, tokens: Tensor, positio
                 rope: tuple[Tensor, Tensor] | None) -> Tensor:
     """Runs one new token per row and appends its keys/values to the cache.
 
+    Capturable in a CUDA graph (:mod:`.graphs`): no host sync and no data-dependent shape (the
+    cache write is an indexed store at ``lengths``, decode attention reads the lengths on the
+    device), and it reads its inputs and the cache only from the given tensors, updating
+    ``cache.lengths`` in place. Rows are independent: padding rows never change the others.
+
     Args:
         layout: The model.
         cache: The cache after prefill / previous steps; ``lengths`` is advanced by one.
