@@ -196,6 +196,8 @@ class RLSection:
             rlhf-kernels ops; Llama/Mistral/Qwen2, OPT, GPT-2; other models fall back to hf with a warning).
         inference_tp_size: with generation=fast, split the generation layout's heads and MLP over this many
             consecutive ranks (tensor parallelism in generate mode only; training stays data-parallel).
+        cuda_graphs: with generation=fast on a CUDA GPU, replay the decode step from CUDA graphs (one per batch
+            size bucket); under ZeRO-0/1/2 they and their KV cache stay allocated between rollouts. false: eager.
         gather_quantization: with generation=fast and deepspeed.zero_stage=3, how the actor's shards travel when
             gathered for a rollout (one all-gather per layer): "none" (exact), "int8" or "int4" (blockwise
             quantized on the wire, ZeRO++ style; generation then samples from weights within half a quantization
@@ -215,6 +217,7 @@ class RLSection:
     select: str = "best"
     generation: str = "hf"
     inference_tp_size: int = 1
+    cuda_graphs: bool = True
     gather_quantization: str = "none"
 
 

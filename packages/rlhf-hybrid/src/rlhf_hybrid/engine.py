@@ -51,6 +51,11 @@ class EngineConfig:
             generation layout over this many consecutive ranks (tensor parallelism in generate mode
             only; training stays data-parallel ZeRO). The ranks of a group generate their prompts
             together and each gets its own rows back.
+        cuda_graphs: with generation="fast" on a CUDA device, replay the decode step from CUDA graphs
+            (one per batch-size bucket; ``rlhf_hybrid.inference.DecodeGraphs``). Under ZeRO-0/1/2 the
+            graphs and their KV cache stay allocated between rollouts (the layout is the training
+            weights themselves, so nothing is recaptured); under ZeRO-3 they are freed after each
+            rollout. Not used with inference_tp_size > 1.
         gather_quantization: with generation="fast" and ZeRO-3, how the shards travel when they are
             gathered for a rollout (one all-gather per layer): "none" (exact), "int8" or "int4"
             (blockwise quantized on the wire, ZeRO++ qwZ style; the generation weights then differ
@@ -70,6 +75,7 @@ class EngineConfig:
     optimizer: str = "adamw"
     generation: str = "hf"
     inference_tp_size: int = 1
+    cuda_graphs: bool = True
     gather_quantization: str = "none"
     extra: dict = field(default_factory=dict)
 
@@ -175,6 +181,7 @@ class HybridEngine:
             torch.device("cpu"))
         self.timings: dict[str, float] = {"gather_s": 0.0, "generate_s": 0.0, "train_s": 0.0}
         self.generation_used: str | None = None  # "fast" or "hf": the path the last generate() took
+        self._graphs = None  # inference.DecodeGraphs of the fast path on CUDA (see _generate_fast)
         module = module.to(cfg.torch_dtype)
         fused = self._share_storage(module)
         if trainable or cfg.zero_stage == 3:
@@ -411,6 +418,7 @@ class HybridEngine:
         if has_lora(self.module):  # adapters fused into new weight tensors for this rollout (see .lora)
             state = merged_state_dict(self.module, state)
         layout = inference.build_layout(self.module, state, device=self.device)
+        state = None  # the layout holds what generation needs (a tensor-parallel shard keeps only its slices)
         shared, copied = layout_sharing(layout, self.module.parameters())
         self.timings["layout_shared_mib"] = shared / 2**20  # views of the training weights
         self.timings["layout_copied_mib"] = copied / 2**20  # gathered (ZeRO-3), fused copies, LoRA-fused
@@ -429,10 +437,20 @@ class HybridEngine:
         else:
             ids, mask, own = input_ids.to(self.device), attention_mask.to(self.device), None
         t1 = time.perf_counter()
+        # CUDA graphs of the decode step (one per batch bucket), kept across rollouts while the layout's
+        # tensors are the same ones: under ZeRO-0/1/2 they are the training weights, updated in place.
+        use_graphs = self.cfg.cuda_graphs and self.device.type == "cuda" and group is None
+        if use_graphs and self._graphs is None:
+            self._graphs = inference.DecodeGraphs()
         with torch.no_grad():
             out = inference.generate(layout, ids, mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                      temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                                     pad_token_id=pad_token_id, generator=generator)
+                                     pad_token_id=pad_token_id, generator=generator, cuda_graphs=use_graphs,
+                                     graphs=self._graphs if use_graphs else None)
+        if self._graphs is not None and self.cfg.zero_stage == 3:
+            # ZeRO-3 gathers new tensors every rollout: the graphs (which reference the gathered
+            # weights) and their KV cache go now, so training gets the memory back.
+            self._graphs.clear()
         seqs = out.sequences if own is None else _tp_own_rows(out.sequences, own, eos_token_id, pad_token_id)
         t2 = time.perf_counter()
         self.timings["gather_s"] = t1 - t0
