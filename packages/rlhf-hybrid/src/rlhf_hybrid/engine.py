@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .lora import has_lora, merged_state_dict
+from .lora import has_lora, merged_state_dict, plain_model
 from .models import ValueModel, last_token_index, position_ids_from_mask
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,7 @@ class HybridEngine:
             torch.device("cpu"))
         self.timings: dict[str, float] = {"gather_s": 0.0, "generate_s": 0.0, "train_s": 0.0}
         self.generation_used: str | None = None  # "fast" or "hf": the path the last generate() took
+        plain_model(module)  # a peft model whose adapters cannot be fused raises now, not at the first rollout
         module = module.to(cfg.torch_dtype)
         if trainable or cfg.zero_stage == 3:
             ds = _import_deepspeed()
@@ -320,7 +321,7 @@ class HybridEngine:
         t0 = time.perf_counter()
         if self.cfg.zero_stage == 3 and self.engine is not None:
             state = self.export_state_dict()  # plain keys: LoRA adapters (if any) fused
-            model = _plain_copy(self.module, state)
+            model = _plain_copy(plain_model(self.module), state)
         else:
             model = self.module
         t1 = time.perf_counter()
@@ -351,7 +352,7 @@ class HybridEngine:
         when the model is not supported, so the caller falls back to HF ``generate``."""
         from . import inference
 
-        reason = inference.supported(self.module, max_length=input_ids.shape[1] + max_new_tokens)
+        reason = inference.supported(plain_model(self.module), max_length=input_ids.shape[1] + max_new_tokens)
         if reason is not None:
             if not getattr(self, "_warned_fast", False):
                 log.warning("generation='fast' is not available for this model (%s); using transformers generate",
@@ -363,10 +364,10 @@ class HybridEngine:
         t0 = time.perf_counter()
         # Under ZeRO-3 the shards are gathered once (collective) into full tensors the layout uses;
         # otherwise the layout reads the training parameters themselves.
-        state = self.full_state_dict() if self.cfg.zero_stage == 3 and self.engine is not None else None
-        if has_lora(self.module):  # adapters fused into new weight tensors for this rollout (see .lora)
-            state = merged_state_dict(self.module, state)
-        layout = inference.build_layout(self.module, state, device=self.device)
+        # LoRA adapters (if any) are fused into new weight tensors for this rollout (see .lora).
+        state = self.export_state_dict() if self.cfg.zero_stage == 3 and self.engine is not None else (
+            merged_state_dict(self.module) if has_lora(self.module) else None)
+        layout = inference.build_layout(plain_model(self.module), state, device=self.device)
         group = self._tp_group()
         generator = None
         if group is not None:
@@ -425,13 +426,15 @@ class HybridEngine:
 
         state = self.export_state_dict()
         if is_main:
-            save_hf_checkpoint(self.module, state, out_dir, tokenizer)
+            save_hf_checkpoint(plain_model(self.module), state, out_dir, tokenizer)
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """The full state dict as a plain HF model has it: LoRA adapters (if any) fused into the
         weights. Collective under ZeRO-3."""
-        state = self.full_state_dict()
-        return merged_state_dict(self.module, state) if has_lora(self.module) else state
+        if not has_lora(self.module):
+            return self.full_state_dict()
+        with self.gathered():  # peft computes each delta from the adapter modules, which ZeRO-3 shards
+            return {k: v.detach().to("cpu", copy=True) for k, v in merged_state_dict(self.module).items()}
 
 
 def _tp_gather_prompts(ids: torch.Tensor, mask: torch.Tensor, group, pad: int):
