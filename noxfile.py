@@ -108,7 +108,9 @@ def tests(session: nox.Session) -> None:
     """Every package's tests and the cross-package tests, against editable installs."""
     _install_torch(session)
     editable = [arg for p in PACKAGES for arg in ("-e", f"packages/{p}")]
-    session.install("-q", "-c", CONSTRAINTS, *editable, "pytest", *TRITON)
+    # peft: rlhf-hybrid fuses peft LoRA models' adapters (packages/rlhf-hybrid/tests/test_peft.py); optional
+    # for users, installed here so that those tests run rather than skip.
+    session.install("-q", "-c", CONSTRAINTS, *editable, "pytest", "peft", *TRITON)
     # Named paths replace the default ones; options alone (-m "not slow", -x, -k ...) add to them.
     paths = [] if _names_paths(session.posargs) else _existing(TEST_PATHS)
     session.run("pytest", *paths, *session.posargs, env=TEST_ENV)

@@ -106,6 +106,11 @@ def test_empty_yaml_is_the_defaults(tmp_path) -> None:
         (["rl.generation=vllm"], ["rl.generation", "'vllm'", "'hf'", "'fast'"]),
         (["sft.epochs"], ["'sft.epochs'", "expected key=value"]),
         (["=3"], ["'=3'", "expected key=value"]),
+        (["lora.rank=-1"], ["lora.rank", ">= 0", "-1"]),
+        (["lora.alpha=0"], ["lora.alpha", "> 0", "0"]),
+        (["lora.targets=q_proj,v-proj"], ["lora.targets", "'q_proj,v-proj'", "comma-separated", "layer"]),
+        (["lora.targets="], ["lora.targets", "''", "comma-separated"]),
+        (["lora.stages=sft,rm"], ["lora.stages", "'sft,rm'", "'sft'", "'rl'", "'pref'"]),
     ],
 )
 def test_errors_name_key_value_and_allowed(items: list[str], needles: list[str]) -> None:
@@ -167,3 +172,14 @@ def test_data_sources_yaml_list_form(tmp_path) -> None:
     p.write_text("data:\n  sources:\n    - {source: hh, weight: -1}\n")
     with pytest.raises(ConfigError, match=r"data.sources\[0\].weight: -1 must be a positive number"):
         load_config(str(p))
+
+
+def test_lora_keys() -> None:
+    from rlhf_hybrid.lora import DEFAULT_TARGETS
+
+    cfg = RunConfig()
+    assert cfg.lora.rank == 0 and not cfg.lora.applies_to("sft")  # off by default
+    assert cfg.lora.target_list() == DEFAULT_TARGETS  # the default spelled out in config.py is the library's
+    cfg = load_config(None, ["lora.rank=8", "lora.targets=q_proj, v_proj", "lora.stages=rl"])
+    assert cfg.lora.target_list() == ("q_proj", "v_proj")
+    assert [cfg.lora.applies_to(s) for s in ("sft", "rl", "pref")] == [False, True, False]

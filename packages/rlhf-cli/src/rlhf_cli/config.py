@@ -244,6 +244,42 @@ class PrefSection:
 
 
 @dataclass(frozen=True)
+class LoRASection:
+    """LoRA: low-rank adapters on the trained policy, the rest of it frozen (DeepSpeed-Chat's
+    --actor_lora_dim / --actor_lora_module_name / --only_optimize_lora; TRL's peft LoraConfig).
+
+    Attributes:
+        rank: adapter rank r (DeepSpeed-Chat --actor_lora_dim, peft r); 0 = off: every weight trains.
+        alpha: the update is (alpha / rank) B A (peft lora_alpha).
+        targets: comma-separated names of the linear layers that get adapters (peft target_modules,
+            DeepSpeed-Chat --actor_lora_module_name); every other weight is frozen (--only_optimize_lora).
+            The default covers the Llama-style and OPT layer names; a name given here must match a layer.
+        stages: comma-separated stages whose trained policy gets adapters: sft, rl (the online algorithms'
+            actor), pref (the preference-optimisation policy). Saved checkpoints hold the adapters fused
+            into plain weights, so the next stage starts from a plain model.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    # rlhf_hybrid.lora.DEFAULT_TARGETS, spelled out: importing rlhf_hybrid (torch) here would slow every
+    # `rlhf` command (a test checks that the two agree)
+    targets: str = "q_proj,k_proj,v_proj,o_proj,out_proj,gate_proj,up_proj,down_proj,fc1,fc2"
+    stages: str = "sft,rl,pref"
+
+    STAGES: typing.ClassVar[tuple[str, ...]] = ("sft", "rl", "pref")
+
+    def target_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.targets.split(",") if t.strip())
+
+    def stage_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.stages.split(",") if t.strip())
+
+    def applies_to(self, stage: str) -> bool:
+        """Whether the policy trained in ``stage`` ("sft", "rl" or "pref") gets adapters."""
+        return self.rank > 0 and stage in self.stage_list()
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one ``rlhf run`` needs.
 
@@ -262,6 +298,7 @@ class RunConfig:
     algo: AlgoSection = field(default_factory=AlgoSection)
     rl: RLSection = field(default_factory=RLSection)
     pref: PrefSection = field(default_factory=PrefSection)
+    lora: LoRASection = field(default_factory=LoRASection)
 
     def __post_init__(self) -> None:
         checks = [
@@ -323,7 +360,23 @@ class RunConfig:
                 allowed = ["model", "verifier", *sorted(available_rewards())]
                 raise ConfigError(f"rl.reward: {self.rl.reward!r} is not allowed; allowed: {', '.join(map(repr, allowed))} "
                                   f"(reward functions register under the entry-point group 'rlhf.rewards')")
+        self._check_lora()
         self.algorithm_config()  # the algorithm exists and algo.<field> settings fit its config class
+
+    def _check_lora(self) -> None:
+        lo = self.lora
+        if lo.rank < 0:
+            raise ConfigError(f"lora.rank: must be >= 0 (0 = no LoRA), got {lo.rank!r}")
+        if lo.alpha <= 0:
+            raise ConfigError(f"lora.alpha: must be > 0, got {lo.alpha!r}")
+        bad = [t for t in lo.target_list() if not t.isidentifier()]
+        if bad or not lo.target_list():
+            raise ConfigError(f"lora.targets: {lo.targets!r} is not allowed; allowed: a comma-separated list of "
+                              f"layer attribute names, e.g. 'q_proj,v_proj'")
+        bad = [t for t in lo.stage_list() if t not in LoRASection.STAGES]
+        if bad or not lo.stage_list():
+            raise ConfigError(f"lora.stages: {lo.stages!r} is not allowed; allowed: a comma-separated list of "
+                              f"{', '.join(map(repr, LoRASection.STAGES))}")
 
     def algorithm(self):
         """The class registered as ``algo.name`` (ConfigError listing the available ones if none)."""

@@ -118,6 +118,34 @@ def _engine_cfg(cfg: RunConfig, *, lr: float, batch: int, grad_accum: int = 1, w
                         cuda_graphs=cfg.rl.cuda_graphs, gather_quantization=cfg.rl.gather_quantization)
 
 
+def _lora(ctx: Context, model, stage: str):
+    """Adapters on the policy trained in ``stage`` ("sft", "rl", "pref") when lora.rank > 0 and
+    lora.stages names it, before the model is wrapped in its engine; returns ``model``.
+
+    Only the adapters train. The stage's checkpoint is still a plain HF model (``save_pretrained``
+    writes the fused weights), so the next stage loads it like any other.
+    """
+    lo = ctx.cfg.lora
+    if not lo.applies_to(stage):
+        return model
+    from rlhf_hybrid.lora import DEFAULT_TARGETS, apply_lora
+    from torch import nn
+
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    targets = lo.target_list()
+    # the default names several families' layers, each model has some of them; names given by hand must all match
+    unmatched = [t for t in targets if t not in linear]
+    if len(unmatched) == len(targets) or (unmatched and targets != DEFAULT_TARGETS):
+        raise PipelineError(f"lora.targets: {', '.join(map(repr, unmatched))} match(es) no linear layer of "
+                            f"{type(model).__name__}; its linear layers: {', '.join(linear)}")
+    names = apply_lora(model, rank=lo.rank, alpha=lo.alpha, targets=targets)
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    ctx.reporter.print(f"{stage}: LoRA rank {lo.rank} (alpha {lo.alpha:g}) on {len(names)} layers "
+                       f"({', '.join(t for t in targets if t in linear)}): {train:,} of {total:,} parameters train")
+    return model
+
+
 def _require_stage_output(ctx: Context, stage: str, needed_by: str) -> Path:
     d = ctx.stage_dir(stage)
     if not (d / "config.json").is_file():
@@ -257,8 +285,8 @@ def run_sft(ctx: Context) -> dict:
         raise PipelineError(f"sft.batch_size: {s.batch_size} x {ctx.world_size} rank(s) is more than the {len(train)} "
                             f"SFT {'rows' if s.packing else 'samples'}; lower it or add data")
     total = steps_per_epoch * s.epochs
-    engine = HybridEngine(model, _engine_cfg(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
-                                             warmup=s.warmup_steps))
+    engine = HybridEngine(_lora(ctx, model, "sft"), _engine_cfg(cfg, lr=s.lr, batch=s.batch_size,
+                                                                grad_accum=s.grad_accum, warmup=s.warmup_steps))
     pad = tokenizer.pad_token_id
     loss_before = _sft_eval_loss(engine, evals, pad, s.mask_prompt)
     t0 = time.perf_counter()
@@ -498,7 +526,7 @@ def run_online(ctx: Context) -> dict:
     tokenizer = load_tokenizer(str(sft_dir))
     needs = set(algo_cls.required_models)
     engine = _engine_cfg(cfg, lr=p.actor_lr, batch=p.micro_batch_size)
-    actor = HybridEngine(load_causal_lm(str(sft_dir)), engine)
+    actor = HybridEngine(_lora(ctx, load_causal_lm(str(sft_dir)), "rl"), engine)
     reference = HybridEngine(load_causal_lm(str(sft_dir)), engine, trainable=False)
     reward_fn = _reward_function(ctx, data, tokenizer, rm_dir, p.micro_batch_size)
     critic = None
@@ -578,9 +606,9 @@ def run_offline(ctx: Context) -> dict:
         raise PipelineError(f"pref.batch_size: {s.batch_size} x {ctx.world_size} rank(s) is more than the {len(train)} "
                             f"preference pairs; lower it or add data")
     total = steps_per_epoch * s.epochs
-    policy = HybridEngine(load_causal_lm(str(sft_dir)), _engine_cfg(cfg, lr=s.lr, batch=s.batch_size,
-                                                                    grad_accum=s.grad_accum, warmup=s.warmup_steps,
-                                                                    decay=total // s.grad_accum))
+    policy = HybridEngine(_lora(ctx, load_causal_lm(str(sft_dir)), "pref"),
+                          _engine_cfg(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
+                                      warmup=s.warmup_steps, decay=total // s.grad_accum))
     frozen = _engine_cfg(cfg, lr=s.lr, batch=s.batch_size)
     reference = HybridEngine(load_causal_lm(str(sft_dir)), frozen, trainable=False) if (
         "reference" in algo_cls.required_models or data.verifier is not None) else None

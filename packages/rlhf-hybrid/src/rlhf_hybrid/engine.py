@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .lora import has_lora, merged_state_dict
+from .lora import has_lora, merged_state_dict, plain_model
 from .models import ValueModel, last_token_index, position_ids_from_mask
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,10 @@ class HybridEngine:
         self.timings: dict[str, float] = {"gather_s": 0.0, "generate_s": 0.0, "train_s": 0.0}
         self.generation_used: str | None = None  # "fast" or "hf": the path the last generate() took
         self._graphs = None  # inference.DecodeGraphs of the fast path on CUDA (see _generate_fast)
+        plain_model(module)  # a peft model whose adapters cannot be fused raises now, not at the first rollout
+        if cfg.gather_quantization != "none" and has_lora(module):
+            raise ValueError(f"gather_quantization: {cfg.gather_quantization!r} is not supported with LoRA "
+                             "(the adapters are fused into exactly gathered weights); use 'none'")
         module = module.to(cfg.torch_dtype)
         fused = self._share_storage(module)
         if trainable or cfg.zero_stage == 3:
@@ -363,7 +367,7 @@ class HybridEngine:
         t0 = time.perf_counter()
         if self.cfg.zero_stage == 3 and self.engine is not None:
             state = self.export_state_dict()  # plain keys: LoRA adapters (if any) fused
-            model = _plain_copy(self.module, state)
+            model = _plain_copy(plain_model(self.module), state)
         else:
             model = self.module
         t1 = time.perf_counter()
@@ -395,7 +399,7 @@ class HybridEngine:
         from . import inference
         from .inference.storage import layout_sharing
 
-        reason = inference.supported(self.module, max_length=input_ids.shape[1] + max_new_tokens)
+        reason = inference.supported(plain_model(self.module), max_length=input_ids.shape[1] + max_new_tokens)
         if reason is not None:
             if not getattr(self, "_warned_fast", False):
                 log.warning("generation='fast' is not available for this model (%s); using transformers generate",
@@ -407,17 +411,21 @@ class HybridEngine:
         t0 = time.perf_counter()
         # Under ZeRO-3 the shards are gathered once (collective, one all-gather per layer) into full
         # tensors the layout uses; otherwise the layout reads the training parameters themselves.
+        # LoRA adapters (if any) are fused into new weight tensors for this rollout (see .lora).
         state = None
         if self.cfg.zero_stage == 3 and self.engine is not None:
-            from .gather import gather_full_params
+            if has_lora(self.module):
+                state = self.export_state_dict()  # fused while gathered: peft reads its (sharded) adapter modules
+            else:
+                from .gather import gather_full_params
 
-            state, stats = gather_full_params(self.module, fused=inference.fused_groups(self.module),
-                                              quantization=self.cfg.gather_quantization, device=self.device)
-            self.timings["gather_collectives"] = stats.collectives
-            self.timings["gather_sent_mib"] = stats.bytes_sent / 2**20
-        if has_lora(self.module):  # adapters fused into new weight tensors for this rollout (see .lora)
-            state = merged_state_dict(self.module, state)
-        layout = inference.build_layout(self.module, state, device=self.device)
+                state, stats = gather_full_params(self.module, fused=inference.fused_groups(self.module),
+                                                  quantization=self.cfg.gather_quantization, device=self.device)
+                self.timings["gather_collectives"] = stats.collectives
+                self.timings["gather_sent_mib"] = stats.bytes_sent / 2**20
+        elif has_lora(self.module):
+            state = merged_state_dict(self.module)
+        layout = inference.build_layout(plain_model(self.module), state, device=self.device)
         state = None  # the layout holds what generation needs (a tensor-parallel shard keeps only its slices)
         shared, copied = layout_sharing(layout, self.module.parameters())
         self.timings["layout_shared_mib"] = shared / 2**20  # views of the training weights
@@ -490,13 +498,15 @@ class HybridEngine:
 
         state = self.export_state_dict()
         if is_main:
-            save_hf_checkpoint(self.module, state, out_dir, tokenizer)
+            save_hf_checkpoint(plain_model(self.module), state, out_dir, tokenizer)
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """The full state dict as a plain HF model has it: LoRA adapters (if any) fused into the
         weights. Collective under ZeRO-3."""
-        state = self.full_state_dict()
-        return merged_state_dict(self.module, state) if has_lora(self.module) else state
+        if not has_lora(self.module):
+            return self.full_state_dict()
+        with self.gathered():  # peft computes each delta from the adapter modules, which ZeRO-3 shards
+            return {k: v.detach().to("cpu", copy=True) for k, v in merged_state_dict(self.module).items()}
 
 
 def _tp_gather_prompts(ids: torch.Tensor, mask: torch.Tensor, group, pad: int):
