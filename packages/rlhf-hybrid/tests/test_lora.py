@@ -107,3 +107,10 @@ def test_training_moves_only_the_adapters_and_the_checkpoint_is_plain(tmp_path) 
     assert not any(isinstance(m, LoRALinear) for m in loaded.modules())
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, engine.module(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_quantized_gather_is_refused_with_lora() -> None:
+    model = tiny_llama()
+    apply_lora(model, rank=2)
+    with pytest.raises(ValueError, match="gather_quantization: 'int8' is not supported with LoRA"):
+        HybridEngine(model, EngineConfig(zero_stage=3, generation="fast", gather_quantization="int8"))
