@@ -158,6 +158,10 @@ def run(shapes: list[str], batches: list[int], prompt_len: int, new_tokens: int,
     """Benchmark every method on every shape and batch size (see the module docstring)."""
     from . import inference
 
+    if device.type == "cuda":
+        # cuDNN attention's first call at each new shape took 16-22 s in HF generate's prefill on an
+        # H100 (../shared/gpu/README.md): off for every method, so no row times that.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     bandwidth = copy_bandwidth(device)
     report = Report(_device_name(device), str(dtype).replace("torch.", ""), prompt_len, new_tokens, bandwidth / 1e9,
                     _versions(), _git_sha(), command)

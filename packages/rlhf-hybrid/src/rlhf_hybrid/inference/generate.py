@@ -29,6 +29,7 @@ is trimmed: the output does not depend on ``stop_check_every``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -176,7 +177,8 @@ def generate(
             # Positions never exceed P + R - 1 (a row's next position is its real length <= P).
             rope = rotary_cos_sin(P + R, layout.head_dim, base=layout.rope_theta, device=device)
         cache = KVCache.allocate(layout, B, P + R)
-    logits = prefill(layout, cache, ids, mask, positions, rope)  # (B, V) float32
+    with _prefill_backends(device):
+        logits = prefill(layout, cache, ids, mask, positions, rope)  # (B, V) float32
     if static is not None:
         static.start(next_position)
 
@@ -216,3 +218,14 @@ def generate(
     if live_steps is not None:
         steps = int(live_steps)  # host sync, once: steps after every row finished are dropped
     return GenerationOutput(out[:, : P + steps], None if logprobs is None else logprobs[:, :steps])
+
+
+def _prefill_backends(device: torch.device):
+    """SDPA backends for the masked prefill on CUDA: memory-efficient attention (math as a fallback),
+    not cuDNN attention, whose first call at a new shape cost 16-22 s on an H100 with torch 2.11
+    (../shared/gpu/README.md); elsewhere PyTorch's own choice."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
