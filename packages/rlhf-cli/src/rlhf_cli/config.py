@@ -197,7 +197,9 @@ class RLSection:
         inference_tp_size: with generation=fast, split the generation layout's heads and MLP over this many
             consecutive ranks (tensor parallelism in generate mode only; training stays data-parallel).
         cuda_graphs: with generation=fast on a CUDA GPU, replay the decode step from CUDA graphs (one per batch
-            size bucket); under ZeRO-0/1/2 they and their KV cache stay allocated between rollouts. false: eager.
+            size bucket, captured once per rollout); false: eager decode steps.
+        keep_decode_cache: with generation=fast under deepspeed.zero_stage 0-2, keep the KV cache and CUDA graphs
+            allocated between rollouts (no recapture; training then runs without that memory).
         gather_quantization: with generation=fast and deepspeed.zero_stage=3, how the actor's shards travel when
             gathered for a rollout (one all-gather per layer): "none" (exact), "int8" or "int4" (blockwise
             quantized on the wire, ZeRO++ style; generation then samples from weights within half a quantization
@@ -218,6 +220,7 @@ class RLSection:
     generation: str = "hf"
     inference_tp_size: int = 1
     cuda_graphs: bool = True
+    keep_decode_cache: bool = False
     gather_quantization: str = "none"
 
 

@@ -115,7 +115,8 @@ def _engine_cfg(cfg: RunConfig, *, lr: float, batch: int, grad_accum: int = 1, w
                         grad_accum=grad_accum, offload_optimizer=ds.offload_optimizer, warmup_steps=warmup,
                         decay_steps=decay, generation=cfg.rl.generation,
                         inference_tp_size=cfg.rl.inference_tp_size,
-                        cuda_graphs=cfg.rl.cuda_graphs, gather_quantization=cfg.rl.gather_quantization)
+                        cuda_graphs=cfg.rl.cuda_graphs, keep_decode_cache=cfg.rl.keep_decode_cache,
+                        gather_quantization=cfg.rl.gather_quantization)
 
 
 def _lora(ctx: Context, model, stage: str):

@@ -52,10 +52,11 @@ class EngineConfig:
             only; training stays data-parallel ZeRO). The ranks of a group generate their prompts
             together and each gets its own rows back.
         cuda_graphs: with generation="fast" on a CUDA device, replay the decode step from CUDA graphs
-            (one per batch-size bucket; ``rlhf_hybrid.inference.DecodeGraphs``). Under ZeRO-0/1/2 the
-            graphs and their KV cache stay allocated between rollouts (the layout is the training
-            weights themselves, so nothing is recaptured); under ZeRO-3 they are freed after each
-            rollout. Not used with inference_tp_size > 1.
+            (one per batch-size bucket; ``rlhf_hybrid.inference.DecodeGraphs``), captured once per
+            rollout and freed with the KV cache when it ends. Not used with inference_tp_size > 1.
+        keep_decode_cache: under ZeRO-0/1/2, keep the fast path's KV cache and CUDA graphs allocated
+            between rollouts instead: no recapture (the layout is the training weights themselves,
+            whose addresses do not change), but training runs without that memory.
         gather_quantization: with generation="fast" and ZeRO-3, how the shards travel when they are
             gathered for a rollout (one all-gather per layer): "none" (exact), "int8" or "int4"
             (blockwise quantized on the wire, ZeRO++ qwZ style; the generation weights then differ
@@ -76,6 +77,7 @@ class EngineConfig:
     generation: str = "hf"
     inference_tp_size: int = 1
     cuda_graphs: bool = True
+    keep_decode_cache: bool = False
     gather_quantization: str = "none"
     extra: dict = field(default_factory=dict)
 
@@ -445,8 +447,8 @@ class HybridEngine:
         else:
             ids, mask, own = input_ids.to(self.device), attention_mask.to(self.device), None
         t1 = time.perf_counter()
-        # CUDA graphs of the decode step (one per batch bucket), kept across rollouts while the layout's
-        # tensors are the same ones: under ZeRO-0/1/2 they are the training weights, updated in place.
+        # CUDA graphs of the decode step (one per batch bucket); with keep_decode_cache they survive
+        # across rollouts, as under ZeRO-0/1/2 the layout's tensors are the training weights themselves.
         use_graphs = self.cfg.cuda_graphs and self.device.type == "cuda" and group is None
         if use_graphs and self._graphs is None:
             self._graphs = inference.DecodeGraphs()
@@ -455,9 +457,9 @@ class HybridEngine:
                                      temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                                      pad_token_id=pad_token_id, generator=generator, cuda_graphs=use_graphs,
                                      graphs=self._graphs if use_graphs else None)
-        if self._graphs is not None and self.cfg.zero_stage == 3:
-            # ZeRO-3 gathers new tensors every rollout: the graphs (which reference the gathered
-            # weights) and their KV cache go now, so training gets the memory back.
+        if self._graphs is not None and not (self.cfg.keep_decode_cache and self.cfg.zero_stage < 3):
+            # Back to training: the graphs, their KV cache and (ZeRO-3) the gathered weights they
+            # reference are freed, so training gets the memory back; the next rollout recaptures.
             self._graphs.clear()
         seqs = out.sequences if own is None else _tp_own_rows(out.sequences, own, eos_token_id, pad_token_id)
         t2 = time.perf_counter()
