@@ -101,6 +101,8 @@ def test_empty_yaml_is_the_defaults(tmp_path) -> None:
         (["rl.inference_tp_size=2"], ["rl.inference_tp_size", "needs rl.generation=fast"]),
         (["rl.inference_tp_size=2", "rl.generation=fast"], ["rl.inference_tp_size", "must divide deepspeed.nproc=1"]),
         (["rl.gather_quantization=int3"], ["rl.gather_quantization", "'int3'", "'int8'"]),
+        (["rl.gather_quantization=int8", "rl.generation=fast", "deepspeed.zero_stage=3", "lora.rank=4"],
+         ["rl.gather_quantization", "not supported with LoRA", "lora.rank=4"]),
         (["rl.gather_quantization=int8", "rl.generation=fast"],
          ["rl.gather_quantization", "deepspeed.zero_stage=3", "deepspeed.zero_stage=0"]),
         (["rl.generation=vllm"], ["rl.generation", "'vllm'", "'hf'", "'fast'"]),

@@ -380,6 +380,10 @@ class RunConfig:
         if bad or not lo.stage_list():
             raise ConfigError(f"lora.stages: {lo.stages!r} is not allowed; allowed: a comma-separated list of "
                               f"{', '.join(map(repr, LoRASection.STAGES))}")
+        if lo.applies_to("rl") and self.rl.gather_quantization != "none":
+            raise ConfigError(f"rl.gather_quantization: {self.rl.gather_quantization!r} is not supported with LoRA on "
+                              f"the RL actor (lora.rank={lo.rank}, lora.stages={lo.stages!r}): the adapters are fused "
+                              f"into exactly gathered weights; use 'none'")
 
     def algorithm(self):
         """The class registered as ``algo.name`` (ConfigError listing the available ones if none)."""
