@@ -368,8 +368,16 @@ class HybridEngine:
                 return seqs
         t0 = time.perf_counter()
         if self.cfg.zero_stage == 3 and self.engine is not None:
-            state = self.export_state_dict()  # plain keys: LoRA adapters (if any) fused
-            model = _plain_copy(plain_model(self.module), state)
+            if has_lora(self.module):
+                state = self.export_state_dict()  # plain keys: LoRA adapters fused (while gathered)
+            else:
+                from .gather import gather_full_params
+
+                state, stats = gather_full_params(self.module, device=self.device)  # one all-gather per layer
+                self.timings["gather_collectives"] = stats.collectives
+                self.timings["gather_sent_mib"] = stats.bytes_sent / 2**20
+            model = _plain_copy(plain_model(self.module), state, self.device)
+            state = None
         else:
             model = self.module
         t1 = time.perf_counter()
@@ -554,18 +562,35 @@ def _tp_own_rows(seqs: torch.Tensor, own, eos_token_id, pad_token_id) -> torch.T
     return mine[:, : P + last]
 
 
-def _plain_copy(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A hook-free copy of an HF model holding ``state`` (used for ZeRO-3 generation)."""
+def _plain_copy(module: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """A hook-free HF model of ``module``'s class holding ``state`` (used for ZeRO-3 generation).
+
+    Built on the meta device and given ``state``'s tensors themselves (no random init, no second copy
+    of the weights); its buffers (rotary tables, ...) are copied from ``module``, whose buffers ZeRO-3
+    does not partition.
+    """
     from transformers import AutoModelForCausalLM
 
     config = copy.deepcopy(module.config)
-    model = AutoModelForCausalLM.from_config(config, dtype=next(iter(state.values())).dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    dtype = next(iter(state.values())).dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {k: v.to(device) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    sources = dict(module.named_buffers())
+    missing = [k for k in missing if k not in sources]  # persistent buffers: set below
     # only a tied output embedding may be absent from the state; anything else is a bug, not a warning
     missing = [k for k in missing if not (k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False))]
     if missing or unexpected:
         raise KeyError(f"generation copy: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    for name, _ in list(model.named_buffers()):
+        if name not in sources:
+            raise KeyError(f"generation copy: buffer {name!r} has no counterpart in the trained model")
+        owner, _, attr = name.rpartition(".")
+        target = model.get_submodule(owner) if owner else model
+        persistent = attr not in target._non_persistent_buffers_set
+        target.register_buffer(attr, sources[name].detach().to(device).clone(), persistent=persistent)
     model.tie_weights()
     if hasattr(module, "generation_config"):
         model.generation_config = copy.deepcopy(module.generation_config)
-    return model.to(state[next(iter(state))].device if torch.cuda.is_available() else "cpu")
+    return model
