@@ -1,10 +1,14 @@
 """The hybrid engine: one DeepSpeed-wrapped model with a training mode and a generation mode.
 
 Train mode is a DeepSpeed engine (ZeRO 0-3, optional CPU offload of the optimizer). Generate mode
-in this first version gathers the (possibly ZeRO-3-sharded) weights once per rollout into a plain
-HF model and generates with its KV cache; the fast path (fused layout, CUDA graphs, quantized
-gather) plugs in here later. Every phase is timed; :attr:`HybridEngine.timings` holds the last
-rollout's ``gather_s``/``generate_s`` and the cumulative ``train_s``.
+runs either transformers ``generate`` (``generation="hf"``; under ZeRO-3 on a plain copy holding the
+weights gathered for the rollout) or the fast path (``generation="fast"``, :mod:`.inference`): an
+inference layout that is views of the training weights under ZeRO-0/1/2 and of per-layer gathered
+buffers under ZeRO-3 (:mod:`.gather`, optionally int8/int4 on the wire), a preallocated KV cache,
+rlhf-kernels ops and, on CUDA, the decode step replayed from CUDA graphs; optional tensor-parallel
+resharding for generation. Every phase is timed; :attr:`HybridEngine.timings` holds the last
+rollout's ``gather_s``/``generate_s`` (and what was gathered / copied / shared, peak memory on CUDA)
+and the cumulative ``train_s``.
 """
 
 from __future__ import annotations
@@ -368,16 +372,7 @@ class HybridEngine:
                 return seqs
         t0 = time.perf_counter()
         if self.cfg.zero_stage == 3 and self.engine is not None:
-            if has_lora(self.module):
-                state = self.export_state_dict()  # plain keys: LoRA adapters fused (while gathered)
-            else:
-                from .gather import gather_full_params
-
-                state, stats = gather_full_params(self.module, device=self.device)  # one all-gather per layer
-                self.timings["gather_collectives"] = stats.collectives
-                self.timings["gather_sent_mib"] = stats.bytes_sent / 2**20
-            model = _plain_copy(plain_model(self.module), state, self.device)
-            state = None
+            model = _plain_copy(plain_model(self.module), self._zero3_rollout_state(), self.device)
         else:
             model = self.module
         t1 = time.perf_counter()
@@ -424,15 +419,8 @@ class HybridEngine:
         # LoRA adapters (if any) are fused into new weight tensors for this rollout (see .lora).
         state = None
         if self.cfg.zero_stage == 3 and self.engine is not None:
-            if has_lora(self.module):
-                state = self.export_state_dict()  # fused while gathered: peft reads its (sharded) adapter modules
-            else:
-                from .gather import gather_full_params
-
-                state, stats = gather_full_params(self.module, fused=inference.fused_groups(self.module),
-                                                  quantization=self.cfg.gather_quantization, device=self.device)
-                self.timings["gather_collectives"] = stats.collectives
-                self.timings["gather_sent_mib"] = stats.bytes_sent / 2**20
+            state = self._zero3_rollout_state(fused=inference.fused_groups(self.module),
+                                              quantization=self.cfg.gather_quantization)
         elif has_lora(self.module):
             state = merged_state_dict(self.module)
         layout = inference.build_layout(plain_model(self.module), state, device=self.device)
@@ -474,6 +462,23 @@ class HybridEngine:
         self.timings["gather_s"] = t1 - t0
         self.timings["generate_s"] = t2 - t1
         return seqs
+
+    def _zero3_rollout_state(self, *, fused=(), quantization: str = "none") -> dict[str, torch.Tensor]:
+        """The whole weights for one rollout under ZeRO-3, under the plain model's names. Collective.
+
+        Without LoRA: one all-gather per layer onto the device (``rlhf_hybrid.gather``; ``fused``
+        groups adjacent, ``quantization`` on the wire), counted in ``timings``. With LoRA: the
+        adapters fused while DeepSpeed gathers every parameter (peft reads its sharded adapter
+        modules), as ``export_state_dict``.
+        """
+        if has_lora(self.module):
+            return self.export_state_dict()
+        from .gather import gather_full_params
+
+        state, stats = gather_full_params(self.module, fused=fused, quantization=quantization, device=self.device)
+        self.timings["gather_collectives"] = stats.collectives
+        self.timings["gather_sent_mib"] = stats.bytes_sent / 2**20
+        return state
 
     def _record_peak_memory(self) -> None:
         """``timings["peak_mem_gib"]``: the device's peak allocated memory so far (CUDA only)."""
