@@ -17,6 +17,9 @@ from __future__ import annotations
 import pytest
 import torch
 from rlhf_hybrid.inference import build_layout, generate, supported
+from rlhf_hybrid.testing import TINY_FAMILIES as FAMILIES
+from rlhf_hybrid.testing import tiny_family
+from rlhf_hybrid.testing import tiny_model as make_model
 
 PAD, VOCAB, NEW = 0, 97, 64
 
@@ -29,78 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _llama(**kw):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-    return LlamaForCausalLM(LlamaConfig(**_common(cfg | kw)))
-
-
-def _mistral(**kw):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    # head_dim 16 != hidden / heads = 8: the layout must read head_dim from the config.
-    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=16, sliding_window=4096)
-    return MistralForCausalLM(MistralConfig(**_common(cfg | kw)))
-
-
-def _qwen2(**kw):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=1, tie_word_embeddings=True)  # q/k/v biases are Qwen2's own
-    return Qwen2ForCausalLM(Qwen2Config(**_common(cfg | kw)))
-
-
-def _opt(**kw):
-    from transformers import OPTConfig, OPTForCausalLM
-
-    cfg = dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
-               max_position_embeddings=128)
-    return OPTForCausalLM(OPTConfig(**_common(cfg | kw)))
-
-
-def _gpt2(**kw):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    cfg = dict(n_embd=32, n_layer=2, n_head=4, n_positions=128)
-    return GPT2LMHeadModel(GPT2Config(**_common(cfg | kw)))
-
-
-def _common(cfg: dict) -> dict:
-    # No EOS in the config: HF generate would otherwise stop on the config's EOS when a test passes
-    # eos_token_id=None.
-    return cfg | dict(vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=None, bos_token_id=None)
-
-
-FAMILIES = {
-    "llama-gqa": lambda: _llama(),
-    "llama-mqa-bias-tied": lambda: _llama(num_key_value_heads=1, attention_bias=True, mlp_bias=True,
-                                          tie_word_embeddings=True),
-    "mistral": lambda: _mistral(),
-    "qwen2": lambda: _qwen2(),
-    "opt": lambda: _opt(),
-    "opt-proj-postnorm": lambda: _opt(word_embed_proj_dim=16, do_layer_norm_before=False),
-    "gpt2": lambda: _gpt2(),
-    "gpt2-layer-scaled": lambda: _gpt2(scale_attn_by_inverse_layer_idx=True),
-}
-
-
-def make_model(name: str, seed: int = 0):
-    torch.manual_seed(seed)
-    model = FAMILIES[name]().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
-            else:  # norm weights around 1, biases around 0
-                p.copy_((1.0 if torch.all(p == 1) else 0.0) + 0.1 * torch.randn_like(p))
-    model.generation_config.eos_token_id = None
-    return model
 
 
 def ragged_prompts() -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,9 +149,9 @@ def _bloom():
 @pytest.mark.parametrize("factory, expected", [
     (_gpt_neox, "GPTNeoXForCausalLM"),
     (_bloom, "BloomForCausalLM"),
-    (lambda: _llama(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}), "'linear'"),
-    (lambda: _qwen2(use_sliding_window=True, sliding_window=16, max_window_layers=1), "sliding_attention"),
-    (lambda: _gpt2(add_cross_attention=True), "cross-attention"),
+    (lambda: tiny_family("llama", rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}), "'linear'"),
+    (lambda: tiny_family("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1), "sliding_attention"),
+    (lambda: tiny_family("gpt2", add_cross_attention=True), "cross-attention"),
 ])
 def test_supported_names_the_reason(factory, expected):
     model = factory()

@@ -23,6 +23,7 @@ import pytest
 import torch
 from rlhf_hybrid.inference import BATCH_BUCKETS, DecodeGraphs, bucket_size, build_layout, generate
 from rlhf_hybrid.testing import ragged_prompts
+from rlhf_hybrid.testing import tiny_model as make_model
 
 PAD, VOCAB, NEW = 0, 97, 24
 
@@ -36,48 +37,8 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def _common(cfg: dict) -> dict:
-    return cfg | dict(vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=None, bos_token_id=None)
-
-
-def _llama_gqa():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(LlamaConfig(**_common(dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}))))
-
-
-def _opt():
-    from transformers import OPTConfig, OPTForCausalLM
-
-    return OPTForCausalLM(OPTConfig(**_common(dict(
-        hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
-        max_position_embeddings=128))))
-
-
-def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    return GPT2LMHeadModel(GPT2Config(**_common(dict(n_embd=32, n_layer=2, n_head=4, n_positions=128))))
-
-
-FAMILIES = {"llama-gqa": _llama_gqa, "opt": _opt, "gpt2": _gpt2}
+FAMILIES = ("llama-gqa", "opt", "gpt2")  # of rlhf_hybrid.testing.TINY_FAMILIES
 LENGTHS = {3: (5, 2, 7), 5: (5, 2, 7, 1, 4)}  # 3 rows run in bucket 4, 5 rows in bucket 8
-
-
-def make_model(name: str, seed: int = 0):
-    # As in test_inference_generate.py: weights re-drawn with std 0.3 so greedy tokens vary.
-    torch.manual_seed(seed)
-    model = FAMILIES[name]().eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.3)
-            else:
-                p.copy_((1.0 if torch.all(p == 1) else 0.0) + 0.1 * torch.randn_like(p))
-    model.generation_config.eos_token_id = None
-    return model
 
 
 def hf_greedy(model, ids, mask, eos):

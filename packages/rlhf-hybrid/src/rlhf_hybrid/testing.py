@@ -10,6 +10,7 @@ import torch
 
 from .distributed import DistInfo, init_distributed
 
+TINY_VOCAB, TINY_PAD = 97, 0
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _group_env: dict[str, str] | None = None
 
@@ -55,3 +56,90 @@ def ragged_prompts(vocab: int, lengths: Sequence[int] = (5, 2, 7), *, pad: int =
         ids[i, width - n :] = torch.randint(low, vocab, (n,), generator=g)
         mask[i, width - n :] = 1
     return ids, mask
+
+
+# -- tiny models of every family the fast generation path supports ----------------------------
+
+
+def _llama(**kw):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    return LlamaForCausalLM(LlamaConfig(**_common(cfg | kw)))
+
+
+def _mistral(**kw):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    # head_dim 16 != hidden / heads = 8: the layout must read head_dim from the config.
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, sliding_window=4096)
+    return MistralForCausalLM(MistralConfig(**_common(cfg | kw)))
+
+
+def _qwen2(**kw):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=1, tie_word_embeddings=True)  # q/k/v biases are Qwen2's own
+    return Qwen2ForCausalLM(Qwen2Config(**_common(cfg | kw)))
+
+
+def _opt(**kw):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    cfg = dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32,
+               max_position_embeddings=128)
+    return OPTForCausalLM(OPTConfig(**_common(cfg | kw)))
+
+
+def _gpt2(**kw):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = dict(n_embd=32, n_layer=2, n_head=4, n_positions=128)
+    return GPT2LMHeadModel(GPT2Config(**_common(cfg | kw)))
+
+
+def _common(cfg: dict) -> dict:
+    # No EOS in the config: HF generate would otherwise stop on the config's EOS when a test passes
+    # eos_token_id=None.
+    return cfg | dict(vocab_size=TINY_VOCAB, pad_token_id=TINY_PAD, eos_token_id=None, bos_token_id=None)
+
+
+_BUILDERS = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "opt": _opt, "gpt2": _gpt2}
+
+
+def tiny_family(kind: str, **overrides):
+    """A tiny random model of ``kind`` ("llama", "mistral", "qwen2", "opt", "gpt2"), its config's
+    defaults replaced by ``overrides`` (HF's own initialisation; :func:`tiny_model` re-draws)."""
+    return _BUILDERS[kind](**overrides)
+
+
+TINY_FAMILIES = {
+    "llama-gqa": lambda: _llama(),
+    "llama-mqa-bias-tied": lambda: _llama(num_key_value_heads=1, attention_bias=True, mlp_bias=True,
+                                          tie_word_embeddings=True),
+    "mistral": lambda: _mistral(),
+    "qwen2": lambda: _qwen2(),
+    "opt": lambda: _opt(),
+    "opt-proj-postnorm": lambda: _opt(word_embed_proj_dim=16, do_layer_norm_before=False),
+    "gpt2": lambda: _gpt2(),
+    "gpt2-layer-scaled": lambda: _gpt2(scale_attn_by_inverse_layer_idx=True),
+}
+
+
+def tiny_model(name: str, seed: int = 0):
+    """A tiny random causal LM of family ``name`` (:data:`TINY_FAMILIES`), weights re-drawn with std 0.3
+    (norm weights around 1, biases around 0) so that greedy tokens vary; no EOS in its config.
+    Vocabulary :data:`TINY_VOCAB`, pad id :data:`TINY_PAD`."""
+    torch.manual_seed(seed)
+    model = TINY_FAMILIES[name]().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.3)
+            else:  # norm weights around 1, biases around 0
+                p.copy_((1.0 if torch.all(p == 1) else 0.0) + 0.1 * torch.randn_like(p))
+    model.generation_config.eos_token_id = None
+    return model
