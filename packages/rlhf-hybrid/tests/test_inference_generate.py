@@ -24,14 +24,7 @@ from rlhf_hybrid.testing import tiny_model as make_model
 PAD, VOCAB, NEW = 0, 97, 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: two OpenMP threads contend with other processes and
-    # run ~50x slower than one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def ragged_prompts() -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,13 +28,7 @@ from rlhf_hybrid.testing import tiny_model as make_model
 PAD, VOCAB, NEW = 0, 97, 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: one thread (see test_inference_generate.py).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 FAMILIES = ("llama-gqa", "opt", "gpt2")  # of rlhf_hybrid.testing.TINY_FAMILIES

@@ -1,0 +1,16 @@
+"""Fixtures shared by rlhf-hybrid's tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for the module: tiny matmuls on a shared 2-core machine run ~50x slower with
+    two OpenMP threads contending with other processes than with one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
