@@ -32,7 +32,7 @@ CONSTRAINTS = str(ROOT / "constraints" / "dev.txt")
 # Install order matters only for readability: pip resolves the five together.
 PACKAGES = ["rlhf-kernels", "rlhf-data", "rlhf-algos", "rlhf-hybrid", "rlhf-cli"]
 TEST_PATHS = [f"packages/{p}/tests" for p in PACKAGES] + ["tests"]
-LINT_PATHS = ["packages", "tests", "benchmarks", "noxfile.py"]
+LINT_PATHS = ["packages", "tests", "benchmarks", "scripts", "noxfile.py"]
 # Pinned here so a new ruff release cannot turn CI red on unchanged code.
 RUFF = "ruff==0.17.6"
 # rlhf-kernels' optional extra; the test sessions install it so that the Triton kernels are tested

@@ -1,4 +1,5 @@
-"""Every shipped config in configs/ loads, and configs/demo.yaml spells out exactly the defaults."""
+"""Every shipped config in configs/ loads, and configs/demo.yaml spells out exactly the defaults
+(regenerate demo.yaml and the keys table of docs/cli.md with scripts/gen_config_docs.py)."""
 
 from pathlib import Path
 
