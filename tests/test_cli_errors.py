@@ -116,6 +116,12 @@ def test_stage_without_the_sft_output(rlhf, tmp_path, stage: str) -> None:
     assert_names(line, f"--stage {stage}", str(out / "sft"), "rlhf run --stage sft")
 
 
+def test_sft_batch_larger_than_the_data(rlhf, tmp_path) -> None:
+    proc = rlhf(["run", "--stage", "sft", "--out", tmp_path / "o", "sft.batch_size=100000"], timeout=300)
+    line = the_error(proc, alone=False)
+    assert_names(line, "sft.batch_size: 100000 x 1 rank(s) is more than the", "SFT samples", "lower it")
+
+
 def test_ppo_with_model_reward_without_the_rm_output(rlhf, tmp_path) -> None:
     from rlhf_data import AdditionTask, train_demo_tokenizer
     from rlhf_hybrid import tiny_llama_config

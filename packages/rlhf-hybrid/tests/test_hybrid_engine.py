@@ -23,14 +23,7 @@ from torch.testing import assert_close
 PAD, EOS, VOCAB = 0, 1, 97
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    """A world of one for this module (rlhf_hybrid.testing.world_of_one: env vars restored after)."""
-    from rlhf_hybrid.testing import world_of_one
-
-    with world_of_one() as info:
-        assert info.world_size == 1 and info.rank == 0
-        yield info
+pytestmark = pytest.mark.usefixtures("world_of_one")  # conftest.py
 
 
 def tiny_llama(seed: int = 0):

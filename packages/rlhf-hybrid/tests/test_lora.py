@@ -16,12 +16,7 @@ from rlhf_hybrid.lora import LoRALinear, apply_lora, merged_state_dict
 PAD, EOS, VOCAB = 0, 1, 97
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    from rlhf_hybrid.testing import world_of_one
-
-    with world_of_one():
-        yield
+pytestmark = pytest.mark.usefixtures("world_of_one")  # conftest.py
 
 
 def tiny_llama(seed: int = 0):

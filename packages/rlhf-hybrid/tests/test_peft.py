@@ -30,15 +30,7 @@ from rlhf_hybrid.lora import merged_state_dict, plain_model  # noqa: E402
 PAD, EOS, VOCAB, RANK, ALPHA = 0, 1, 97, 4, 8.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    from rlhf_hybrid.testing import world_of_one
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls on a shared 2-core machine: one thread is much faster
-    with world_of_one():
-        yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("world_of_one", "one_thread")  # conftest.py
 
 
 def _llama():

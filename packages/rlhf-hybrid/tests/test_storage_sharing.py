@@ -24,12 +24,7 @@ from rlhf_hybrid.inference.storage import order_for_fusion, pack_fused_params
 PAD, EOS, VOCAB = 0, 1, 97
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    from rlhf_hybrid.testing import world_of_one
-
-    with world_of_one() as info:
-        yield info
+pytestmark = pytest.mark.usefixtures("world_of_one")  # conftest.py
 
 
 def tiny(kind: str, seed: int = 0):

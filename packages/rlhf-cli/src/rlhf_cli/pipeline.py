@@ -162,6 +162,15 @@ def _batches(items: list, size: int):
         yield items[i : i + size]
 
 
+def _steps_per_epoch(ctx: Context, n: int, batch: int, key: str, what: str) -> int:
+    """Full batches of ``batch`` per rank in an epoch of ``n`` items (PipelineError naming ``key`` if none)."""
+    steps = n // (batch * ctx.world_size)
+    if steps == 0:
+        raise PipelineError(f"{key}: {batch} x {ctx.world_size} rank(s) is more than the {n} {what}; lower it or "
+                            f"add data")
+    return steps
+
+
 def _epoch_batches(ctx: Context, items: list, batch: int, steps: int, rng: random.Random):
     """One epoch of this rank's micro-batches: a shuffle shared by all ranks (same seed), each
     rank taking every ``world_size``-th item, ``steps`` full batches (the same count on every rank,
@@ -281,10 +290,8 @@ def run_sft(ctx: Context) -> dict:
         train = pack_sft(train, max(len(e["input_ids"]) for e in train) if train else 1)
         ctx.reporter.print(f"sft: packed {n} samples into {len(train)} rows")
     rng = random.Random(cfg.seed)
-    steps_per_epoch = len(train) // (s.batch_size * ctx.world_size)
-    if steps_per_epoch == 0:
-        raise PipelineError(f"sft.batch_size: {s.batch_size} x {ctx.world_size} rank(s) is more than the {len(train)} "
-                            f"SFT {'rows' if s.packing else 'samples'}; lower it or add data")
+    steps_per_epoch = _steps_per_epoch(ctx, len(train), s.batch_size, "sft.batch_size",
+                                       "SFT rows" if s.packing else "SFT samples")
     total = steps_per_epoch * s.epochs
     engine = HybridEngine(_lora(ctx, model, "sft"), _engine_cfg(cfg, lr=s.lr, batch=s.batch_size,
                                                                 grad_accum=s.grad_accum, warmup=s.warmup_steps))
@@ -370,10 +377,7 @@ def run_rm(ctx: Context) -> dict:
     data_stats: dict = {}
     train = _tokenized(ctx, tokenizer, data.rm, "rm", "rm", data_stats)
     heldout = _tokenized(ctx, tokenizer, data.rm_eval, "rm", "rm held-out", data_stats)
-    steps_per_epoch = len(train) // (s.batch_size * ctx.world_size)
-    if steps_per_epoch == 0:
-        raise PipelineError(f"rm.batch_size: {s.batch_size} x {ctx.world_size} rank(s) is more than the {len(train)} "
-                            f"preference pairs; lower it or add data")
+    steps_per_epoch = _steps_per_epoch(ctx, len(train), s.batch_size, "rm.batch_size", "preference pairs")
     total = steps_per_epoch * s.epochs
     engine = HybridEngine(model, _engine_cfg(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
                                              warmup=s.warmup_steps, decay=total // s.grad_accum))
@@ -602,10 +606,7 @@ def run_offline(ctx: Context) -> dict:
     tokenizer = load_tokenizer(str(sft_dir))
     data_stats: dict = {}
     train = _tokenized(ctx, tokenizer, data.rm, "rm", "pairs", data_stats)
-    steps_per_epoch = len(train) // (s.batch_size * ctx.world_size)
-    if steps_per_epoch == 0:
-        raise PipelineError(f"pref.batch_size: {s.batch_size} x {ctx.world_size} rank(s) is more than the {len(train)} "
-                            f"preference pairs; lower it or add data")
+    steps_per_epoch = _steps_per_epoch(ctx, len(train), s.batch_size, "pref.batch_size", "preference pairs")
     total = steps_per_epoch * s.epochs
     policy = HybridEngine(_lora(ctx, load_causal_lm(str(sft_dir)), "pref"),
                           _engine_cfg(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
