@@ -21,6 +21,8 @@ inside each row instead and never allocate anything of size (rows, V) in the for
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 import torch
@@ -170,8 +172,33 @@ class _FusedLogprobs(torch.autograd.Function):
         return grad_logits, None, None, None, None, None
 
 
+@dataclass(frozen=True)
+class ChunkRows:
+    """One backend's per-chunk math for :class:`_LogprobsFromHidden` (the chunk loop, the matmuls and
+    the gradient accumulation are shared by every backend; only these two differ).
+
+    Attributes:
+        forward: ``(logits (c, V), targets (c,), temperature, need_entropy) -> (logprobs, lse,
+            entropy or None)``, each (c,) float32; ``logits`` in the compute dtype.
+        grad: ``(logits (c, V), targets, lse, entropy or None, g_logprobs, g_entropy or None,
+            temperature) -> d(loss)/d(logits)`` (c, V) in any float dtype; may overwrite ``logits``.
+    """
+
+    forward: Callable[..., tuple[Tensor, Tensor, Tensor | None]]
+    grad: Callable[..., Tensor]
+
+
+REFERENCE_ROWS = ChunkRows(
+    forward=lambda logits, targets, temperature, need_entropy: _chunk_forward(
+        _scaled_fp32(logits, temperature, fresh=True), targets, need_entropy),
+    grad=lambda logits, targets, lse, entropy, g_lp, g_ent, temperature: _chunk_grad(
+        _scaled_fp32(logits, temperature, fresh=True), targets, lse, entropy, g_lp, g_ent, temperature),
+)
+
+
 class _LogprobsFromHidden(torch.autograd.Function):
-    """Like _FusedLogprobs, but each chunk's logits are computed from hidden states on the fly."""
+    """Like _FusedLogprobs, but each chunk's logits are computed from hidden states on the fly; the
+    per-chunk log-prob math is a backend's :class:`ChunkRows`."""
 
     @staticmethod
     def forward(
@@ -184,6 +211,7 @@ class _LogprobsFromHidden(torch.autograd.Function):
         temperature: float,
         chunk_size: int,
         return_entropy: bool,
+        rows_math: ChunkRows,
     ) -> Tensor | tuple[Tensor, Tensor]:
         n = hidden.shape[0]
         logprobs = hidden.new_empty(n, dtype=torch.float32)
@@ -192,15 +220,15 @@ class _LogprobsFromHidden(torch.autograd.Function):
         for start in _row_chunks(n, chunk_size):
             rows = slice(start, start + chunk_size)
             logits = F.linear(hidden[rows], weight, bias)  # (c, V), matmul in the input dtype
-            z = _scaled_fp32(logits, temperature, fresh=True)
-            logprobs[rows], lse[rows], entropy_c = _chunk_forward(z, targets[rows], return_entropy)
+            logprobs[rows], lse[rows], entropy_c = rows_math.forward(logits, targets[rows], temperature,
+                                                                     return_entropy)
             if entropy is not None:
                 entropy[rows] = entropy_c
         logprobs.masked_fill_(~valid, 0.0)
         if entropy is not None:
             entropy.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(hidden, weight, bias, targets, valid, lse, entropy)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.chunk_size, ctx.rows_math = temperature, chunk_size, rows_math
         return (logprobs, entropy) if entropy is not None else logprobs
 
     @staticmethod
@@ -217,28 +245,27 @@ class _LogprobsFromHidden(torch.autograd.Function):
         for start in _row_chunks(hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
             h = hidden[rows]  # (c, H)
-            z = _scaled_fp32(F.linear(h, weight, bias), ctx.temperature, fresh=True)  # (c, V)
-            grad_z = _chunk_grad(
-                z,
+            grad_z = ctx.rows_math.grad(
+                F.linear(h, weight, bias),  # (c, V) logits, recomputed
                 targets[rows],
                 lse[rows],
                 None if entropy is None else entropy[rows],
                 g_lp[rows],
                 None if g_ent is None else g_ent[rows],
                 ctx.temperature,
-            )  # (c, V) fp32
-            del z
+            )  # (c, V): fp32 (reference) or the compute dtype (kernels)
             if grad_hidden is not None:
                 # Same precision as autograd: the logits gradient in the compute dtype, then matmul.
                 grad_hidden[rows] = grad_z.to(weight.dtype) @ weight  # (c, H)
             if grad_weight is not None:
-                grad_weight.addmm_(grad_z.t(), h.float())  # (V, c) @ (c, H)
+                grad_weight += (grad_z.t() @ h.to(grad_z.dtype)).float()  # (V, c) @ (c, H)
             if grad_bias is not None:
-                grad_bias += grad_z.sum(dim=0)
+                grad_bias += grad_z.float().sum(dim=0)
         return (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
             None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
             None,
             None,
             None,
@@ -305,7 +332,7 @@ def _fused_logprobs_reference(
 
 
 def run_from_hidden(
-    function: type[torch.autograd.Function],
+    rows_math: ChunkRows,
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
@@ -316,11 +343,11 @@ def run_from_hidden(
     chunk_size: int,
     ignore_index: int | None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Flatten the rows, apply a from-hidden autograd ``function`` (the reference's or a kernel
-    backend's: same arguments), restore the leading shape. Shared by every backend."""
+    """Flatten the rows, apply the chunked from-hidden log-prob with a backend's per-chunk math
+    (:data:`REFERENCE_ROWS` or a kernel backend's :class:`ChunkRows`), restore the leading shape."""
     lead_shape, hidden_size = hidden.shape[:-1], hidden.shape[-1]
     flat_targets, valid = _prepare_targets(targets, lead_shape, ignore_index)
-    out = function.apply(
+    out = _LogprobsFromHidden.apply(
         hidden.reshape(-1, hidden_size),  # (N, H)
         weight,
         bias,
@@ -329,6 +356,7 @@ def run_from_hidden(
         float(temperature),
         chunk_size,
         return_entropy,
+        rows_math,
     )
     if return_entropy:
         return out[0].view(lead_shape), out[1].view(lead_shape)
@@ -336,7 +364,7 @@ def run_from_hidden(
 
 
 def _logprobs_from_hidden_reference(hidden: Tensor, weight: Tensor, targets: Tensor, **kw) -> Tensor | tuple[Tensor, Tensor]:
-    return run_from_hidden(_LogprobsFromHidden, hidden, weight, targets, **kw)
+    return run_from_hidden(REFERENCE_ROWS, hidden, weight, targets, **kw)
 
 
 _backend.register("fused_logprobs", "reference", _fused_logprobs_reference)

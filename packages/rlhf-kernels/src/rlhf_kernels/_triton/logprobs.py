@@ -18,11 +18,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..logprobs import _prepare_targets, _row_chunks, _upstream, run_from_hidden
+from ..logprobs import ChunkRows, _prepare_targets, _upstream, run_from_hidden
 from ._common import block_for, cast_rtne, warps_for
 
 Tensor = torch.Tensor
@@ -226,77 +225,16 @@ def fused_logprobs(
     return out.view(lead_shape)
 
 
-class _TritonLogprobsFromHidden(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any,
-        hidden: Tensor,  # (N, H)
-        weight: Tensor,  # (V, H)
-        bias: Tensor | None,  # (V,)
-        targets: Tensor,  # (N,) int64, ignored rows set to 0
-        valid: Tensor,  # (N,) bool
-        temperature: float,
-        chunk_size: int,
-        return_entropy: bool,
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        n = hidden.shape[0]
-        logprobs = hidden.new_empty(n, dtype=torch.float32)
-        lse = torch.empty_like(logprobs)
-        entropy = torch.empty_like(logprobs) if return_entropy else None
-        for start in _row_chunks(n, chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = F.linear(hidden[rows], weight, bias)  # (c, V) in the compute dtype
-            logprobs[rows], lse[rows], entropy_c = _forward_rows(logits, targets[rows], temperature, return_entropy)
-            if entropy is not None:
-                entropy[rows] = entropy_c
-        logprobs.masked_fill_(~valid, 0.0)
-        if entropy is not None:
-            entropy.masked_fill_(~valid, 0.0)
-        ctx.save_for_backward(hidden, weight, bias, targets, valid, lse, entropy)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        return (logprobs, entropy) if entropy is not None else logprobs
+def _grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor | None, g_lp: Tensor,
+               g_ent: Tensor | None, temperature: float) -> Tensor:
+    """d(loss)/d(logits) of one chunk, written over ``logits`` (compute dtype) by the backward kernel."""
+    _backward_rows(logits, logits, targets, lse, entropy, g_lp.contiguous(),
+                   None if g_ent is None else g_ent.contiguous(), temperature)
+    return logits
 
-    @staticmethod
-    def backward(ctx: Any, *grad_outputs: Tensor) -> tuple[Tensor | None, ...]:
-        hidden, weight, bias, targets, valid, lse, entropy = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        g_lp = _upstream(grad_outputs[0], valid).contiguous()
-        g_ent = _upstream(grad_outputs[1], valid).contiguous() if entropy is not None else None
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        # fp32 accumulators over chunks, as in the reference: one rounding at the end.
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
-        for start in _row_chunks(hidden.shape[0], ctx.chunk_size):
-            rows = slice(start, start + ctx.chunk_size)
-            h = hidden[rows]  # (c, H)
-            grad_z = F.linear(h, weight, bias)  # (c, V) logits, overwritten by their gradient below
-            _backward_rows(
-                grad_z,
-                grad_z,
-                targets[rows],
-                lse[rows],
-                None if entropy is None else entropy[rows],
-                g_lp[rows],
-                None if g_ent is None else g_ent[rows],
-                ctx.temperature,
-            )
-            if grad_hidden is not None:
-                grad_hidden[rows] = grad_z @ weight  # (c, H)
-            if grad_weight is not None:
-                grad_weight += (grad_z.t() @ h).float()  # (V, H)
-            if grad_bias is not None:
-                grad_bias += grad_z.float().sum(dim=0)
-        return (
-            grad_hidden,
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+
+TRITON_ROWS = ChunkRows(forward=_forward_rows, grad=_grad_rows)
 
 
 def logprobs_from_hidden(hidden: Tensor, weight: Tensor, targets: Tensor, **kw) -> Tensor | tuple[Tensor, Tensor]:
-    return run_from_hidden(_TritonLogprobsFromHidden, hidden, weight, targets, **kw)
+    return run_from_hidden(TRITON_ROWS, hidden, weight, targets, **kw)
