@@ -1,33 +1,48 @@
 """Developer and CI sessions for the rlhf monorepo.
 
-    python3 -m pip install nox
-    python3 -m nox -s tests                    # install everything, run every test (slow ones too)
-    python3 -m nox -s tests -- -m "not slow"   # the quick run
-    python3 -m nox -s tests -- packages/rlhf-algos/tests -q   # only these paths
-    python3 -m nox -s lint
-    python3 -m nox -s demo                     # rlhf run --stage all on the built-in demo
-    python3 -m nox -s demo -- rl.iterations=10             # ... with config overrides
-    python3 -m nox -s kernels_standalone       # rlhf-kernels alone, with nothing but torch (+ triton)
-    python3 -m nox -s bench_kernels            # kernels vs their PyTorch references (CPU: small sizes)
+    python3 -m venv .venv-nox && .venv-nox/bin/pip install -q nox   # once; `nox` below is .venv-nox/bin/nox
+    nox -s tests                    # install everything (the lock), run every test (slow ones too)
+    nox -s tests -- -m "not slow"   # the quick run
+    nox -s tests -- packages/rlhf-algos/tests -q   # only these paths
+    nox -s lint
+    nox -s demo                     # rlhf run --stage all on the built-in demo (locked versions)
+    nox -s demo -- rl.iterations=10             # ... with config overrides
+    nox -s demo_latest              # the same with the newest releases allowed: runs/demo-latest
+    nox -s kernels_standalone       # rlhf-kernels alone, with nothing but torch (+ triton)
+    nox -s bench_kernels            # kernels vs their PyTorch references (CPU: small sizes)
+    nox -s lock                     # regenerate constraints/lock.txt
 
-Every session builds a fresh virtual environment under .nox/ (``-r`` reuses it) and installs with
-``-c constraints/dev.txt``. That file pins the CPU build of torch that lies on the CI machine's
-disk: torch is installed first, in its own pip call, so that nothing later in the install
-(deepspeed's requirements, transformers) can resolve an unpinned torch to a multi-GB CUDA build.
-The packages' own metadata stays unpinned: on a GPU machine, install them into an environment
-that already has a CUDA torch instead of using these sessions (see README.md).
+Every session builds a fresh virtual environment under .nox/ (``-r`` reuses it). The ``tests``,
+``demo``, ``kernels_standalone`` and ``bench_kernels`` sessions install with
+``-c constraints/lock.txt``: a full lock (every transitive package, ``name==version``) for Linux
+x86_64 / CPython 3.11, so a new transformers or datasets release cannot change the tests' or the
+demo's results. ``constraints/dev.txt`` is the loose input to the lock: it pins torch (the CPU
+build that lies on the CI machine's disk), deepspeed and peft and gives ranges for the rest;
+``nox -s lock`` installs the newest releases it and the packages' metadata allow into a fresh
+venv and writes what got installed to the lock. ``nox -s demo_latest`` runs the demo on those
+newest releases without the lock (into runs/demo-latest), to see whether a relock would change
+the demo's numbers before relocking. Both demo sessions print the versions they ran with.
+
+torch is installed first, in its own pip call, so that nothing later in the install (deepspeed's
+requirements, transformers) can resolve an unpinned torch to a multi-GB CUDA build. The packages'
+own metadata stays unpinned: on a GPU machine, install them into an environment that already has
+a CUDA torch instead of using these sessions (see README.md).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 import nox
 
 ROOT = Path(__file__).resolve().parent
+# The loose input (torch, deepspeed and peft pinned, ranges for the rest) and the full lock made
+# from it by the `lock` session; see the module docstring.
 CONSTRAINTS = str(ROOT / "constraints" / "dev.txt")
+LOCK = str(ROOT / "constraints" / "lock.txt")
 
 # Install order matters only for readability: pip resolves the five together.
 PACKAGES = ["rlhf-kernels", "rlhf-data", "rlhf-algos", "rlhf-hybrid", "rlhf-cli"]
@@ -40,6 +55,11 @@ RUFF = "ruff==0.17.6"
 # Pinned for the same reason as ruff: the interpreter's behaviour changes between releases. The
 # interpreter runs on numpy, which triton itself does not require.
 TRITON = ("triton==3.9.0", "numpy")
+# What the tests session installs besides the five packages (and the lock session too, so that the
+# lock covers it; tests/test_lock.py reads this to check that it does).
+# peft: rlhf-hybrid fuses peft LoRA models' adapters (packages/rlhf-hybrid/tests/test_peft.py);
+# optional for users, installed here so that those tests run rather than skip.
+TEST_EXTRAS = ("pytest", "peft", *TRITON)
 
 # OMP_NUM_THREADS=1 for the tests (a value already in the environment wins). Measured on the
 # 2-core CI-class machine with other work running on it (load average about 5): the kernels +
@@ -67,12 +87,14 @@ nox.options.reuse_venv = "no"
 nox.options.sessions = ["lint", "tests"]
 
 
-def _install_torch(session: nox.Session) -> None:
+def _install_torch(session: nox.Session, constraints: str = LOCK) -> None:
     """The pinned torch first, alone: later installs then find it satisfied and leave it."""
-    session.install("-q", "-c", CONSTRAINTS, "torch")
+    session.install("-q", "-c", constraints, "torch")
 
 
-def _install_built(session: nox.Session, *packages: str, extra: tuple[str, ...] = ()) -> None:
+def _install_built(
+    session: nox.Session, *packages: str, extra: tuple[str, ...] = (), constraints: str = LOCK
+) -> None:
     """Install ``packages`` non-editable, as users get them.
 
     setuptools builds in ``packages/<name>/build/`` and reuses what it finds there, so a module
@@ -81,7 +103,7 @@ def _install_built(session: nox.Session, *packages: str, extra: tuple[str, ...] 
     build_dirs = [ROOT / "packages" / p / "build" for p in packages]
     for d in build_dirs:
         shutil.rmtree(d, ignore_errors=True)
-    session.install("-q", "-c", CONSTRAINTS, *[f"packages/{p}" for p in packages], *extra)
+    session.install("-q", "-c", constraints, *[f"packages/{p}" for p in packages], *extra)
     for d in build_dirs:
         shutil.rmtree(d, ignore_errors=True)
 
@@ -90,6 +112,8 @@ def _existing(paths: list[str]) -> list[str]:
     """``paths`` that exist (git keeps no empty test folder, so a fresh clone may lack one)."""
     return [p for p in paths if (ROOT / p).exists()]
 
+
+_EDITABLE = [arg for p in PACKAGES for arg in ("-e", f"packages/{p}")]
 
 # pytest options whose value is the next argument (so `-k tests` does not read as the path "tests").
 _VALUE_OPTIONS = {"-k", "-m", "-p", "-o", "-c", "-W", "--rootdir", "--ignore", "--deselect", "--tb"}
@@ -107,10 +131,7 @@ def _names_paths(posargs: list[str]) -> bool:
 def tests(session: nox.Session) -> None:
     """Every package's tests and the cross-package tests, against editable installs."""
     _install_torch(session)
-    editable = [arg for p in PACKAGES for arg in ("-e", f"packages/{p}")]
-    # peft: rlhf-hybrid fuses peft LoRA models' adapters (packages/rlhf-hybrid/tests/test_peft.py); optional
-    # for users, installed here so that those tests run rather than skip.
-    session.install("-q", "-c", CONSTRAINTS, *editable, "pytest", "peft", *TRITON)
+    session.install("-q", "-c", LOCK, *_EDITABLE, *TEST_EXTRAS)
     # Named paths replace the default ones; options alone (-m "not slow", -x, -k ...) add to them.
     paths = [] if _names_paths(session.posargs) else _existing(TEST_PATHS)
     session.run("pytest", *paths, *session.posargs, env=TEST_ENV)
@@ -123,15 +144,28 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", *_existing(LINT_PATHS), *session.posargs)
 
 
-@nox.session
-def demo(session: nox.Session) -> None:
-    """Install the packages (as users do, non-editable) and run the whole pipeline on the demo task.
+# The versions a demo ran with (what a relock would change), printed before it runs.
+_DEMO_VERSIONS = ("torch", "transformers", "tokenizers", "datasets", "deepspeed", "accelerate", "numpy")
+_PRINT_VERSIONS = f"""
+from importlib.metadata import PackageNotFoundError, version
+for name in {_DEMO_VERSIONS!r}:
+    try:
+        print(f"{{name:<13}} {{version(name)}}")
+    except PackageNotFoundError:
+        print(f"{{name:<13}} not installed")
+"""
 
-    Extra arguments are passed to ``rlhf run`` (e.g. ``-- rl.iterations=10 sft.epochs=4``).
-    """
-    _install_torch(session)
-    _install_built(session, *PACKAGES)
-    out = ROOT / "runs" / "demo"
+
+def _demo(session: nox.Session, constraints: str, out: Path) -> None:
+    """Install the packages with ``constraints`` (as users do, non-editable), print the versions
+    that got installed and run the whole pipeline on the demo task into ``out``."""
+    _install_torch(session, constraints)
+    _install_built(session, *PACKAGES, constraints=constraints)
+    session.log(f"installed with -c {Path(constraints).relative_to(ROOT)}:")
+    # Under --install-only session.run runs nothing and returns None: stop here, before the
+    # Python code below deletes `out` and reads a summary.json that no run wrote.
+    if session.run("python", "-c", _PRINT_VERSIONS) is None:
+        return
     # summary.json merges with an earlier one; start clean so the numbers are this run's.
     shutil.rmtree(out, ignore_errors=True)
     session.run("rlhf", "run", "--stage", "all", "--out", str(out), *session.posargs)
@@ -142,6 +176,28 @@ def demo(session: nox.Session) -> None:
     for stage in ("sft", "ppo"):
         session.log(f"{stage} model, held-out question 'What is 44 + 69?':")
         session.run("rlhf", "chat", "--model", str(out / stage), "--prompt", "What is 44 + 69?")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The whole pipeline on the demo task into runs/demo, installed as users do, with the lock.
+
+    The packages are installed non-editable. Extra arguments are passed to ``rlhf run`` (e.g. ``-- rl.iterations=10 sft.epochs=4``).
+    """
+    _demo(session, LOCK, ROOT / "runs" / "demo")
+
+
+@nox.session
+def demo_latest(session: nox.Session) -> None:
+    """The demo without the lock (the newest releases dev.txt allows) into runs/demo-latest.
+
+    Only ``-c constraints/dev.txt``: the newest releases that it and the packages' metadata allow,
+    i.e. what ``nox -s lock`` would lock now. Compare its summary.json with runs/demo's before
+    relocking: a difference is the new releases' doing.
+
+    Extra arguments are passed to ``rlhf run``.
+    """
+    _demo(session, CONSTRAINTS, ROOT / "runs" / "demo-latest")
 
 
 _KERNELS_ALONE_CHECK = """
@@ -198,3 +254,86 @@ def bench_kernels(session: nox.Session) -> None:
     (ROOT / "runs").mkdir(exist_ok=True)
     out = str(ROOT / "runs" / "bench-kernels.json")
     session.run("python", "-m", "rlhf_kernels.bench", "--out", out, *session.posargs, env=CPU_ENV)
+
+
+# The lock's header. The platform line is checked by the session: pip resolves platform-specific
+# dependencies (markers, wheels) for the interpreter it runs under.
+_LOCK_PLATFORM = "Linux x86_64, CPython 3.11"
+_LOCK_HEADER = f"""\
+# Full lock for development, CI and the demo: every package (transitive ones included) that the
+# nox sessions tests, demo, kernels_standalone and bench_kernels install, except the five rlhf-*
+# packages themselves. They install with `-c constraints/lock.txt`; demo_latest does not.
+# Platform: {_LOCK_PLATFORM}.
+# Generated from constraints/dev.txt (the loose input) and the packages' metadata by
+#     python3 -m nox -s lock
+# Do not edit by hand: change dev.txt or a pyproject.toml and regenerate.
+# torch is written without its local version tag (2.13.0, not 2.13.0+cpu): here it matches the CPU
+# build in pip's local wheel directory, elsewhere PyPI's build (on Linux a CUDA build, whose
+# nvidia-* dependencies are not in this lock).
+"""
+_PLATFORM_CHECK = """
+import platform, sys
+print(platform.system(), platform.machine(), sys.implementation.name, *sys.version_info[:2])
+"""
+# Installed into every venv; pip freeze leaves them out. A pinned package that requires one keeps
+# it in the lock.
+_INSTALLER_PACKAGES = ("pip", "setuptools", "wheel")
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _required_installers(session: nox.Session) -> set[str]:
+    """Those of pip/setuptools/wheel that an installed distribution requires (pip show's Required-by)."""
+    shown = session.run(
+        "python", "-m", "pip", "show", *_INSTALLER_PACKAGES, silent=True, success_codes=[0, 1], stderr=None
+    )
+    required, name = set(), None
+    for line in shown.splitlines():
+        key, _, value = line.partition(":")
+        if key == "Name":
+            name = _canonical(value.strip())
+        elif key == "Required-by" and value.strip():
+            required.add(name)
+    return required
+
+
+@nox.session(python="3.11")
+def lock(session: nox.Session) -> None:
+    """Regenerate constraints/lock.txt from constraints/dev.txt (newest releases allowed).
+
+    Installs what the tests session installs (a superset of the other locked sessions) with only
+    ``-c constraints/dev.txt`` into a fresh venv, and writes every installed package but the
+    rlhf-* ones, pinned, sorted, atomically.
+    """
+    here = session.run("python", "-c", _PLATFORM_CHECK, silent=True, stderr=None).split()
+    if here != ["Linux", "x86_64", "cpython", "3", "11"]:
+        session.error(f"the lock is for {_LOCK_PLATFORM}; this venv is {' '.join(here)}")
+    _install_torch(session, CONSTRAINTS)
+    # The tests session's install (editable, so that the packages fall out of pip freeze); the other
+    # locked sessions install subsets of it.
+    session.install("-q", "-c", CONSTRAINTS, *_EDITABLE, *TEST_EXTRAS)
+    # stderr=None: pip's warnings go to the terminal, not into the text parsed here.
+    frozen = session.run(
+        "python", "-m", "pip", "freeze", "--all", "--exclude-editable", silent=True, stderr=None
+    )
+    keep_installers = _required_installers(session)
+    pins: dict[str, str] = {}
+    for line in frozen.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, sep, version = line.strip().partition("==")
+        if not sep:
+            session.error(f"pip freeze gave {line!r}, not name==version; cannot lock it")
+        name = _canonical(name)
+        if name.startswith("rlhf-") or (name in _INSTALLER_PACKAGES and name not in keep_installers):
+            continue
+        # A local version tag (torch's +cpu) names a build only this machine's wheel directory has;
+        # the public version matches that build here and PyPI's elsewhere.
+        pins[name] = version.split("+", 1)[0]
+    text = _LOCK_HEADER + "".join(f"{name}=={pins[name]}\n" for name in sorted(pins))
+    tmp = Path(LOCK + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, LOCK)
+    session.log(f"wrote {len(pins)} pins to {Path(LOCK).relative_to(ROOT)}")
