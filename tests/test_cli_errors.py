@@ -88,6 +88,9 @@ def test_missing_yaml_file(rlhf, tmp_path) -> None:
         (["sft.mask_prompt=maybe"], ["sft.mask_prompt", "'maybe'", "true, false"]),
         (["rl.reward=human"], ["rl.reward", "'human'", "'model'", "'verifier'"]),
         (["--nproc", "0"], ["deepspeed.nproc", ">= 1"]),
+        (["rl.health_window=1"], ["rl.health_window", ">= 2", "1"]),
+        (["rl.entropy_drop=1.5"], ["rl.entropy_drop", "(0, 1]", "1.5"]),
+        (["rl.gen_kl_threshold=-1"], ["rl.gen_kl_threshold", ">= 0", "-1"]),
         (["sft.epochs"], ["'sft.epochs'", "expected key=value"]),
     ],
 )

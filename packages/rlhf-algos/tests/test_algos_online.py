@@ -97,6 +97,7 @@ def test_ppo_with_default_options_is_bit_identical_to_the_recipe_replayed_with_p
         for name, ref_value in [("logprobs", lp * resp), ("values", values * resp), ("rewards", shaped.rewards),
                                 ("advantages", advantages), ("returns", est.returns)]:
             assert torch.equal(getattr(exp, name), ref_value), name
+        assert_close(exp.sample_logprobs, lp * resp, rtol=0, atol=1e-6)  # the sampler's own log-probs
         # -- the reference: PPO epochs over shuffled micro-batches, actor step then critic step
         for _ in range(2):
             order = list(range(16))
@@ -119,7 +120,8 @@ def test_ppo_with_default_options_is_bit_identical_to_the_recipe_replayed_with_p
         assert torch.equal(a, b)
     assert set(metrics) == {"policy_loss", "value_loss", "clip_frac", "approx_kl", "value_clip_frac", "entropy",
                             "reward_mean", "reward_std", "kl_to_ref", "response_length", "advantage_mean",
-                            "advantage_std", "return_mean", "value_mean", "explained_variance"}
+                            "advantage_std", "return_mean", "value_mean", "explained_variance", "gen_kl_error",
+                            "gen_logprob_gap_max"}
 
 
 def test_ppo_needs_a_critic_and_critic_free_algorithms_refuse_one() -> None:

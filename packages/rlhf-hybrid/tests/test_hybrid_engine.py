@@ -297,3 +297,58 @@ def test_zero3_hf_generation_copy_matches_hf(family: str) -> None:
                                   eos_token_id=EOS, pad_token_id=PAD)
     assert torch.equal(got, want)
     assert engine.generation_used == "hf" and engine.timings["gather_collectives"] == 3
+
+
+@pytest.mark.parametrize("zero_stage", [0, 3])
+@pytest.mark.parametrize("generation", ["hf", "fast"])
+@pytest.mark.parametrize("do_sample,temperature", [(False, 1.0), (True, 0.7)])
+def test_sampling_logprobs_match_the_training_recomputation(zero_stage: int, generation: str, do_sample: bool,
+                                                            temperature: float) -> None:
+    """generate(return_logprobs=True): the generator's log-probs of its own tokens == ``token_logprobs`` of
+    the same sequences at the same temperature (fp32), 0 after a row's EOS; the default return is unchanged."""
+    model = tiny_llama(seed=4)
+    with torch.no_grad():  # greedy decoding of this model repeats token 65; as EOS it ends two rows early
+        model.lm_head.weight[EOS] = 1.05 * model.lm_head.weight[65]
+    engine = HybridEngine(model, EngineConfig(zero_stage=zero_stage, micro_batch_size=3, generation=generation))
+    engine.eval()
+    ids, mask = ragged_prompts()
+    P = ids.shape[1]
+    torch.manual_seed(0)
+    seqs, lp = engine.generate(ids, mask, max_new_tokens=16, do_sample=do_sample, temperature=temperature,
+                               eos_token_id=EOS, pad_token_id=PAD, return_logprobs=True)
+    assert engine.generation_used == generation
+    seqs, lp = seqs.cpu(), lp.cpu()
+    assert lp.shape == (3, seqs.shape[1] - P) and lp.dtype == torch.float32
+    is_eos = (seqs[:, P:] == EOS).long()
+    valid = (is_eos.cumsum(1) - is_eos) == 0  # (3, R): up to and including the first EOS
+    if not do_sample:
+        assert valid.sum(1).tolist() == [16, 12, 3]  # two rows finished early: the zeros after EOS are exercised
+    want = engine.token_logprobs(seqs, torch.cat([mask, valid.long()], dim=1), P, temperature=temperature)
+    assert_close(lp[valid], want.float().cpu()[valid], atol=1e-5, rtol=0)
+    assert (lp[~valid] == 0).all()
+    assert (lp[valid] < 0).all()  # real log-probs, not a placeholder
+    plain = engine.generate(ids, mask, max_new_tokens=4, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+    assert isinstance(plain, torch.Tensor)
+
+
+def test_tp_own_rows_cuts_logprobs_like_the_sequences() -> None:
+    """A tensor-parallel group generates 2 ranks' prompts together; each rank keeps its rows, its own
+    prompt width and the steps until its last row finished, for sequences and log-probs alike."""
+    from rlhf_hybrid.engine import _tp_own_rows
+
+    # group batch: rank 0's two rows, then rank 1's two rows; group prompt width 3, rank 1's prompts
+    # are 2 wide (1 column of left padding); 4 generated steps
+    seqs = torch.tensor([[5, 6, 7, 10, 11, 12, 13],
+                         [5, 6, 7, 20, 21, 22, 23],
+                         [0, 8, 9, 30, EOS, PAD, PAD],
+                         [0, 8, 9, 40, 41, EOS, PAD]])
+    lp = -torch.arange(1.0, 17.0).reshape(4, 4)
+    own = (slice(2, 4), 2, 1)  # rank 1: rows 2-3, prompt width 2, one column of left padding
+    got, got_lp = _tp_own_rows(seqs, own, EOS, lp)
+    # its last row emitted EOS at step 3: three response columns, the group's fourth step dropped
+    assert torch.equal(got, torch.tensor([[8, 9, 30, EOS, PAD], [8, 9, 40, 41, EOS]]))
+    assert torch.equal(got_lp, torch.tensor([[-9.0, -10.0, -11.0], [-13.0, -14.0, -15.0]]))
+    # rank 0's rows never finished: every step kept
+    got, got_lp = _tp_own_rows(seqs, (slice(0, 2), 3, 0), EOS, lp)
+    assert torch.equal(got, seqs[:2]) and torch.equal(got_lp, lp[:2])
+    assert _tp_own_rows(seqs, own, EOS)[1] is None

@@ -3,7 +3,9 @@
 The fast generation path gathers the shards collectively, then generates; with
 ``inference_tp_size=2`` the two ranks also split every layer's heads and MLP between them and
 generate both ranks' prompts together. Either way each rank's greedy tokens must equal HF
-``generate`` on the unsharded weights for its own prompts.
+``generate`` on the unsharded weights for its own prompts, and the log-probs the generator reports
+for them (``return_logprobs``, cut to the rank's own rows and steps under tensor parallelism) must
+equal the training forward's ``token_logprobs``.
 
 The gather itself (one all-gather per layer, rlhf_hybrid.gather) is checked against DeepSpeed's own
 GatheredParameters: exactly equal, and through the int8 wire format within half a quantization
@@ -57,12 +59,20 @@ def _worker(rank: int, world: int, port: int, out_dir: str, family: str, tp: int
     engine = HybridEngine(tiny_model(family), EngineConfig(zero_stage=3, micro_batch_size=3, generation="fast",
                                                            inference_tp_size=tp))
     ids, mask = prompts(rank)
-    seqs = engine.generate(ids, mask, max_new_tokens=NEW, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+    seqs, lp = engine.generate(ids, mask, max_new_tokens=NEW, do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
+                               return_logprobs=True)
+    # the generator's log-probs (cut to this rank's rows under tensor parallelism) == the training forward's
+    P = ids.shape[1]
+    is_eos = (seqs[:, P:] == EOS).long()
+    valid = (is_eos.cumsum(1) - is_eos) == 0  # up to and including the first EOS
+    want_lp = engine.token_logprobs(seqs, torch.cat([mask, valid.long()], dim=1), P).float()  # collective
+    lp_err = float((lp - want_lp)[valid].abs().max())
     # the shards really are shards: this rank holds part of every weight, not all of it
     numel = sum(p.ds_tensor.numel() for p in engine.module.parameters())
     full = sum(p.ds_numel for p in engine.module.parameters())
     result = {"seqs": seqs.cpu(), "numel": numel, "full": full, "path": engine.generation_used,
-              "collectives": engine.timings["gather_collectives"]}
+              "collectives": engine.timings["gather_collectives"], "lp_shape": tuple(lp.shape), "lp_err": lp_err,
+              "lp_zero_after_eos": bool((lp[~valid] == 0).all())}
     if tp == 1:
         import dataclasses
 
@@ -115,6 +125,8 @@ def test_zero3_two_ranks_fast_greedy_matches_hf(tmp_path, family: str, tp: int) 
             want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
                                eos_token_id=EOS, pad_token_id=PAD)
         assert torch.equal(r["seqs"], want), (rank, r["seqs"], want)
+        assert r["lp_shape"] == (3, want.shape[1] - ids.shape[1])
+        assert r["lp_err"] < 1e-5 and r["lp_zero_after_eos"], r
         assert r["collectives"] == 3  # embeddings/head/final norm, then one per decoder layer
         if tp == 1:
             assert r["exact_equal"] and not r["keys_missing"]

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 
 from . import functional as F
+from .health import monitor_metrics, pool_agreement, sampling_mismatch
 from .protocols import RewardFunction, ScoringPolicy, TrainablePolicy, ValueFunction
 
 __all__ = [
@@ -199,6 +200,9 @@ class Experience:
 
     ``N = B * samples_per_prompt`` rows, the samples of one prompt contiguous. Critic-free
     algorithms store zeros in ``values`` and the (un-whitened) discounted returns in ``returns``.
+    ``sample_logprobs`` are the generator's own log-probs of its tokens (0 after EOS), for the
+    sampling/training mismatch metrics; ``monitor_scores`` ``(N,)`` are the scores of the
+    algorithm's ``monitor_fn`` (logged, never trained on), None without one.
     """
 
     sequences: torch.Tensor
@@ -213,6 +217,8 @@ class Experience:
     kl: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    sample_logprobs: torch.Tensor | None = None
+    monitor_scores: torch.Tensor | None = None
 
     def rows(self, idx: list[int]) -> Experience:
         out = {}
@@ -297,6 +303,9 @@ class OnlineAlgorithm(Algorithm):
         actor: The policy being trained.
         reference: The frozen reference policy.
         reward_fn: Sequence-level reward (a reward model's score or a verifier).
+        monitor_fn: Optional second sequence-level scorer with ``reward_fn``'s signature (e.g. a
+            verifier while training on a reward model), called on every rollout and only logged:
+            ``verifier_score_rollout`` and ``rm_verifier_agreement`` (see :meth:`learn`).
         critic: The value model; required exactly when ``"critic" in required_models``.
         eos_token_id: Ends a response (its token is part of the response); None: no EOS.
         pad_token_id: Pads finished rows.
@@ -317,7 +326,7 @@ class OnlineAlgorithm(Algorithm):
     def __init__(self, config: OnlineConfig, *, actor: TrainablePolicy, reference: ScoringPolicy,
                  reward_fn: RewardFunction, critic: ValueFunction | None = None, eos_token_id: int | None,
                  pad_token_id: int, reduce_metrics: Callable[[dict], dict] | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, monitor_fn: RewardFunction | None = None) -> None:
         self._check_config(config)
         needs_critic = "critic" in self.required_models
         if needs_critic and critic is None:
@@ -326,6 +335,7 @@ class OnlineAlgorithm(Algorithm):
             raise ValueError(f"{self.name}: takes no critic (required_models={self.required_models})")
         self.config = config
         self.actor, self.reference, self.critic, self.reward_fn = actor, reference, critic, reward_fn
+        self.monitor_fn = monitor_fn
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.reduce_metrics = reduce_metrics or (lambda m: m)
         self._rng = random.Random(seed)
@@ -350,14 +360,16 @@ class OnlineAlgorithm(Algorithm):
         self.actor.eval()
         if self.critic is not None:
             self.critic.eval()
-        # 2. generate
-        seqs = self.actor.generate(prompt_ids, prompt_mask, max_new_tokens=c.max_new_tokens, do_sample=True,
-                                   temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-                                   eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id).cpu()
+        # 2. generate, keeping the generator's own log-probs (to check them against the recomputation)
+        seqs, sample_logprobs = self.actor.generate(
+            prompt_ids, prompt_mask, max_new_tokens=c.max_new_tokens, do_sample=True, temperature=c.temperature,
+            top_k=c.top_k, top_p=c.top_p, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            return_logprobs=True)
+        seqs, sample_logprobs = seqs.cpu(), sample_logprobs.float().cpu()
         P = prompt_ids.shape[1]
         resp_mask = response_mask_from(seqs, P, self.eos_token_id)  # (N, R)
         attn = torch.cat([prompt_mask.cpu().long(), resp_mask.long()], dim=1)  # (N, P + R)
-        # 3. score
+        # 3. score (eval mode, the weights that sampled: the recomputation must match the sampler)
         logprobs = self.actor.token_logprobs(seqs, attn, P, temperature=c.temperature).float().cpu()
         ref_logprobs = self.reference.token_logprobs(seqs, attn, P, temperature=c.temperature).float().cpu()
         if self.critic is not None:
@@ -365,13 +377,15 @@ class OnlineAlgorithm(Algorithm):
         else:
             values = torch.zeros_like(logprobs)
         scores = self.reward_fn(seqs, attn, P, meta).float().cpu()  # (N,)
+        monitor = None if self.monitor_fn is None else self.monitor_fn(seqs, attn, P, meta).float().cpu()  # (N,)
         # 4. advantages
         rollout = Rollout(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(), meta=meta, sequences=seqs,
                           attention_mask=attn, response_mask=resp_mask, logprobs=logprobs,
                           ref_logprobs=ref_logprobs, values=values, scores=self.process_scores(scores))
         est = self.estimate_advantages(rollout)
         return Experience(seqs, attn, P, resp_mask, logprobs * resp_mask, ref_logprobs * resp_mask,
-                          values * resp_mask, scores, est.rewards, est.kl, est.advantages, est.returns)
+                          values * resp_mask, scores, est.rewards, est.kl, est.advantages, est.returns,
+                          sample_logprobs=sample_logprobs * resp_mask, monitor_scores=monitor)
 
     def process_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Clip the sequence scores ``(N,)`` to ``±clip_reward``, then whiten them if ``reward_norm == "batch"``."""
@@ -392,8 +406,13 @@ class OnlineAlgorithm(Algorithm):
         raise NotImplementedError
 
     # 5: learning ---------------------------------------------------------------------------
-    def learn(self, exp: Experience) -> dict[str, float]:
-        """``ppo_epochs`` passes over shuffled micro-batches of ``exp``; returns averaged metrics."""
+    def learn(self, exp: Experience) -> dict[str, float | None]:
+        """``ppo_epochs`` passes over shuffled micro-batches of ``exp``; returns averaged metrics.
+
+        With a ``monitor_fn``, ``rm_verifier_agreement`` is the pooled fraction over every rank's
+        (monitor-correct, monitor-incorrect) pairs (each rank's pairs, not pairs across ranks), None
+        when no rank has such a pair.
+        """
         c = self.config
         self.actor.train()
         if self.critic is not None:
@@ -414,7 +433,7 @@ class OnlineAlgorithm(Algorithm):
         floats = _to_floats({**sums, **rollout})  # the one host-device sync
         metrics = {k: floats[k] / max(n, 1) for k in sums}
         metrics.update({k: floats[k] for k in rollout})
-        return self.reduce_metrics(metrics)
+        return pool_agreement(self.reduce_metrics(metrics))
 
     def train_step(self, mb: Experience) -> dict[str, torch.Tensor]:
         """One micro-batch: policy loss (+ KL in the loss) -> actor step, then :meth:`critic_step`."""
@@ -474,6 +493,12 @@ class OnlineAlgorithm(Algorithm):
         if self.critic is not None:
             out["value_mean"] = F.masked_mean(exp.values, m)
             out["explained_variance"] = F.explained_variance(exp.values, exp.returns, m)
+        if exp.sample_logprobs is not None:
+            mismatch = sampling_mismatch(exp.sample_logprobs, exp.logprobs, m)
+            out["gen_kl_error"] = mismatch.gen_kl_error
+            out["gen_logprob_gap_max"] = mismatch.gen_logprob_gap_max
+        if exp.monitor_scores is not None:
+            out.update(monitor_metrics(exp.scores, exp.monitor_scores))
         return out
 
 
@@ -560,13 +585,17 @@ class OfflineAlgorithm(Algorithm):
     @staticmethod
     def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
                      rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The metrics every preference algorithm reports (all detached 0-dim)."""
+        """The metrics every preference algorithm reports (all detached 0-dim).
+
+        ``reward_accuracy`` counts a tie as wrong (:func:`~rlhf_algos.functional.pair_accuracy` with
+        ``tie=0``, TRL's convention): at the start of DPO every implicit reward is 0, so it starts at 0.
+        """
         with torch.no_grad():
             diff = chosen_rewards - rejected_rewards
             return {
                 "chosen_reward": chosen_rewards.mean(),
                 "rejected_reward": rejected_rewards.mean(),
-                "reward_accuracy": (diff > 0).float().mean(),
+                "reward_accuracy": F.pair_accuracy(chosen_rewards, rejected_rewards, tie=0.0).float(),
                 "reward_margin": diff.mean(),
                 "chosen_logp": chosen_logps.detach().mean(),
                 "rejected_logp": rejected_logps.detach().mean(),

@@ -54,9 +54,12 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "orpo_loss",
+    "pair_accuracy",
     "pairwise_reward_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "ranked_pairs",
+    "ranking_agreement",
     "rloo_advantages",
     "sequence_logprobs",
     "sft_loss",
@@ -706,13 +709,71 @@ def ppo_value_loss(
     return ValueLossOutput(loss=loss, clip_frac=clip_frac)
 
 
+# --------------------------------------------------------------------------------------------
+# Pairwise accuracy (the one home of the tie rule)
+# --------------------------------------------------------------------------------------------
+
+
+def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor, mask: torch.Tensor | None = None, *,
+                  tie: float = 0.5) -> torch.Tensor:
+    """Fraction of pairs whose ``chosen`` score beats the ``rejected`` one; a tie counts ``tie``.
+
+    ``mean(1[chosen > rejected] + tie * 1[chosen == rejected])`` over the valid pairs. With the
+    default ``tie=0.5`` a constant scorer (an untrained reward model) scores 0.5, not 0, and the
+    value is the Mann-Whitney / ROC-AUC estimate of ``P(chosen > rejected)``. ``tie=0.0`` is the
+    convention of DPO-style ``reward_accuracy`` metrics (TRL's): ties count as wrong.
+
+    Args:
+        chosen: Scores of the preferred items, ``(B,)`` (or any shape broadcastable with ``rejected``).
+        rejected: Scores of the other items, same or broadcastable shape.
+        mask: Which pairs count, broadcastable to the pair shape; None: all of them.
+        tie: Credit for ``chosen == rejected``, in [0, 1].
+
+    Returns:
+        0-dim, no graph; 0 when no pair counts (the masked-mean convention of this module).
+    """
+    dtype = chosen.dtype if chosen.is_floating_point() else torch.float32
+    with torch.no_grad():
+        wins = (chosen > rejected).to(dtype) + tie * (chosen == rejected).to(dtype)
+        return masked_mean(wins, torch.ones_like(wins) if mask is None else mask)
+
+
+def ranked_pairs(truth: torch.Tensor) -> torch.Tensor:
+    """``(N, N)`` bool: ``[i, j]`` is True when ``truth[i] > truth[j]`` (item i should rank above j).
+
+    For a 0/1 verifier these are exactly the (correct, incorrect) pairs.
+    """
+    return truth[:, None] > truth[None, :]
+
+
+def ranking_agreement(scores: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """How often ``scores`` order two items the way ``truth`` does: :func:`pair_accuracy` over all
+    :func:`ranked_pairs` of ``truth`` (ties in ``scores`` count 0.5, pairs tied in ``truth`` are skipped).
+
+    With a 0/1 ``truth`` (a verifier) it is the ROC AUC of ``scores`` as a detector of correct
+    items: 1 = every correct item scores above every incorrect one, 0.5 = no better than chance,
+    below 0.5 = ranked against the truth (a reward model being hacked). Example: scores
+    ``[1, 2, 3, 3]``, truth ``[1, 0, 0, 1]``: pairs (0, 1), (0, 2), (3, 1), (3, 2) score
+    0 + 0 + 1 + 0.5 = 1.5 of 4 = 0.375.
+
+    Args:
+        scores: ``(N,)`` the scores being judged (e.g. a reward model's).
+        truth: ``(N,)`` the ground truth (e.g. a verifier's scores).
+
+    Returns:
+        0-dim; 0 when ``truth`` has no ranked pair (check ``ranked_pairs(truth).any()``).
+    """
+    return pair_accuracy(scores[:, None], scores[None, :], ranked_pairs(truth))
+
+
 @dataclass(frozen=True, eq=False)
 class RewardLossOutput:
     """Result of :func:`pairwise_reward_loss`.
 
     Attributes:
         loss: 0-dim differentiable loss.
-        accuracy: Detached fraction of pairs with ``r_chosen > r_rejected`` (ties count as wrong).
+        accuracy: Detached fraction of pairs with ``r_chosen > r_rejected`` (:func:`pair_accuracy`,
+            ties count as wrong: ``tie=0``).
         margin: Detached mean of ``r_chosen - r_rejected``.
     """
 
@@ -744,8 +805,8 @@ def pairwise_reward_loss(
     loss = -F.logsigmoid(diff).mean()
     if center_coef != 0.0:
         loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
+    accuracy = pair_accuracy(chosen_rewards, rejected_rewards, tie=0.0)
     with torch.no_grad():
-        accuracy = (diff > 0).to(diff.dtype).mean()
         margin = diff.mean()
     return RewardLossOutput(loss=loss, accuracy=accuracy, margin=margin)
 
@@ -816,7 +877,7 @@ class DPOLossOutput:
         chosen_rewards: Detached ``(B,)`` implicit rewards of the chosen responses
             (``beta * (log pi - log pi_ref)`` for DPO, ``beta * avg log pi`` for SimPO).
         rejected_rewards: Detached ``(B,)`` implicit rewards of the rejected responses.
-        accuracy: Detached fraction of pairs with ``chosen_reward > rejected_reward``.
+        accuracy: Detached fraction of pairs with ``chosen_reward > rejected_reward`` (ties count as wrong).
         margin: Detached mean of ``chosen_reward - rejected_reward``.
     """
 
@@ -828,10 +889,9 @@ class DPOLossOutput:
 
 
 def _pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Detached (accuracy, margin) of two ``(B,)`` reward tensors."""
+    """Detached (accuracy, margin) of two ``(B,)`` reward tensors; a tie counts as wrong (``tie=0``)."""
     with torch.no_grad():
-        diff = chosen - rejected
-        return (diff > 0).to(diff.dtype).mean(), diff.mean()
+        return pair_accuracy(chosen, rejected, tie=0.0), (chosen - rejected).mean()
 
 
 def _smoothed_sigmoid_loss(logits: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -967,7 +1027,7 @@ class ORPOLossOutput:
         log_odds_ratio: Detached 0-dim mean of ``log(odds(y_w) / odds(y_l))``.
         chosen_rewards: Detached ``(B,)`` ``lam * avg_logp(y_w)`` (TRL's convention).
         rejected_rewards: Detached ``(B,)`` ``lam * avg_logp(y_l)``.
-        accuracy: Detached fraction of pairs with ``chosen_reward > rejected_reward``.
+        accuracy: Detached fraction of pairs with ``chosen_reward > rejected_reward`` (ties count as wrong).
         margin: Detached mean of ``chosen_reward - rejected_reward``.
     """
 

@@ -31,8 +31,15 @@ class TrainablePolicy(ScoringPolicy, Protocol):
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                  do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
-        """(B, P + R) sequences; rows that stopped early are padded after their EOS."""
+                 eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 return_logprobs: bool = False):
+        """(B, P + R) sequences; rows that stopped early are padded after their EOS.
+
+        With ``return_logprobs``, a ``(sequences, logprobs)`` pair: ``logprobs`` (B, R) float32, the
+        generator's log-prob of each generated token under ``softmax(logits / temperature)``
+        (temperature 1 when greedy), before top-k / top-p filtering, i.e. what ``token_logprobs``
+        at that temperature gives when generation and training agree; 0 after a row's EOS.
+        """
         ...
 
     def backward(self, loss: torch.Tensor) -> None: ...

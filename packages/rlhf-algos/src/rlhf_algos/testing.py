@@ -113,10 +113,12 @@ class TinyPolicy(_Trainable):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                  do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+                 eos_token_id: int | None = None, pad_token_id: int | None = None, return_logprobs: bool = False):
         """(B, P + R) with R <= ``max_new_tokens``; rows that emitted EOS continue with padding.
 
-        Like HF ``generate``, the loop stops early once every row has emitted EOS.
+        Like HF ``generate``, the loop stops early once every row has emitted EOS. With
+        ``return_logprobs`` also the (B, R) log-probs of the generated tokens under
+        ``softmax(logits / temperature)`` before top-k (as ``TrainablePolicy.generate``), 0 after EOS.
 
         Raises:
             NotImplementedError: ``top_p < 1`` (nucleus sampling is not needed by any test yet).
@@ -126,23 +128,30 @@ class TinyPolicy(_Trainable):
         pad = pad_token_id if pad_token_id is not None else eos_token_id
         seqs = input_ids.clone()
         done = torch.zeros(len(seqs), dtype=torch.bool)
+        lps = []
         for _ in range(max_new_tokens):
             logits = self.module(seqs[:, -1:])[:, -1].float()  # (B, V): the bigram needs only the last token
+            logits = logits / (temperature if do_sample else 1.0)
+            logp = torch.log_softmax(logits, -1)  # (B, V): the distribution before top-k
             if do_sample:
-                logits = logits / temperature
                 if top_k > 0:
                     kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=self.generator).squeeze(1)
             else:
                 nxt = logits.argmax(-1)
+            lp = logp.gather(-1, nxt[:, None]).squeeze(1)  # (B,)
             if eos_token_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+                lp = lp.masked_fill(done, 0.0)
                 done |= nxt == eos_token_id
             seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+            lps.append(lp)
             if eos_token_id is not None and bool(done.all()):
                 break
-        return seqs
+        if not return_logprobs:
+            return seqs
+        return seqs, torch.stack(lps, dim=1) if lps else torch.zeros(len(seqs), 0)
 
 
 class ScriptedPolicy(TinyPolicy):
@@ -160,7 +169,22 @@ class ScriptedPolicy(TinyPolicy):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                  do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+                 eos_token_id: int | None = None, pad_token_id: int | None = None, return_logprobs: bool = False):
+        """The scripted responses; with ``return_logprobs`` also their log-probs under this policy at
+        ``temperature`` (as if it had sampled them), 0 after the first EOS."""
+        seqs = self._scripted(input_ids, max_new_tokens, eos_token_id, pad_token_id)
+        if not return_logprobs:
+            return seqs
+        P = input_ids.shape[1]
+        lp = self.token_logprobs(seqs, torch.ones_like(seqs), P, temperature=temperature if do_sample else 1.0)
+        resp = seqs[:, P:]
+        if eos_token_id is not None:
+            is_eos = (resp == eos_token_id).long()
+            lp = lp.masked_fill(is_eos.cumsum(1) - is_eos > 0, 0.0)  # after the first EOS
+        return seqs, lp
+
+    def _scripted(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None,
+                  pad_token_id: int | None) -> torch.Tensor:
         if len(self.responses) != len(input_ids):
             raise ValueError(f"ScriptedPolicy: {len(self.responses)} scripted responses for {len(input_ids)} prompts")
         width = min(max(len(r) for r in self.responses), max_new_tokens)

@@ -204,6 +204,19 @@ class RLSection:
             gathered for a rollout (one all-gather per layer): "none" (exact), "int8" or "int4" (blockwise
             quantized on the wire, ZeRO++ style; generation then samples from weights within half a quantization
             step of the trained ones).
+        health_window: RL health warnings: iterations over which "reward flat while the KL rises" is judged
+            (>= 2; docs/pipeline.md, rlhf_algos.HealthMonitor).
+        flat_reward_tol: RL health: the reward counts as flat when its least-squares rise over the window is at
+            most this fraction of the mean reward_std.
+        kl_rise_tol: RL health: the KL to the reference counts as rising when its least-squares rise over the
+            window exceeds this fraction of its mean there (and rl.kl_rise_min).
+        kl_rise_min: RL health: the KL to the reference counts as rising only when its least-squares rise over
+            the window exceeds this many nats per sequence (and rl.kl_rise_tol of its mean).
+        entropy_floor: RL health: warn of entropy collapse below this mean entropy (nats/token).
+        entropy_drop: RL health: also warn of entropy collapse when the entropy fell by more than this fraction
+            of the first iteration's, in (0, 1].
+        gen_kl_threshold: RL health: warn when gen_kl_error (the k3 KL between the generator's log-probs and the
+            training forward's, same weights) exceeds this.
     """
 
     iterations: int = 60
@@ -222,6 +235,13 @@ class RLSection:
     cuda_graphs: bool = True
     keep_decode_cache: bool = False
     gather_quantization: str = "none"
+    health_window: int = 10
+    flat_reward_tol: float = 0.1
+    kl_rise_tol: float = 0.25
+    kl_rise_min: float = 0.01
+    entropy_floor: float = 0.05
+    entropy_drop: float = 0.8
+    gen_kl_threshold: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -328,9 +348,14 @@ class RunConfig:
         for key in ("sft.lr", "rm.lr", "rl.actor_lr", "rl.critic_lr", "rl.temperature", "pref.lr"):
             if get_key(self, key) <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {get_key(self, key)!r}")
-        for key in ("data.sft_samples", "data.rm_samples", "data.rl_samples", "data.max_eval"):
+        for key in ("data.sft_samples", "data.rm_samples", "data.rl_samples", "data.max_eval", "rl.flat_reward_tol",
+                    "rl.kl_rise_tol", "rl.kl_rise_min", "rl.entropy_floor", "rl.gen_kl_threshold"):
             if get_key(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {get_key(self, key)!r}")
+        if self.rl.health_window < 2:
+            raise ConfigError(f"rl.health_window: must be >= 2, got {self.rl.health_window!r}")
+        if not 0.0 < self.rl.entropy_drop <= 1.0:
+            raise ConfigError(f"rl.entropy_drop: must be in (0, 1], got {self.rl.entropy_drop!r}")
         if not 0.0 <= self.data.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.data.eval_fraction!r}")
         from rlhf_data import DataError, StageSplit, parse_data_spec

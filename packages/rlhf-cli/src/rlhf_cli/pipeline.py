@@ -350,12 +350,14 @@ def _rm_scores(engine, pairs: list[dict], pad_id: int, batch: int = 64) -> tuple
 def _rm_accuracy(engine, pairs: list[dict], pad_id: int) -> dict:
     """Held-out accuracy; against the verifier's true labels where the data knows them (the demo
     marks its label-noise flips in ``meta["flipped"]``), else against the labels as given."""
+    from rlhf_algos import pair_accuracy
+
     c, r = _rm_scores(engine, pairs, pad_id)
     flipped = torch.tensor([bool(p["meta"].get("flipped", False)) for p in pairs])
-    # a tie counts half: an untrained (constant) reward model scores 0.5, not 0
-    wins = (c > r).float() + 0.5 * (c == r).float()
-    correct_wins = torch.where(flipped, 1.0 - wins, wins)
-    return {"accuracy": correct_wins.mean().item(), "accuracy_noisy_labels": wins.mean().item(),
+    # against the true labels a flipped pair's "rejected" answer is the right one
+    true_c, true_r = torch.where(flipped, r, c), torch.where(flipped, c, r)
+    # a tie counts half (pair_accuracy's default): an untrained (constant) reward model scores 0.5, not 0
+    return {"accuracy": pair_accuracy(true_c, true_r).item(), "accuracy_noisy_labels": pair_accuracy(c, r).item(),
             "score_mean": torch.cat([c, r]).mean().item()}
 
 
@@ -516,35 +518,90 @@ def _eval_metric(data, reward_fn, rl_reward: str):
     return ("reward_model_score" if rl_reward == "model" else "reward_score"), reward_fn
 
 
-def run_online(ctx: Context) -> dict:
-    """Stage 3 with an online algorithm: rollouts from the RL prompts, ``algo.learn`` on each."""
-    from rlhf_data import collate_prompts
-    from rlhf_hybrid import HybridEngine, ValueModel, all_reduce_mean, load_causal_lm, load_tokenizer
+def _monitor_fn(ctx: Context, data, tokenizer):
+    """What the rollouts are also scored with, only logged: the data's verifier when the stage trains on the
+    reward model (``rm_verifier_agreement``: is the policy hacking the reward model?), else None."""
+    if ctx.cfg.rl.reward != "model" or data.verifier is None:
+        return None
+    return TextReward(_per_item(data.verifier), tokenizer)
+
+
+def _health_monitor(p):
+    from rlhf_algos import HealthMonitor, HealthThresholds
+
+    return HealthMonitor(HealthThresholds(window=p.health_window, flat_reward_tol=p.flat_reward_tol,
+                                          kl_rise_tol=p.kl_rise_tol, kl_rise_min=p.kl_rise_min,
+                                          entropy_floor=p.entropy_floor, entropy_drop=p.entropy_drop,
+                                          gen_kl_threshold=p.gen_kl_threshold))
+
+
+def _online_progress(row: dict, valid: float) -> dict:
+    """The progress line of an online iteration: reward, KL, validation score, the reward model's agreement
+    with the verifier on the rollout (when measured) and the sampling/training mismatch."""
+    show = {"reward": row["reward_mean"], "kl": row["kl_to_ref"], "valid": valid}
+    if row.get("rm_verifier_agreement") is not None:
+        show["agree"] = row["rm_verifier_agreement"]
+    if row.get("gen_kl_error") is not None:
+        show["gen_kl"] = row["gen_kl_error"]
+    return show
+
+
+def _build_online(ctx: Context, algo_cls, data, tokenizer, sft_dir: Path, rm_dir: Path | None):
+    """The online algorithm and its engines: the actor, the frozen reference, the reward, the critic when
+    the algorithm has one (from the reward model, DeepSpeed-Chat's choice, else the SFT model), the monitor."""
+    from rlhf_hybrid import HybridEngine, ValueModel, all_reduce_mean, load_causal_lm
 
     cfg, p = ctx.cfg, ctx.cfg.rl
-    algo_cls, acfg = cfg.algorithm(), cfg.algorithm_config()
+    engine = _engine_cfg(cfg, lr=p.actor_lr, batch=p.micro_batch_size)
+    actor = HybridEngine(_lora(ctx, load_causal_lm(str(sft_dir)), "rl"), engine)
+    reference = HybridEngine(load_causal_lm(str(sft_dir)), engine, trainable=False)
+    reward_fn = _reward_function(ctx, data, tokenizer, rm_dir, p.micro_batch_size)
+    critic = None
+    if "critic" in algo_cls.required_models:
+        critic = HybridEngine(ValueModel.from_pretrained(str(rm_dir or sft_dir)),
+                              _engine_cfg(cfg, lr=p.critic_lr, batch=p.micro_batch_size))
+    monitor_fn = _monitor_fn(ctx, data, tokenizer)
+    algo = algo_cls(cfg.algorithm_config(), actor=actor, reference=reference, critic=critic, reward_fn=reward_fn,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    reduce_metrics=all_reduce_mean, seed=cfg.seed + ctx.rank,
+                    **({"monitor_fn": monitor_fn} if monitor_fn is not None else {}))
+    return algo, actor, reference, reward_fn
+
+
+def _prompt_batches(ctx: Context, prompts: list[dict], per_rank: int, seed: int):
+    """Endless batches of this rank's prompts: a seeded shuffle shared by all ranks (reshuffled when used
+    up), every rank taking its slice of each ``per_rank * world_size`` prompts."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    need = per_rank * ctx.world_size
+    while True:
+        while len(order) < need:
+            perm = list(range(len(prompts)))
+            rng.shuffle(perm)
+            order += perm
+        take, order = order[:need], order[need:]
+        yield [prompts[j] for j in take[ctx.rank :: ctx.world_size]]
+
+
+def run_online(ctx: Context) -> dict:
+    """Stage 3 with an online algorithm: rollouts from the RL prompts, ``algo.learn`` on each."""
+    from rich.markup import escape
+    from rlhf_data import collate_prompts
+    from rlhf_hybrid import load_tokenizer
+
+    cfg, p = ctx.cfg, ctx.cfg.rl
+    algo_cls = cfg.algorithm()
     name = algo_cls.name
     _seed(cfg.seed + 2 + 1000 * ctx.rank)  # ranks sample different responses
     data = _data(ctx)
     sft_dir = _require_stage_output(ctx, "sft", name)
     rm_dir = _require_stage_output(ctx, "rm", name) if p.reward == "model" else None  # fail before any work
     tokenizer = load_tokenizer(str(sft_dir))
-    needs = set(algo_cls.required_models)
-    engine = _engine_cfg(cfg, lr=p.actor_lr, batch=p.micro_batch_size)
-    actor = HybridEngine(_lora(ctx, load_causal_lm(str(sft_dir)), "rl"), engine)
-    reference = HybridEngine(load_causal_lm(str(sft_dir)), engine, trainable=False)
-    reward_fn = _reward_function(ctx, data, tokenizer, rm_dir, p.micro_batch_size)
-    critic = None
-    if "critic" in needs:
-        # The critic starts from the reward model (DeepSpeed-Chat's choice), else from the SFT model.
-        critic = HybridEngine(ValueModel.from_pretrained(str(rm_dir or sft_dir)),
-                              _engine_cfg(cfg, lr=p.critic_lr, batch=p.micro_batch_size))
-    algo = algo_cls(acfg, actor=actor, reference=reference, critic=critic, reward_fn=reward_fn,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                    reduce_metrics=all_reduce_mean, seed=cfg.seed + ctx.rank)
+    algo, actor, reference, reward_fn = _build_online(ctx, algo_cls, data, tokenizer, sft_dir, rm_dir)
 
     data_stats: dict = {}
-    train_prompts = _tokenized(ctx, tokenizer, data.rl, "rl", "rl", data_stats)
+    batches = _prompt_batches(ctx, _tokenized(ctx, tokenizer, data.rl, "rl", "rl", data_stats), p.rollout_batch_size,
+                              cfg.seed + 7)
     metric, scorer = _eval_metric(data, reward_fn, p.reward)
     ev = _Evaluator(ctx, tokenizer, data, actor, reference, scorer or TextReward(_per_item(data.verifier), tokenizer),
                     metric)
@@ -552,32 +609,23 @@ def run_online(ctx: Context) -> dict:
     before = ev.held_out("before")
     best_score = ev.validate()
     best_iter, best_state = 0, None
-    rng = random.Random(cfg.seed + 7)
-    order: list[int] = []
+    health = _health_monitor(p)
     t0 = time.perf_counter()
     with ctx.reporter.stage(name, p.iterations, ctx.out / f".{name}.metrics.jsonl") as rep:
         rep.log({"stage": name, "iteration": 0, f"valid_{metric}": best_score, **before})
         for it in range(1, p.iterations + 1):
-            # prompts for this rank: a seeded shuffle shared by all ranks, then every rank takes its slice
-            need = p.rollout_batch_size * ctx.world_size
-            while len(order) < need:
-                perm = list(range(len(train_prompts)))
-                rng.shuffle(perm)
-                order += perm
-            take, order = order[:need], order[need:]
-            chunk = [train_prompts[j] for j in take[ctx.rank :: ctx.world_size]]
-            b = collate_prompts(chunk, tokenizer.pad_token_id)
+            b = collate_prompts(next(batches), tokenizer.pad_token_id)
             exp = algo.generate_experience(b["input_ids"], b["attention_mask"], b["meta"])
-            metrics = algo.learn(exp)
-            metrics |= {k: v for k, v in actor.timings.items()}
-            row = {"stage": name, "iteration": it, **metrics}
+            row = {"stage": name, "iteration": it, **algo.learn(exp), **actor.timings}
             if it % p.eval_every == 0 or it == p.iterations:
                 valid = ev.validate()
                 row[f"valid_{metric}"] = valid
                 if p.select == "best" and valid > best_score:
                     best_score, best_iter, best_state = valid, it, actor.full_state_dict()
-            rep.update(show={"reward": metrics["reward_mean"], "kl": metrics["kl_to_ref"],
-                             "valid": row.get(f"valid_{metric}", best_score)}, log=row)
+            row["warnings"] = health.update(row)  # the same on every rank: the metrics are averaged
+            for w in row["warnings"]:
+                ctx.reporter.print(f"[yellow]{name}: warning:[/] {escape(w)}", highlight=False)
+            rep.update(show=_online_progress(row, row.get(f"valid_{metric}", best_score)), log=row)
     wall = time.perf_counter() - t0
     if p.select == "best":
         if best_state is not None:

@@ -349,27 +349,35 @@ class HybridEngine:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                  do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> torch.Tensor:
+                 eos_token_id: int | None = None, pad_token_id: int | None = None, return_logprobs: bool = False):
         """Generate continuations of left-padded prompts: returns (B, P + R) token ids.
 
         Rows that finished early are padded with ``pad_token_id`` after their EOS. Under ZeRO-3 the
         weights are gathered once (collective: every rank must call this together) into a plain
         model, so the per-token loop runs without any collective and ranks may stop at
         different lengths.
+
+        With ``return_logprobs``, returns ``(sequences, logprobs)``: (B, R) float32 log-probs of
+        the generated tokens under ``softmax(logits / temperature)`` (temperature 1 when greedy)
+        of the logits the generator computed, before top-k/top-p filtering (the distribution
+        ``token_logprobs`` recomputes, so any difference is a generation/training mismatch), 0
+        after a row's EOS. The fast path computes them step by step; the ``hf`` path asks
+        transformers for the raw logits (``output_logits``), which it keeps, (B, V) float32 per
+        step, until the call returns.
         """
         if isinstance(self.module, ValueModel):
             raise TypeError("generate: this engine holds a value model, not a causal LM")
         was_training = self.module.training
         if self.cfg.generation == "fast":
-            seqs = self._generate_fast(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                       temperature=temperature, top_k=top_k, top_p=top_p,
-                                       eos_token_id=eos_token_id, pad_token_id=pad_token_id)
-            if seqs is not None:
+            out = self._generate_fast(input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                      temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                                      pad_token_id=pad_token_id, return_logprobs=return_logprobs)
+            if out is not None:
                 self._record_peak_memory()
                 self.generation_used = "fast"
                 if was_training:
                     self.module.train()
-                return seqs
+                return out if return_logprobs else out[0]
         t0 = time.perf_counter()
         if self.cfg.zero_stage == 3 and self.engine is not None:
             model = _plain_copy(plain_model(self.module), self._zero3_rollout_state(), self.device)
@@ -377,7 +385,7 @@ class HybridEngine:
             model = self.module
         t1 = time.perf_counter()
         model.eval()
-        seqs = model.generate(
+        out = model.generate(
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             max_new_tokens=max_new_tokens,
@@ -387,7 +395,13 @@ class HybridEngine:
             top_p=top_p if do_sample else None,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
+            return_dict_in_generate=return_logprobs,
+            output_logits=return_logprobs,
         )
+        if return_logprobs:
+            eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
+            seqs = out.sequences
+            out = (seqs, _hf_logprobs(out.logits, seqs[:, input_ids.shape[1]:], temperature if do_sample else 1.0, eos))
         t2 = time.perf_counter()
         self.timings["gather_s"] = t1 - t0
         self.timings["generate_s"] = t2 - t1
@@ -395,12 +409,13 @@ class HybridEngine:
         self._record_peak_memory()
         if was_training:
             self.module.train()
-        return seqs
+        return out
 
     def _generate_fast(self, input_ids, attention_mask, *, max_new_tokens, do_sample, temperature, top_k, top_p,
-                       eos_token_id, pad_token_id) -> torch.Tensor | None:
-        """Generation through ``rlhf_hybrid.inference``; None (after a warning naming the reason)
-        when the model is not supported, so the caller falls back to HF ``generate``."""
+                       eos_token_id, pad_token_id, return_logprobs=False):
+        """Generation through ``rlhf_hybrid.inference``: ``(sequences, logprobs or None)``; None (after
+        a warning naming the reason) when the model is not supported, so the caller falls back to HF
+        ``generate``."""
         from . import inference
         from .inference.storage import layout_sharing
 
@@ -452,16 +467,18 @@ class HybridEngine:
             out = inference.generate(layout, ids, mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                                      temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
                                      pad_token_id=pad_token_id, generator=generator, cuda_graphs=use_graphs,
-                                     graphs=self._graphs if use_graphs else None)
+                                     graphs=self._graphs if use_graphs else None, return_logprobs=return_logprobs)
         if self._graphs is not None and not (self.cfg.keep_decode_cache and self.cfg.zero_stage < 3):
             # Back to training: the graphs, their KV cache and (ZeRO-3) the gathered weights they
             # reference are freed, so training gets the memory back; the next rollout recaptures.
             self._graphs.clear()
-        seqs = out.sequences if own is None else _tp_own_rows(out.sequences, own, eos_token_id, pad_token_id)
+        seqs, logprobs = out.sequences, out.logprobs
+        if own is not None:
+            seqs, logprobs = _tp_own_rows(seqs, own, eos_token_id, logprobs)
         t2 = time.perf_counter()
         self.timings["gather_s"] = t1 - t0
         self.timings["generate_s"] = t2 - t1
-        return seqs
+        return seqs, logprobs
 
     def _zero3_rollout_state(self, *, fused=(), quantization: str = "none") -> dict[str, torch.Tensor]:
         """The whole weights for one rollout under ZeRO-3, under the plain model's names. Collective.
@@ -551,20 +568,38 @@ def _tp_gather_prompts(ids: torch.Tensor, mask: torch.Tensor, group, pad: int):
     return torch.cat(all_ids), torch.cat(all_mask), (slice(r * B, (r + 1) * B), P, left)
 
 
-def _tp_own_rows(seqs: torch.Tensor, own, eos_token_id, pad_token_id) -> torch.Tensor:
+def _tp_own_rows(seqs: torch.Tensor, own, eos_token_id, logprobs: torch.Tensor | None = None):
     """This rank's rows of a group's generation, cut to what generating them alone would give:
-    its own prompt width, and no trailing columns after all its rows have finished."""
+    its own prompt width, and no trailing columns after all its rows have finished.
+
+    Returns ``(sequences (B, P + R), logprobs (B, R) or None)``; the group's ``logprobs``
+    (tp*B, R_group) are cut the same way.
+    """
     rows, P, left = own
     mine = seqs[rows, left:]  # (B, P + R_group)
-    if eos_token_id is None:
-        return mine
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=mine.device)
-    resp = mine[:, P:]  # (B, R_group)
-    hit = torch.isin(resp, eos)
-    if not bool(hit.any(dim=1).all()):
-        return mine  # some row of this rank ran to the end
-    last = int((hit.int().argmax(dim=1) + 1).max())  # the step at which its last row emitted EOS
-    return mine[:, : P + last]
+    width = mine.shape[1] - P
+    if eos_token_id is not None:
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=mine.device)
+        hit = torch.isin(mine[:, P:], eos)  # (B, R_group)
+        if bool(hit.any(dim=1).all()):  # else some row of this rank ran to the end
+            width = int((hit.int().argmax(dim=1) + 1).max())  # the step at which its last row emitted EOS
+    return mine[:, : P + width], None if logprobs is None else logprobs[rows, :width]
+
+
+def _hf_logprobs(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float, eos) -> torch.Tensor:
+    """(B, R) float32 log-probs of the generated ``tokens`` (B, R) under ``softmax(logits / temperature)``
+    from transformers' raw per-step logits (R tensors of (B, V)), 0 after each row's first EOS."""
+    from rlhf_kernels import fused_logprobs
+
+    lp = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+    for t, step_logits in enumerate(logits):
+        lp[:, t] = fused_logprobs(step_logits, tokens[:, t].to(step_logits.device), temperature=temperature,
+                                  ignore_index=None).float().to(lp.device)
+    if eos is not None:
+        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=tokens.device)
+        is_eos = torch.isin(tokens, eos_ids).long()
+        lp = lp.masked_fill(is_eos.cumsum(dim=1) - is_eos > 0, 0.0)  # after the first EOS: padding
+    return lp
 
 
 def _plain_copy(module: nn.Module, state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
