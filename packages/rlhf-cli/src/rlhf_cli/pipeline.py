@@ -511,6 +511,15 @@ class _Evaluator:
         return self.all_reduce_mean({"valid": score if score is not None else 0.0})["valid"]
 
 
+def _kept_message(name: str, unit: str, best: int, metric: str, score: float) -> str:
+    """What ``select=best`` kept: the best ``unit`` (iteration / epoch), or the starting model when none beat it."""
+    what = metric.replace("_", " ")
+    if best == 0:
+        return (f"{name}: no {unit} beat the starting model on validation (greedy {what} {score:.3f}); "
+                f"keeping the starting model")
+    return f"{name}: keeping the checkpoint of {unit} {best} (validation greedy {what} {score:.3f})"
+
+
 def _eval_metric(data, reward_fn, rl_reward: str):
     """What held-out answers are scored with: the data's verifier if it has one, else the stage's reward."""
     if data.verifier is not None:
@@ -608,7 +617,8 @@ def run_online(ctx: Context) -> dict:
     data_stats |= ev.stats
     before = ev.held_out("before")
     best_score = ev.validate()
-    best_iter, best_state = 0, None
+    # select=best starts from the starting model itself: when no iteration beats it, it is what is kept
+    best_iter, best_state = 0, actor.full_state_dict() if p.select == "best" else None
     health = _health_monitor(p)
     t0 = time.perf_counter()
     with ctx.reporter.stage(name, p.iterations, ctx.out / f".{name}.metrics.jsonl") as rep:
@@ -628,10 +638,8 @@ def run_online(ctx: Context) -> dict:
             rep.update(show=_online_progress(row, row.get(f"valid_{metric}", best_score)), log=row)
     wall = time.perf_counter() - t0
     if p.select == "best":
-        if best_state is not None:
-            actor.load_full_state_dict(best_state)
-        ctx.reporter.print(f"{name}: keeping the checkpoint of iteration {best_iter} "
-                           f"(validation greedy {metric.replace('_', ' ')} {best_score:.3f})")
+        actor.load_full_state_dict(best_state)
+        ctx.reporter.print(_kept_message(name, "iteration", best_iter, metric, best_score))
     after = ev.held_out("after")
     metrics = {**before, **after, "kl_to_ref": after["kl_to_ref_after"], "selected_iteration": best_iter
                if p.select == "best" else p.iterations, "reward": p.reward, "eval_metric": metric, "algo": name,
@@ -678,7 +686,8 @@ def run_offline(ctx: Context) -> dict:
     ev = _Evaluator(ctx, tokenizer, data, policy, reference, scorer, metric)
     data_stats |= ev.stats
     before = ev.held_out("before")
-    best_score, best_epoch, best_state = ev.validate(), 0, None
+    selecting = scorer is not None and s.select == "best"
+    best_score, best_epoch, best_state = ev.validate(), 0, policy.full_state_dict() if selecting else None
     rng = random.Random(cfg.seed + 3)
     pad = tokenizer.pad_token_id
     t0 = time.perf_counter()
@@ -695,17 +704,15 @@ def run_offline(ctx: Context) -> dict:
             valid = ev.validate()
             rep.update(advance=0, show={"epoch": epoch + 1, "valid": valid},
                        log={"stage": name, "step": step, "epoch": epoch, f"valid_{metric}": valid})
-            if scorer is not None and s.select == "best" and valid > best_score:
+            if selecting and valid > best_score:
                 best_score, best_epoch, best_state = valid, epoch + 1, policy.full_state_dict()
     wall = time.perf_counter() - t0
-    if scorer is not None and s.select == "best":
-        if best_state is not None:
-            policy.load_full_state_dict(best_state)
-        ctx.reporter.print(f"{name}: keeping the checkpoint of epoch {best_epoch} "
-                           f"(validation greedy {metric.replace('_', ' ')} {best_score:.3f})")
+    if selecting:
+        policy.load_full_state_dict(best_state)
+        ctx.reporter.print(_kept_message(name, "epoch", best_epoch, metric, best_score))
     after = ev.held_out("after")
     metrics = {**before, **after, "kl_to_ref": after["kl_to_ref_after"], "train_steps": step, "eval_metric": metric,
-               "selected_epoch": best_epoch if scorer is not None and s.select == "best" else s.epochs,
+               "selected_epoch": best_epoch if selecting else s.epochs,
                "algo": name, "data": data_stats}
     _save(ctx, policy, name, tokenizer, metrics)
     return metrics | {"wall_seconds": wall}
