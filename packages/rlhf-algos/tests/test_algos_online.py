@@ -112,7 +112,7 @@ def test_ppo_with_default_options_is_bit_identical_to_the_recipe_replayed_with_p
                 vl = ppo_value_loss(new_values, (values * resp)[idx], est.returns[idx], resp[idx], clip_eps=0.2)
                 critic_b.backward(vl.loss)
                 critic_b.step()
-        assert metrics["policy_loss"] == pytest.approx(metrics["policy_loss"])  # finite
+        assert math.isfinite(metrics["policy_loss"]), metrics["policy_loss"]
         assert metrics["reward_mean"] == pytest.approx(float(scores.mean()))
     for a, b in zip(actor.module.parameters(), actor_b.module.parameters(), strict=True):
         assert torch.equal(a, b)

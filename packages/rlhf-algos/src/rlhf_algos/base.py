@@ -127,7 +127,7 @@ class OnlineConfig(AlgorithmConfig):
     top_p: float = option(1.0, "nucleus sampling (1.0 = off)")
 
     def __post_init__(self) -> None:
-        self._check_choice("kl_estimator", ("k1", "k2", "k3"))
+        self._check_choice("kl_estimator", F.KL_ESTIMATORS)
         self._check_choice("kl_placement", KL_PLACEMENTS)
         self._check_choice("loss_agg", F.LOSS_AGG_MODES)
         self._check_choice("reward_norm", REWARD_NORMS)

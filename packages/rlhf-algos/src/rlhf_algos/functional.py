@@ -36,6 +36,7 @@ __all__ = [
     "KTOLossOutput",
     "ORPOLossOutput",
     "KLEstimator",
+    "KL_ESTIMATORS",
     "PolicyLossOutput",
     "RewardLossOutput",
     "SFTLossOutput",
@@ -68,7 +69,7 @@ __all__ = [
 ]
 
 KLEstimator = Literal["k1", "k2", "k3"]
-_KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
 
 # exp(20) ~ 4.9e8 is finite in fp32/bf16 (log-ratios should be computed in one of those, not fp16)
 # and far beyond any ratio PPO can use; clamping log-ratios to this range keeps exp() finite for
@@ -314,8 +315,8 @@ def kl_penalty(
     Raises:
         ValueError: If ``estimator`` is not one of the supported names.
     """
-    if estimator not in _KL_ESTIMATORS:
-        raise ValueError(f"estimator={estimator!r} is not supported; expected one of {_KL_ESTIMATORS}")
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r} is not supported; expected one of {KL_ESTIMATORS}")
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
         return log_ratio

@@ -28,10 +28,9 @@ from .base import (
     OnlineConfig,
     Rollout,
     option,
-    response_mask_from,
 )
 
-__all__ = ["PPO", "Experience", "PPOConfig", "response_mask_from"]
+__all__ = ["PPO", "PPOConfig"]
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ class ModelSection:
     reward_model: str = ""
     hidden_size: int = 256
     num_layers: int = 2
-    num_heads: int = 4
+    num_heads: int = 8
     intermediate_size: int = 1024
     tokenizer_vocab_size: int = 0
 
@@ -121,6 +121,9 @@ class SFTSection:
         grad_accum: micro-batches per optimizer step.
         mask_prompt: no loss on prompt tokens (completion-only training).
         warmup_steps: linear LR warm-up steps.
+        lr_schedule: after the warm-up, "cosine" (decay to 10% of sft.lr over the stage, as rm.* and pref.*)
+            or "constant".
+        weight_decay: AdamW weight decay (decoupled, Loshchilov & Hutter 2019).
         packing: pack several samples into each row (fewer pad tokens); attention stays within each sample
             through packed position ids (transformers 5 decoder models).
     """
@@ -131,6 +134,8 @@ class SFTSection:
     grad_accum: int = 1
     mask_prompt: bool = True
     warmup_steps: int = 20
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.1
     packing: bool = False
 
 
@@ -332,6 +337,7 @@ class RunConfig:
             ("rl.generation", self.rl.generation, ("hf", "fast")),
             ("rl.gather_quantization", self.rl.gather_quantization, ("none", "int8", "int4")),
             ("pref.select", self.pref.select, ("best", "last")),
+            ("sft.lr_schedule", self.sft.lr_schedule, ("cosine", "constant")),
         ]
         for key, value, allowed in checks:
             if value not in allowed:
@@ -348,7 +354,7 @@ class RunConfig:
         for key in ("sft.lr", "rm.lr", "rl.actor_lr", "rl.critic_lr", "rl.temperature", "pref.lr"):
             if get_key(self, key) <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {get_key(self, key)!r}")
-        for key in ("data.sft_samples", "data.rm_samples", "data.rl_samples", "data.max_eval", "rl.flat_reward_tol",
+        for key in ("sft.weight_decay", "data.sft_samples", "data.rm_samples", "data.rl_samples", "data.max_eval", "rl.flat_reward_tol",
                     "rl.kl_rise_tol", "rl.kl_rise_min", "rl.entropy_floor", "rl.gen_kl_threshold"):
             if get_key(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {get_key(self, key)!r}")

@@ -107,11 +107,12 @@ def _tokenized(ctx: Context, tokenizer, records: list, stage: str, what: str, st
     return out.examples
 
 
-def _engine_cfg(cfg: RunConfig, *, lr: float, batch: int, grad_accum: int = 1, warmup: int = 0, decay: int = 0):
+def _engine_cfg(cfg: RunConfig, *, lr: float, batch: int, grad_accum: int = 1, warmup: int = 0, decay: int = 0,
+                weight_decay: float = 0.0):
     from rlhf_hybrid import EngineConfig
 
     ds = cfg.deepspeed
-    return EngineConfig(zero_stage=ds.zero_stage, dtype=ds.dtype, lr=lr, micro_batch_size=batch,
+    return EngineConfig(zero_stage=ds.zero_stage, dtype=ds.dtype, lr=lr, weight_decay=weight_decay, micro_batch_size=batch,
                         grad_accum=grad_accum, offload_optimizer=ds.offload_optimizer, warmup_steps=warmup,
                         decay_steps=decay, generation=cfg.rl.generation,
                         inference_tp_size=cfg.rl.inference_tp_size,
@@ -293,8 +294,10 @@ def run_sft(ctx: Context) -> dict:
     steps_per_epoch = _steps_per_epoch(ctx, len(train), s.batch_size, "sft.batch_size",
                                        "SFT rows" if s.packing else "SFT samples")
     total = steps_per_epoch * s.epochs
-    engine = HybridEngine(_lora(ctx, model, "sft"), _engine_cfg(cfg, lr=s.lr, batch=s.batch_size,
-                                                                grad_accum=s.grad_accum, warmup=s.warmup_steps))
+    decay = total // s.grad_accum if s.lr_schedule == "cosine" else 0
+    engine = HybridEngine(_lora(ctx, model, "sft"), _engine_cfg(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
+                                                                warmup=s.warmup_steps, decay=decay,
+                                                                weight_decay=s.weight_decay))
     pad = tokenizer.pad_token_id
     loss_before = _sft_eval_loss(engine, evals, pad, s.mask_prompt)
     t0 = time.perf_counter()
