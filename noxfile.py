@@ -8,7 +8,7 @@
     nox -s demo                     # rlhf run --stage all on the built-in demo (locked versions)
     nox -s demo -- rl.iterations=10             # ... with config overrides
     nox -s demo_latest              # the same with the newest releases allowed: runs/demo-latest
-    nox -s kernels_standalone       # rlhf-kernels alone, with nothing but torch (+ triton)
+    nox -s kernels_standalone       # rlhf-kernels alone: with nothing but torch, then with triton too
     nox -s bench_kernels            # kernels vs their PyTorch references (CPU: small sizes)
     nox -s lock                     # regenerate constraints/lock.txt
 
@@ -213,13 +213,16 @@ print(f"rlhf_kernels {rlhf_kernels.__version__} alone, from {rlhf_kernels.__file
 
 
 @nox.session
-def kernels_standalone(session: nox.Session) -> None:
+@nox.parametrize("triton", [False, True], ids=["torch-only", "with-triton"])
+def kernels_standalone(session: nox.Session, triton: bool) -> None:
     """rlhf-kernels installed alone (non-editable, torch its only dependency) passes its tests.
 
-    triton, its optional extra, is installed too, so that the Triton kernels are tested as well.
+    Twice: as `pip install rlhf-kernels` gives it (torch only: every op runs its PyTorch reference,
+    an explicit Triton request says triton is missing), and with triton, its optional extra, so that
+    the Triton kernels are tested as well.
     """
     _install_torch(session)
-    _install_built(session, "rlhf-kernels", extra=("pytest", *TRITON))
+    _install_built(session, "rlhf-kernels", extra=("pytest", *(TRITON if triton else ())))
     session.run("python", "-c", _KERNELS_ALONE_CHECK)
     # Run from the package's folder with its own pyproject.toml as the pytest config file, so
     # neither the workspace's pytest settings and conftest files nor the source tree (tests import
