@@ -463,7 +463,9 @@ def evaluate_policy(actor, tokenizer, scorer, prompts: list[dict], *, do_sample:
             with torch.no_grad():
                 lp = actor.token_logprobs(seqs, attn, P, temperature=temperature).float().cpu()
                 ref = reference.token_logprobs(seqs, attn, P, temperature=temperature).float().cpu()
-            kls.append((kl_penalty(lp, ref, "k1") * rmask).sum(dim=1))
+            # k3 (Schulman 2020): unbiased like k1 and never negative, so the reported KL never prints
+            # below 0 (a k1 sample mean does when the policy is close to the reference); padding zeroed first
+            kls.append((kl_penalty(lp * rmask, ref * rmask, "k3") * rmask).sum(dim=1))
     out = {"score": sum(scores) / len(scores) if scores else None}
     if kls:
         out["kl_to_ref"] = torch.cat(kls).mean().item()
