@@ -91,6 +91,7 @@ def test_missing_yaml_file(rlhf, tmp_path) -> None:
         (["rl.health_window=1"], ["rl.health_window", ">= 2", "1"]),
         (["rl.entropy_drop=1.5"], ["rl.entropy_drop", "(0, 1]", "1.5"]),
         (["rl.gen_kl_threshold=-1"], ["rl.gen_kl_threshold", ">= 0", "-1"]),
+        (["rl.entropy_floor=nan"], ["rl.entropy_floor", "finite", "nan"]),
         (["sft.lr_schedule=linear"], ["sft.lr_schedule", "'linear'", "'cosine'", "'constant'"]),
         (["sft.weight_decay=-0.1"], ["sft.weight_decay", ">= 0", "-0.1"]),
         (["sft.epochs"], ["'sft.epochs'", "expected key=value"]),

@@ -66,3 +66,15 @@ def test_progress_line_shows_agreement_only_when_measured() -> None:
     assert _online_progress(row, 0.7) == {"reward": 0.5, "kl": 0.1, "valid": 0.7, "gen_kl": 1e-9}
     row["rm_verifier_agreement"] = 0.8
     assert _online_progress(row, 0.7)["agree"] == 0.8
+
+
+def test_rl_health_keys_default_to_health_thresholds_defaults() -> None:
+    # The rl.* health keys repeat HealthThresholds' defaults as literals (config.py does not import torch);
+    # this keeps the two from drifting apart.
+    import dataclasses
+
+    from rlhf_algos import HealthThresholds
+    from rlhf_cli.config import RLSection
+
+    assert RLSection().health_thresholds() == HealthThresholds()
+    assert set(RLSection.HEALTH_KEYS.values()) == {f.name for f in dataclasses.fields(HealthThresholds)}

@@ -135,8 +135,8 @@ class HealthThresholds:
         if self.window < 2:
             raise ValueError(f"window: {self.window!r} is not allowed; allowed: >= 2")
         for name in ("flat_reward_tol", "kl_rise_tol", "kl_rise_min", "entropy_floor", "gen_kl_threshold"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: {getattr(self, name)!r} is not allowed; allowed: >= 0")
+            if not getattr(self, name) >= 0 or getattr(self, name) == float("inf"):  # nan fails >= too
+                raise ValueError(f"{name}: {getattr(self, name)!r} is not allowed; allowed: finite, >= 0")
         if not 0.0 < self.entropy_drop <= 1.0:
             raise ValueError(f"entropy_drop: {self.entropy_drop!r} is not allowed; allowed: (0, 1]")
 

@@ -248,6 +248,25 @@ class RLSection:
     entropy_drop: float = 0.8
     gen_kl_threshold: float = 1e-3
 
+    # rl.<key> -> rlhf_algos.HealthThresholds field; the defaults above equal that class's
+    # (tests/test_cli_health.py checks it) and HealthThresholds is the one place that validates them.
+    HEALTH_KEYS: typing.ClassVar[dict[str, str]] = {
+        "health_window": "window", "flat_reward_tol": "flat_reward_tol", "kl_rise_tol": "kl_rise_tol",
+        "kl_rise_min": "kl_rise_min", "entropy_floor": "entropy_floor", "entropy_drop": "entropy_drop",
+        "gen_kl_threshold": "gen_kl_threshold",
+    }
+
+    def health_thresholds(self):
+        """The ``rlhf_algos.HealthThresholds`` of the rl.* health keys (ConfigError naming the rl.* key)."""
+        from rlhf_algos import HealthThresholds
+
+        try:
+            return HealthThresholds(**{field: getattr(self, key) for key, field in self.HEALTH_KEYS.items()})
+        except ValueError as e:
+            field, _, rest = str(e).partition(": ")
+            key = next(k for k, f in self.HEALTH_KEYS.items() if f == field)
+            raise ConfigError(f"rl.{key}: {rest}") from None
+
 
 @dataclass(frozen=True)
 class PrefSection:
@@ -354,14 +373,10 @@ class RunConfig:
         for key in ("sft.lr", "rm.lr", "rl.actor_lr", "rl.critic_lr", "rl.temperature", "pref.lr"):
             if get_key(self, key) <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {get_key(self, key)!r}")
-        for key in ("sft.weight_decay", "data.sft_samples", "data.rm_samples", "data.rl_samples", "data.max_eval", "rl.flat_reward_tol",
-                    "rl.kl_rise_tol", "rl.kl_rise_min", "rl.entropy_floor", "rl.gen_kl_threshold"):
+        for key in ("sft.weight_decay", "data.sft_samples", "data.rm_samples", "data.rl_samples", "data.max_eval"):
             if get_key(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {get_key(self, key)!r}")
-        if self.rl.health_window < 2:
-            raise ConfigError(f"rl.health_window: must be >= 2, got {self.rl.health_window!r}")
-        if not 0.0 < self.rl.entropy_drop <= 1.0:
-            raise ConfigError(f"rl.entropy_drop: must be in (0, 1], got {self.rl.entropy_drop!r}")
+        self.rl.health_thresholds()  # validates the rl.* health keys
         if not 0.0 <= self.data.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.data.eval_fraction!r}")
         from rlhf_data import DataError, StageSplit, parse_data_spec

@@ -540,15 +540,6 @@ def _monitor_fn(ctx: Context, data, tokenizer):
     return TextReward(_per_item(data.verifier), tokenizer)
 
 
-def _health_monitor(p):
-    from rlhf_algos import HealthMonitor, HealthThresholds
-
-    return HealthMonitor(HealthThresholds(window=p.health_window, flat_reward_tol=p.flat_reward_tol,
-                                          kl_rise_tol=p.kl_rise_tol, kl_rise_min=p.kl_rise_min,
-                                          entropy_floor=p.entropy_floor, entropy_drop=p.entropy_drop,
-                                          gen_kl_threshold=p.gen_kl_threshold))
-
-
 def _online_progress(row: dict, valid: float) -> dict:
     """The progress line of an online iteration: reward, KL, validation score, the reward model's agreement
     with the verifier on the rollout (when measured) and the sampling/training mismatch."""
@@ -600,6 +591,7 @@ def _prompt_batches(ctx: Context, prompts: list[dict], per_rank: int, seed: int)
 def run_online(ctx: Context) -> dict:
     """Stage 3 with an online algorithm: rollouts from the RL prompts, ``algo.learn`` on each."""
     from rich.markup import escape
+    from rlhf_algos import HealthMonitor
     from rlhf_data import collate_prompts
     from rlhf_hybrid import load_tokenizer
 
@@ -624,7 +616,7 @@ def run_online(ctx: Context) -> dict:
     best_score = ev.validate()
     # select=best starts from the starting model itself: when no iteration beats it, it is what is kept
     best_iter, best_state = 0, actor.full_state_dict() if p.select == "best" else None
-    health = _health_monitor(p)
+    health = HealthMonitor(p.health_thresholds())
     t0 = time.perf_counter()
     with ctx.reporter.stage(name, p.iterations, ctx.out / f".{name}.metrics.jsonl") as rep:
         rep.log({"stage": name, "iteration": 0, f"valid_{metric}": best_score, **before})
