@@ -94,6 +94,7 @@ def test_missing_yaml_file(rlhf, tmp_path) -> None:
         (["rl.entropy_floor=nan"], ["rl.entropy_floor", "finite", "nan"]),
         (["sft.lr_schedule=linear"], ["sft.lr_schedule", "'linear'", "'cosine'", "'constant'"]),
         (["sft.weight_decay=-0.1"], ["sft.weight_decay", ">= 0", "-0.1"]),
+        (["sft.weight_decay=nan"], ["sft.weight_decay", "finite", "nan"]),
         (["sft.epochs"], ["'sft.epochs'", "expected key=value"]),
     ],
 )

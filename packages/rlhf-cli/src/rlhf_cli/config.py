@@ -374,8 +374,8 @@ class RunConfig:
             if get_key(self, key) <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {get_key(self, key)!r}")
         for key in ("sft.weight_decay", "data.sft_samples", "data.rm_samples", "data.rl_samples", "data.max_eval"):
-            if get_key(self, key) < 0:
-                raise ConfigError(f"{key}: must be >= 0, got {get_key(self, key)!r}")
+            if not 0 <= get_key(self, key) < float("inf"):  # nan fails this comparison too
+                raise ConfigError(f"{key}: must be finite and >= 0, got {get_key(self, key)!r}")
         self.rl.health_thresholds()  # validates the rl.* health keys
         if not 0.0 <= self.data.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {self.data.eval_fraction!r}")
