@@ -151,7 +151,7 @@ def test_flat_reward_while_the_kl_rises_warns_once() -> None:
     # below 0.1 x reward_std 0.5 = 0.05; KL rises 0.1 -> 0.55: rise 0.45 > max(0.25 x mean 0.325, 0.01)
     reward = [0.50 + 0.01 * (i % 2) for i in range(12)]
     kl = [0.1 + 0.05 * i for i in range(12)]
-    got = feed(HealthMonitor(), rows(reward, kl))
+    got = feed(HealthMonitor(HealthThresholds(window=10)), rows(reward, kl))
     assert len(got) == 1  # once at the onset, not at iterations 11 and 12 again
     it, message = got[0]
     assert it == 10
@@ -165,7 +165,18 @@ def test_rising_reward_or_flat_kl_does_not_warn() -> None:
     # flat reward, flat KL (0.2 +- 0.001): the policy is not drifting
     assert feed(HealthMonitor(), rows([0.5] * 15, [0.2 + 0.001 * (i % 2) for i in range(15)])) == []
     # fewer rows than the window: no verdict yet
-    assert feed(HealthMonitor(), rows([0.5] * 9, kl[:9])) == []
+    assert feed(HealthMonitor(), rows([0.5] * 14, kl[:14])) == []
+
+
+def test_a_run_that_learned_and_levelled_off_does_not_warn() -> None:
+    # A learning run: the reward climbs 0.5 -> 0.9 and levels off (0.9 - 0.4 x 0.85^i), the KL keeps
+    # rising 0.01 per iteration. Over the last 15 rows alone the reward looks flat by iteration 35
+    # (fitted rise 0.029 <= 0.1 x reward_std 0.5 = 0.05: the sliding window the rule used before warned
+    # here); since the first iteration it rose 0.29, so the run gained something for its KL.
+    reward = [0.9 - 0.4 * 0.85**i for i in range(40)]
+    kl = [0.01 * i for i in range(40)]
+    assert fitted_rise(reward[20:35]) <= 0.05 < fitted_rise(reward[:35])
+    assert feed(HealthMonitor(), rows(reward, kl)) == []
 
 
 def test_entropy_collapse_fires_at_each_onset() -> None:

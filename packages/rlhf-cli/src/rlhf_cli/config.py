@@ -209,14 +209,15 @@ class RLSection:
             gathered for a rollout (one all-gather per layer): "none" (exact), "int8" or "int4" (blockwise
             quantized on the wire, ZeRO++ style; generation then samples from weights within half a quantization
             step of the trained ones).
-        health_window: RL health warnings: iterations over which "reward flat while the KL rises" is judged
-            (>= 2; docs/pipeline.md, rlhf_algos.HealthMonitor).
-        flat_reward_tol: RL health: the reward counts as flat when its least-squares rise over the window is at
-            most this fraction of the mean reward_std.
-        kl_rise_tol: RL health: the KL to the reference counts as rising when its least-squares rise over the
-            window exceeds this fraction of its mean there (and rl.kl_rise_min).
-        kl_rise_min: RL health: the KL to the reference counts as rising only when its least-squares rise over
-            the window exceeds this many nats per sequence (and rl.kl_rise_tol of its mean).
+        health_window: RL health warnings: iterations before "reward flat while the KL rises" is first
+            judged, from then on over every iteration since the first (>= 2; docs/pipeline.md,
+            rlhf_algos.HealthMonitor).
+        flat_reward_tol: RL health: the reward counts as flat when its least-squares rise since the first
+            iteration is at most this fraction of the mean reward_std.
+        kl_rise_tol: RL health: the KL to the reference counts as rising when its least-squares rise since
+            the first iteration exceeds this fraction of its mean there (and rl.kl_rise_min).
+        kl_rise_min: RL health: the KL to the reference counts as rising only when its least-squares rise
+            since the first iteration exceeds this many nats per sequence (and rl.kl_rise_tol of its mean).
         entropy_floor: RL health: warn of entropy collapse below this mean entropy (nats/token).
         entropy_drop: RL health: also warn of entropy collapse when the entropy fell by more than this fraction
             of the first iteration's, in (0, 1].
@@ -240,7 +241,7 @@ class RLSection:
     cuda_graphs: bool = True
     keep_decode_cache: bool = False
     gather_quantization: str = "none"
-    health_window: int = 10
+    health_window: int = 15
     flat_reward_tol: float = 0.1
     kl_rise_tol: float = 0.25
     kl_rise_min: float = 0.01
