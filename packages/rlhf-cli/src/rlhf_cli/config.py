@@ -153,7 +153,7 @@ class RMSection:
         warmup_steps: linear LR warm-up steps.
     """
 
-    epochs: int = 4
+    epochs: int = 8
     lr: float = 2e-4
     batch_size: int = 32
     grad_accum: int = 1
