@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ._pairs import pair_accuracy
 from ._stats import masked_mean, masked_sum
 
-DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
+DPO_LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo")
 
 
 def sequence_logprobs(token_logprobs: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
@@ -75,6 +75,17 @@ def _check_label_smoothing(label_smoothing: float) -> None:
         raise ValueError(f"label_smoothing={label_smoothing!r} must be in [0, 0.5]")
 
 
+def _check_dpo_options(loss_type: str, beta: float, label_smoothing: float) -> None:
+    """The ``ValueError`` checks of :func:`dpo_loss`'s options, in the order it documents them."""
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not supported; expected one of {DPO_LOSS_TYPES}")
+    if beta <= 0:
+        raise ValueError(f"beta={beta!r} must be > 0")
+    _check_label_smoothing(label_smoothing)
+    if label_smoothing != 0.0 and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing={label_smoothing!r} is only defined for loss_type='sigmoid'")
+
+
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -97,9 +108,6 @@ def dpo_loss(
     * ``"ipo"``: ``(h - 1 / (2 * beta))**2`` (Azar et al. 2023, "A General Theoretical Paradigm
       to Understand Learning from Human Preferences", eq. 17, with ``tau = beta``). Uses
       summed log-probs as the paper does; TRL length-normalises them for IPO.
-    * ``"hinge"``: ``max(0, 1 - beta * h)`` (SLiC-HF, Zhao et al. 2023, "SLiC-HF: Sequence
-      Likelihood Calibration with Human Feedback", eq. 2 calibration loss with ``delta = 1``
-      and the reference log-ratio, as TRL's ``loss_type="hinge"``).
 
     ``logsigmoid`` keeps the sigmoid losses finite for log-ratios of any size (``±1e4``
     included); the reference log-probs are treated as constants.
@@ -120,22 +128,14 @@ def dpo_loss(
         ValueError: On an unknown ``loss_type``, ``beta <= 0``, ``label_smoothing`` outside
             ``[0, 0.5]`` or non-zero with a loss type other than ``"sigmoid"``.
     """
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r} is not supported; expected one of {DPO_LOSS_TYPES}")
-    if beta <= 0:
-        raise ValueError(f"beta={beta!r} must be > 0")
-    _check_label_smoothing(label_smoothing)
-    if label_smoothing != 0.0 and loss_type != "sigmoid":
-        raise ValueError(f"label_smoothing={label_smoothing!r} is only defined for loss_type='sigmoid'")
+    _check_dpo_options(loss_type, beta, label_smoothing)
     chosen_logratios = policy_chosen_logps - ref_chosen_logps.detach()  # (B,)
     rejected_logratios = policy_rejected_logps - ref_rejected_logps.detach()  # (B,)
     h = chosen_logratios - rejected_logratios  # (B,)
     if loss_type == "sigmoid":
         losses = _smoothed_sigmoid_loss(beta * h, label_smoothing)
-    elif loss_type == "ipo":
+    else:  # "ipo"
         losses = (h - 1.0 / (2.0 * beta)) ** 2
-    else:
-        losses = torch.relu(1.0 - beta * h)
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     accuracy, margin = _pair_metrics(chosen_rewards, rejected_rewards)

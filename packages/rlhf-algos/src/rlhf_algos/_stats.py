@@ -196,15 +196,21 @@ def aggregate_loss(
     valid = _valid(mask)
     has_tokens = valid.any(dim=-1).to(per_token.dtype)  # (B,) 1 for rows with >= 1 valid token
     num_rows = has_tokens.sum().clamp(min=1.0)
-    if mode == "seq-mean-token-mean":
-        per_row = masked_mean(per_token, mask, dim=-1)  # (B,), 0 for empty rows
-    else:
-        per_row = masked_sum(per_token, mask, dim=-1)  # (B,)
-        if mode == "seq-mean-token-sum-norm":
-            norm = per_token.shape[-1] if norm_len is None else norm_len
-            if norm < 1:
-                raise ValueError(f"norm_len={norm_len!r} must be >= 1")
-            per_row = per_row / norm
+    per_row = _per_row_loss(per_token, mask, mode, norm_len)  # (B,), 0 for empty rows
     # Empty rows already contribute exactly 0 to the sum; they are only kept out of the count.
     return (per_row * has_tokens).sum() / num_rows
+
+
+def _per_row_loss(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm_len: int | None) -> torch.Tensor:
+    """Each row's loss ``(B,)`` under one of the ``seq-mean-*`` modes of :func:`aggregate_loss`; 0 for
+    rows with no valid token. Raises ``ValueError`` if ``norm_len < 1``."""
+    if mode == "seq-mean-token-mean":
+        return masked_mean(per_token, mask, dim=-1)  # (B,)
+    per_row = masked_sum(per_token, mask, dim=-1)  # (B,)
+    if mode == "seq-mean-token-sum-norm":
+        norm = per_token.shape[-1] if norm_len is None else norm_len
+        if norm < 1:
+            raise ValueError(f"norm_len={norm_len!r} must be >= 1")
+        per_row = per_row / norm
+    return per_row
 
