@@ -313,7 +313,9 @@ class HybridEngine(GenerationMixin):
         """Log-probs of tokens ``input_ids[:, start:]`` given their prefixes: (B, L - start).
 
         Uses rlhf-kernels' fused log-prob (no full fp32 log-softmax is materialised). Packed rows:
-        see :meth:`logits`.
+        see :meth:`logits`. The (B, L, V) logits themselves do exist; ``logprobs_from_hidden`` would
+        avoid them but was measured not to pay at the demo's size and to change the LM-head
+        gradient's rounding (docs/performance.md, "Token log-probs").
         """
         from rlhf_kernels import fused_logprobs
 
