@@ -27,15 +27,19 @@ Two base classes do the plumbing, so that a variant only writes its math:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 
 from . import functional as F
+
+# Configs and rollout records live in their own modules; they are re-exported here (see __all__),
+# so `from rlhf_algos.base import OnlineConfig, Experience, ...` keeps working.
+from .config import KL_PLACEMENTS, REWARD_NORMS, AlgorithmConfig, OfflineConfig, OnlineConfig, option
 from .health import monitor_metrics, pool_agreement, sampling_mismatch
 from .protocols import RewardFunction, ScoringPolicy, TrainablePolicy, ValueFunction
+from .records import AdvantageEstimate, Experience, Rollout, response_mask_from
 
 __all__ = [
     "KL_PLACEMENTS",
@@ -55,98 +59,6 @@ __all__ = [
 ]
 
 MODEL_ROLES: tuple[str, ...] = ("actor", "reference", "critic", "reward")
-KL_PLACEMENTS: tuple[str, ...] = ("reward", "loss")
-REWARD_NORMS: tuple[str, ...] = ("none", "batch")
-
-
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and its help text (``field.metadata["help"]``).
-
-    The help is written once, here, and the CLI (``rlhf algos show``) derives its output from it.
-    """
-    return field(default=default, metadata={"help": help})
-
-
-# --------------------------------------------------------------------------------------------
-# Configs
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AlgorithmConfig:
-    """Base of every algorithm config: validation helpers whose errors name ``<section>.<field>``.
-
-    ``section`` is the algorithm's registered name; subclasses set it as a ``ClassVar``.
-    """
-
-    section: ClassVar[str] = "algorithm"
-
-    def _fail(self, name: str, allowed: str) -> None:
-        raise ValueError(f"{self.section}.{name}: {getattr(self, name)!r} is not allowed; allowed: {allowed}")
-
-    def _check_choice(self, name: str, choices: Sequence[str]) -> None:
-        if getattr(self, name) not in choices:
-            self._fail(name, ", ".join(repr(c) for c in choices))
-
-    def _check_min(self, name: str, low: float, *, strict: bool = False) -> None:
-        v = getattr(self, name)
-        if v < low or (strict and v == low):
-            self._fail(name, f"{'>' if strict else '>='} {low}")
-
-    def _check_range(self, name: str, low: float, high: float, *, low_open: bool = False) -> None:
-        v = getattr(self, name)
-        if not (low < v <= high if low_open else low <= v <= high):
-            self._fail(name, f"{'(' if low_open else '['}{low}, {high}]")
-
-
-@dataclass(frozen=True)
-class OnlineConfig(AlgorithmConfig):
-    """Options shared by every online algorithm (see each field's help)."""
-
-    section: ClassVar[str] = "online"
-
-    kl_coef: float = option(0.1, "beta: weight of the KL(actor || reference) penalty")
-    kl_estimator: str = option("k1", "per-token KL estimator (Schulman 2020): k1 = log-ratio, k2, k3")
-    kl_placement: str = option(
-        "reward", "where the KL penalty goes: 'reward' (-beta * KL per token in the reward) or "
-        "'loss' (beta * KL added to the policy loss, aggregated like it)")
-    loss_agg: str = option(
-        "token-mean", "policy-loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, "
-        "seq-mean-token-sum-norm (divides by max_new_tokens)")
-    samples_per_prompt: int = option(1, "responses sampled per prompt (the group size of GRPO / RLOO)")
-    reward_norm: str = option("none", "sequence-score normalisation before advantages: 'none' or 'batch' "
-                                      "(whiten the scores over the rollout batch)")
-    clip_reward: float | None = option(5.0, "sequence scores are clipped to [-clip_reward, clip_reward] "
-                                            "(None: no clipping)")
-    clip_eps: float = option(0.2, "policy-ratio clip range of the PPO surrogate")
-    ppo_epochs: int = option(1, "passes over each rollout batch")
-    micro_batch_size: int = option(32, "rows per forward/backward/step in the learning phase")
-    max_new_tokens: int = option(64, "response length limit")
-    temperature: float = option(1.0, "sampling temperature (log-probs use the same temperature)")
-    top_k: int = option(0, "top-k sampling (0 = off)")
-    top_p: float = option(1.0, "nucleus sampling (1.0 = off)")
-
-    def __post_init__(self) -> None:
-        self._check_choice("kl_estimator", F.KL_ESTIMATORS)
-        self._check_choice("kl_placement", KL_PLACEMENTS)
-        self._check_choice("loss_agg", F.LOSS_AGG_MODES)
-        self._check_choice("reward_norm", REWARD_NORMS)
-        for name in ("kl_coef", "clip_eps"):
-            self._check_min(name, 0.0)
-        if self.clip_reward is not None:
-            self._check_min("clip_reward", 0.0)
-        for name in ("samples_per_prompt", "ppo_epochs", "micro_batch_size", "max_new_tokens"):
-            self._check_min(name, 1)
-        self._check_min("temperature", 0.0, strict=True)
-        self._check_min("top_k", 0)
-        self._check_range("top_p", 0.0, 1.0, low_open=True)
-
-
-@dataclass(frozen=True)
-class OfflineConfig(AlgorithmConfig):
-    """Base of the offline (preference) algorithm configs; the fields are per algorithm."""
-
-    section: ClassVar[str] = "offline"
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,96 +104,6 @@ def _to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 # Online: one rollout path, one learning loop
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Experience:
-    """One rollout batch. Response-aligned tensors are ``(N, R)``; ``sequences`` is ``(N, P + R)``.
-
-    ``N = B * samples_per_prompt`` rows, the samples of one prompt contiguous. Critic-free
-    algorithms store zeros in ``values`` and the (un-whitened) discounted returns in ``returns``.
-    ``sample_logprobs`` are the generator's own log-probs of its tokens (0 after EOS), for the
-    sampling/training mismatch metrics; ``monitor_scores`` ``(N,)`` are the scores of the
-    algorithm's ``monitor_fn`` (logged, never trained on), None without one.
-    """
-
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    prompt_len: int
-    response_mask: torch.Tensor
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    scores: torch.Tensor
-    rewards: torch.Tensor
-    kl: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    sample_logprobs: torch.Tensor | None = None
-    monitor_scores: torch.Tensor | None = None
-
-    def rows(self, idx: list[int]) -> Experience:
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v[idx] if isinstance(v, torch.Tensor) else v
-        return Experience(**out)
-
-
-@dataclass(frozen=True, eq=False)
-class Rollout:
-    """What :meth:`OnlineAlgorithm.estimate_advantages` receives (all on the CPU, float32).
-
-    Attributes:
-        prompt_ids: ``(N, P)`` left-padded prompts, already repeated ``samples_per_prompt`` times.
-        prompt_mask: ``(N, P)``.
-        meta: ``N`` per-row dicts for the reward function.
-        sequences: ``(N, P + R)`` prompts and sampled responses.
-        attention_mask: ``(N, P + R)``.
-        response_mask: ``(N, R)`` 1 up to and including the first EOS.
-        logprobs: ``(N, R)`` actor log-probs at sampling time (unmasked).
-        ref_logprobs: ``(N, R)`` reference log-probs (unmasked).
-        values: ``(N, R)`` critic values ``V(s_t)`` (zeros without a critic; unmasked).
-        scores: ``(N,)`` sequence scores after clipping and ``reward_norm``.
-    """
-
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    meta: list[dict]
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    scores: torch.Tensor
-
-
-@dataclass(frozen=True, eq=False)
-class AdvantageEstimate:
-    """What :meth:`OnlineAlgorithm.estimate_advantages` returns; all ``(N, R)``, 0 on padding.
-
-    Attributes:
-        rewards: Per-token rewards (KL-shaped when ``kl_placement == "reward"``).
-        kl: Per-token KL estimate (for metrics; in the reward or the loss, depending on config).
-        advantages: What the policy loss multiplies the ratio by.
-        returns: Value targets (PPO) or discounted returns (critic-free).
-    """
-
-    rewards: torch.Tensor
-    kl: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-
-
-def response_mask_from(sequences: torch.Tensor, prompt_len: int, eos_token_id: int | None) -> torch.Tensor:
-    """1 for response tokens up to and including the first EOS, 0 after. (B, R) float."""
-    resp = sequences[:, prompt_len:]
-    if eos_token_id is None:
-        return torch.ones_like(resp, dtype=torch.float32)
-    is_eos = (resp == eos_token_id).long()
-    before_or_at_first_eos = (is_eos.cumsum(dim=1) - is_eos) == 0
-    return before_or_at_first_eos.float()
 
 
 class OnlineAlgorithm(Algorithm):
