@@ -6,12 +6,9 @@ from .base import (
     Algorithm,
     AlgorithmConfig,
     Experience,
-    OfflineAlgorithm,
-    OfflineConfig,
     OnlineAlgorithm,
     OnlineConfig,
     Rollout,
-    response_mask_from,
 )
 from .functional import (
     DPO_LOSS_TYPES,
@@ -42,6 +39,7 @@ from .functional import (
     whiten,
 )
 from .health import HealthMonitor, HealthThresholds, SamplingMismatch, sampling_mismatch
+from .offline import OfflineAlgorithm, OfflineConfig
 from .online import (
     GRPO,
     RLOO,
@@ -72,6 +70,7 @@ from .preference import (
 from .protocols import RewardFunction, ScoringPolicy, TrainablePolicy, ValueFunction
 from .registry import ENTRY_POINT_GROUP, available_algorithms, get_algorithm
 from .rewards import REWARD_GROUP, TextReward, available_rewards, decode_responses, get_reward
+from .rollout import GeneratedBatch, generate_responses, response_mask_from
 
 __all__ = [
     "CDPO",
@@ -95,6 +94,7 @@ __all__ = [
     "DrGRPOConfig",
     "Experience",
     "GRPOConfig",
+    "GeneratedBatch",
     "HealthMonitor",
     "HealthThresholds",
     "IPOConfig",
@@ -128,6 +128,7 @@ __all__ = [
     "dpo_loss",
     "explained_variance",
     "gae",
+    "generate_responses",
     "get_algorithm",
     "get_reward",
     "group_advantages",
