@@ -67,10 +67,19 @@ from .preference import (
     SimPO,
     SimPOConfig,
 )
-from .protocols import RewardFunction, ScoringPolicy, TrainablePolicy, ValueFunction
+from .protocols import (
+    RewardFunction,
+    ScoringPolicy,
+    SequenceScorer,
+    TrainablePolicy,
+    TrainableScorer,
+    ValueFunction,
+)
 from .registry import ENTRY_POINT_GROUP, available_algorithms, get_algorithm
-from .rewards import REWARD_GROUP, TextReward, available_rewards, decode_responses, get_reward
+from .reward_model import RM, RMConfig
+from .rewards import REWARD_GROUP, ModelReward, TextReward, available_rewards, decode_responses, get_reward
 from .rollout import GeneratedBatch, generate_responses, response_mask_from
+from .sft import SFT, SFTConfig
 
 __all__ = [
     "CDPO",
@@ -85,6 +94,8 @@ __all__ = [
     "REWARD_GROUP",
     "PPO",
     "RLOO",
+    "RM",
+    "SFT",
     "AdvantageEstimate",
     "Algorithm",
     "AlgorithmConfig",
@@ -99,6 +110,7 @@ __all__ = [
     "HealthThresholds",
     "IPOConfig",
     "KTOConfig",
+    "ModelReward",
     "ORPOConfig",
     "OfflineAlgorithm",
     "OfflineConfig",
@@ -106,18 +118,22 @@ __all__ = [
     "OnlineConfig",
     "PPOConfig",
     "RLOOConfig",
+    "RMConfig",
     "ReMax",
     "ReMaxConfig",
     "ReinforcePP",
     "ReinforcePPConfig",
     "RewardFunction",
     "Rollout",
+    "SFTConfig",
     "SamplingMismatch",
     "ScoringPolicy",
+    "SequenceScorer",
     "TextReward",
     "SimPO",
     "SimPOConfig",
     "TrainablePolicy",
+    "TrainableScorer",
     "ValueFunction",
     "__version__",
     "aggregate_loss",
