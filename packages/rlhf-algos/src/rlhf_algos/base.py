@@ -1,27 +1,32 @@
-"""The interface every algorithm implements, and the shared online/offline plumbing.
+"""The interface every algorithm implements, and the shared online plumbing.
 
 An algorithm is one class registered under the entry-point group ``rlhf.algorithms`` (the
 built-ins register exactly like a third-party plugin). The class declares, as class variables,
 what the CLI needs to build everything for it:
 
 * ``name``: the registered name (``rlhf run --stage <name>``);
-* ``kind``: ``"online"`` (samples from the policy, learns from rewards) or ``"offline"`` (learns
-  from a fixed preference data set);
-* ``data_kind``: ``"prompts"`` (left-padded prompts) or ``"pairs"`` (chosen/rejected pairs);
+* ``kind``: ``"online"`` (samples from the policy, learns from rewards), ``"offline"`` (learns
+  from a fixed preference data set), ``"supervised"`` (SFT on demonstrations) or
+  ``"reward_model"`` (trains a reward model on preference pairs);
+* ``data_kind``: ``"prompts"`` (left-padded prompts), ``"pairs"`` (chosen/rejected pairs) or
+  ``"demonstrations"`` (prompt + response);
 * ``required_models``: a subset of ``("actor", "reference", "critic", "reward")``;
 * ``config_class``: a frozen dataclass of hyper-parameters; each field carries its help text in
   ``field.metadata["help"]`` and ``__post_init__`` raises ``ValueError`` naming
   ``<name>.<field>``, the value and what is allowed;
 * ``description``: one line for ``rlhf algos list``.
 
-Two base classes do the plumbing, so that a variant only writes its math:
+Base classes do the plumbing, so that a variant only writes its math:
 
-* :class:`OnlineAlgorithm`: one rollout path for every online algorithm (repeat prompts
+* :class:`OnlineAlgorithm` (here): one rollout path for every online algorithm (repeat prompts
   ``samples_per_prompt`` times, generate, score, estimate advantages) and one learning loop
   (clipped policy loss with the configured aggregation, optional KL in the loss, micro-batches,
   epochs). Subclasses override :meth:`OnlineAlgorithm.estimate_advantages`.
-* :class:`OfflineAlgorithm`: forward the chosen and rejected rows, compute a loss from sequence
-  log-probs, step. Subclasses override :meth:`OfflineAlgorithm.compute_loss`.
+* :class:`~rlhf_algos.offline.OfflineAlgorithm`: forward the chosen and rejected rows, compute a
+  loss from sequence log-probs, step. Subclasses override ``compute_loss``.
+
+SFT (:class:`~rlhf_algos.sft.SFT`) and reward-model training (:class:`~rlhf_algos.reward_model.RM`)
+are algorithms of the same interface, so every stage of the pipeline runs from Python.
 """
 
 from __future__ import annotations
@@ -34,12 +39,13 @@ import torch
 
 from . import functional as F
 
-# Configs and rollout records live in their own modules; they are re-exported here (see __all__),
-# so `from rlhf_algos.base import OnlineConfig, Experience, ...` keeps working.
+# Configs (config.py), rollout records (rollout.py) and the offline base (offline.py, imported at the
+# end of this module) live in their own modules; they are re-exported here (see __all__), so
+# `from rlhf_algos.base import OnlineConfig, Experience, OfflineAlgorithm, ...` keeps working.
 from .config import KL_PLACEMENTS, REWARD_NORMS, AlgorithmConfig, OfflineConfig, OnlineConfig, option
 from .health import monitor_metrics, pool_agreement, sampling_mismatch
 from .protocols import RewardFunction, ScoringPolicy, TrainablePolicy, ValueFunction
-from .records import AdvantageEstimate, Experience, Rollout, response_mask_from
+from .rollout import AdvantageEstimate, Experience, Rollout, generate_responses, response_mask_from
 
 __all__ = [
     "KL_PLACEMENTS",
@@ -70,8 +76,8 @@ class Algorithm:
     """What every registered algorithm declares. See the module docstring for each field."""
 
     name: ClassVar[str]
-    kind: ClassVar[str]  # "online" | "offline"
-    data_kind: ClassVar[str]  # "prompts" | "pairs"
+    kind: ClassVar[str]  # "online" | "offline" | "supervised" | "reward_model"
+    data_kind: ClassVar[str]  # "prompts" | "pairs" | "demonstrations"
     required_models: ClassVar[tuple[str, ...]]
     config_class: ClassVar[type]
     description: ClassVar[str]
@@ -84,7 +90,7 @@ class Algorithm:
                             f"got {type(config).__name__}")
 
     def learn(self, batch: Any) -> dict[str, float]:
-        """One learning step (offline) or phase (online); returns metrics as plain floats."""
+        """One learning step (offline, supervised, reward model) or phase (online); returns metrics as plain floats."""
         raise NotImplementedError
 
 
@@ -183,14 +189,12 @@ class OnlineAlgorithm(Algorithm):
         if self.critic is not None:
             self.critic.eval()
         # 2. generate, keeping the generator's own log-probs (to check them against the recomputation)
-        seqs, sample_logprobs = self.actor.generate(
-            prompt_ids, prompt_mask, max_new_tokens=c.max_new_tokens, do_sample=True, temperature=c.temperature,
-            top_k=c.top_k, top_p=c.top_p, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-            return_logprobs=True)
-        seqs, sample_logprobs = seqs.cpu(), sample_logprobs.float().cpu()
-        P = prompt_ids.shape[1]
-        resp_mask = response_mask_from(seqs, P, self.eos_token_id)  # (N, R)
-        attn = torch.cat([prompt_mask.cpu().long(), resp_mask.long()], dim=1)  # (N, P + R)
+        gen = generate_responses(self.actor, prompt_ids, prompt_mask, max_new_tokens=c.max_new_tokens,
+                                 do_sample=True, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                                 eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                                 return_logprobs=True)
+        seqs, sample_logprobs, P = gen.sequences, gen.logprobs, gen.prompt_len
+        resp_mask, attn = gen.response_mask, gen.attention_mask  # (N, R), (N, P + R)
         # 3. score (eval mode, the weights that sampled: the recomputation must match the sampler)
         logprobs = self.actor.token_logprobs(seqs, attn, P, temperature=c.temperature).float().cpu()
         ref_logprobs = self.reference.token_logprobs(seqs, attn, P, temperature=c.temperature).float().cpu()
@@ -324,101 +328,6 @@ class OnlineAlgorithm(Algorithm):
         return out
 
 
-# --------------------------------------------------------------------------------------------
-# Offline: preference pairs
-# --------------------------------------------------------------------------------------------
-
-
-class OfflineAlgorithm(Algorithm):
-    """Shared plumbing of the preference algorithms; subclasses implement :meth:`compute_loss`.
-
-    :meth:`learn` takes one micro-batch of ``B`` pairs as ``rlhf_data.collate_pairs`` builds it:
-    ``input_ids``, ``attention_mask`` and ``response_mask``, each ``(2B, L)``, rows ``[0, B)``
-    the chosen and ``[B, 2B)`` the rejected sequences, right-padded, ``response_mask`` 1 on
-    response tokens. It runs one forward of the policy (and, without gradients, of the
-    reference when the algorithm needs one), computes the loss, ``policy.backward(loss)``,
-    ``policy.step()``. Gradient accumulation over micro-batches is the engine's business (as
-    for DeepSpeed engines: ``step`` only updates at the accumulation boundary).
-
-    Args:
-        config: An instance of ``config_class``.
-        policy: The model being trained.
-        reference: The frozen reference policy; required exactly when
-            ``"reference" in required_models``.
-        reduce_metrics: Applied to the metrics dict before it is returned.
-
-    Raises:
-        TypeError: If ``config`` is not a ``config_class``.
-        ValueError: If a reference is required and missing.
-    """
-
-    kind: ClassVar[str] = "offline"
-    data_kind: ClassVar[str] = "pairs"
-    required_models: ClassVar[tuple[str, ...]] = ("actor", "reference")
-    config_class: ClassVar[type] = OfflineConfig
-
-    def __init__(self, config: OfflineConfig, *, policy: TrainablePolicy, reference: ScoringPolicy | None = None,
-                 reduce_metrics: Callable[[dict], dict] | None = None) -> None:
-        self._check_config(config)
-        if "reference" in self.required_models and reference is None:
-            raise ValueError(f"{self.name}: a reference policy is required (required_models={self.required_models})")
-        self.config = config
-        self.policy = policy
-        self.reference = reference if "reference" in self.required_models else None
-        self.reduce_metrics = reduce_metrics or (lambda m: m)
-
-    def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimisation step on a micro-batch of pairs; returns its metrics."""
-        ids, attn = batch["input_ids"], batch["attention_mask"]
-        if ids.shape[0] % 2 != 0:
-            raise ValueError(f"{self.name}: a pairs batch has 2B rows (B chosen, then B rejected); "
-                             f"got {ids.shape[0]}")
-        self.policy.train()
-        logps = self.policy.token_logprobs(ids, attn, 1)  # (2B, L - 1): log p(token j | < j), j >= 1
-        mask = batch["response_mask"][:, 1:].to(device=logps.device, dtype=logps.dtype)  # (2B, L - 1)
-        ref_logps = None
-        if self.reference is not None:
-            self.reference.eval()
-            with torch.no_grad():
-                ref_logps = self.reference.token_logprobs(ids, attn, 1).to(device=logps.device, dtype=logps.dtype)
-        loss, metrics = self.compute_loss(logps, ref_logps, mask)
-        self.policy.backward(loss)
-        self.policy.step()
-        metrics = {"loss": loss.detach().float(), **metrics}
-        return self.reduce_metrics(_to_floats(metrics))
-
-    def compute_loss(self, logps: torch.Tensor, ref_logps: torch.Tensor | None,
-                     mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss and detached 0-dim metrics from token log-probs.
-
-        Args:
-            logps: ``(2B, T)`` policy token log-probs (with graph), chosen rows first.
-            ref_logps: ``(2B, T)`` reference token log-probs, or None without a reference.
-            mask: ``(2B, T)`` float, 1 on response tokens.
-        """
-        raise NotImplementedError
-
-    @staticmethod
-    def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(2B, ...)`` -> (chosen ``(B, ...)``, rejected ``(B, ...)``)."""
-        half = x.shape[0] // 2
-        return x[:half], x[half:]
-
-    @staticmethod
-    def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
-                     rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The metrics every preference algorithm reports (all detached 0-dim).
-
-        ``reward_accuracy`` counts a tie as wrong (:func:`~rlhf_algos.functional.pair_accuracy` with
-        ``tie=0``, TRL's convention): at the start of DPO every implicit reward is 0, so it starts at 0.
-        """
-        with torch.no_grad():
-            diff = chosen_rewards - rejected_rewards
-            return {
-                "chosen_reward": chosen_rewards.mean(),
-                "rejected_reward": rejected_rewards.mean(),
-                "reward_accuracy": F.pair_accuracy(chosen_rewards, rejected_rewards, tie=0.0).float(),
-                "reward_margin": diff.mean(),
-                "chosen_logp": chosen_logps.detach().mean(),
-                "rejected_logp": rejected_logps.detach().mean(),
-            }
+# Re-export (see __all__). offline.py imports Algorithm and _to_floats from this module, so it is
+# imported last, once they exist.
+from .offline import OfflineAlgorithm  # noqa: E402

@@ -1,7 +1,8 @@
 """Algorithm configs: the validating base class, the options every online algorithm shares and the
 offline base, with :func:`option` (a field with its help text).
 
-Re-exported by :mod:`rlhf_algos.base`, where the algorithm base classes that use them live.
+Re-exported by :mod:`rlhf_algos.base`, where the algorithm base classes that use them live
+(``OfflineConfig`` also by :mod:`rlhf_algos.offline`, with ``OfflineAlgorithm``).
 """
 
 from __future__ import annotations

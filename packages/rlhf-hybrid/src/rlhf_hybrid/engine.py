@@ -29,7 +29,7 @@ from torch import nn
 
 from .generation import GenerationMixin
 from .lora import has_lora, merged_state_dict, plain_model
-from .models import last_token_index, position_ids_from_mask
+from .models import ValueModel, last_token_index, position_ids_from_mask  # noqa: F401 (ValueModel: re-export)
 
 
 @dataclass(frozen=True)
