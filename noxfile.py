@@ -4,7 +4,7 @@
     nox -s tests                    # install everything (the lock), run every test (slow ones too)
     nox -s tests -- -m "not slow"   # the quick run
     nox -s tests -- packages/rlhf-algos/tests -q   # only these paths
-    nox -s lint
+    nox -s lint                     # ruff, then scripts/check_size.py (module/function size limits)
     nox -s demo                     # rlhf run --stage all on the built-in demo (locked versions)
     nox -s demo -- rl.iterations=10             # ... with config overrides
     nox -s demo_latest              # the same with the newest releases allowed: runs/demo-latest
@@ -139,9 +139,11 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff check with the root pyproject.toml's configuration."""
+    """ruff check with the root pyproject.toml's configuration, then the size limits of the library
+    code (scripts/check_size.py: modules <= 500 lines, functions <= 60; the standard library only)."""
     session.install("-q", RUFF)
     session.run("ruff", "check", *_existing(LINT_PATHS), *session.posargs)
+    session.run("python", "scripts/check_size.py")
 
 
 # The versions a demo ran with (what a relock would change), printed before it runs.

@@ -17,10 +17,10 @@ import os
 import sys
 
 import torch
-from rlhf_algos import response_mask_from
+from rlhf_algos import ModelReward, generate_responses
 from rlhf_algos.functional import ranking_agreement
 from rlhf_cli.config import load_config
-from rlhf_cli.pipeline import Context, ModelReward, _data, _tokenized
+from rlhf_cli.context import Context, load_data, tokenized
 from rlhf_cli.report import Reporter
 from rlhf_data import collate_prompts
 from rlhf_hybrid import EngineConfig, HybridEngine, ValueModel, load_causal_lm, load_tokenizer
@@ -34,12 +34,12 @@ policy_dir = sys.argv[4] if len(sys.argv) > 4 else f"{base}/sft"
 torch.manual_seed(0)
 cfg = load_config(None, [f"seed={seed}", f"out={base}"])
 ctx = Context(cfg, Reporter(enabled=False))
-data = _data(ctx)
+data = load_data(ctx)
 tok = load_tokenizer(f"{base}/sft")
 ec = EngineConfig(micro_batch_size=64)
 actor = HybridEngine(load_causal_lm(policy_dir), ec, trainable=False)
 rm = ModelReward(HybridEngine(ValueModel.from_pretrained(f"{base}/rm"), ec, trainable=False))
-prompts = _tokenized(ctx, tok, data.rl, "rl", "rl", {})[:256]
+prompts = tokenized(ctx, tok, data.rl, "rl", "rl", {})[:256]
 rows = []
 for i in range(0, len(prompts), 64):
     chunk = prompts[i:i + 64]
@@ -47,11 +47,9 @@ for i in range(0, len(prompts), 64):
     ids = b["input_ids"].repeat_interleave(k, 0)
     am = b["attention_mask"].repeat_interleave(k, 0)
     meta = [m for m in b["meta"] for _ in range(k)]
-    seqs = actor.generate(ids, am, max_new_tokens=8, do_sample=True, temperature=1.0,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    P = ids.shape[1]
-    rmask = response_mask_from(seqs, P, tok.eos_token_id)
-    attn = torch.cat([am, rmask.long()], 1)
+    gen = generate_responses(actor, ids, am, max_new_tokens=8, do_sample=True, temperature=1.0,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    seqs, attn, P, rmask = gen.sequences, gen.attention_mask, gen.prompt_len, gen.response_mask
     lp, ent = actor.token_logprobs(seqs, attn, P, return_entropy=True)
     s = rm(seqs, attn, P, meta)
     texts = tok.batch_decode(seqs[:, P:], skip_special_tokens=True)

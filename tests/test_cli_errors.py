@@ -264,6 +264,13 @@ def test_algos_list_and_env(rlhf) -> None:
     for name, kind, data in [("grpo", "online", "prompts"), ("rloo", "online", "prompts"), ("dpo", "offline", "pairs"),
                              ("kto", "offline", "pairs"), ("simpo", "offline", "pairs")]:
         assert re.search(rf"^{name}\t{kind}\tdata={data}\t", algos.stdout, re.M), (name, algos.stdout)
+    # stages 1 and 2 are registered algorithms too; `algos show` names their sft.* / rm.* keys
+    assert re.search(r"^sft\tsupervised\tdata=demonstrations\tmodels=actor\tSFT", algos.stdout, re.M), algos.stdout
+    assert re.search(r"^rm\treward_model\tdata=pairs\tmodels=reward\tReward model", algos.stdout, re.M), algos.stdout
+    sft = rlhf(["algos", "show", "sft"], timeout=60)
+    assert sft.returncode == 0 and "sft.mask_prompt (bool, default True):" in sft.stdout, sft.stdout + sft.stderr
+    rm = rlhf(["algos", "show", "rm"], timeout=60)
+    assert rm.returncode == 0 and "rm.center_coef (float, default 0.01):" in rm.stdout, rm.stdout + rm.stderr
     show = rlhf(["algos", "show", "grpo"], timeout=60)
     assert show.returncode == 0, show.stderr
     assert "algo.samples_per_prompt (int, default 4):" in show.stdout

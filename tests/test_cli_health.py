@@ -2,7 +2,7 @@
 every iteration, the sampling/training log-prob mismatch (``gen_kl_error``, ~0: HF generation and the
 training forward use the same fp32 weights), the reward model's agreement with the demo's verifier on
 the policy's own samples, and HealthMonitor's warnings (printed and in the row); plus the pipeline
-helpers that compute them, on fakes."""
+helpers that compute them, on fakes: rlhf_algos.RM's held-out accuracy and the online stage's progress line."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import json
 
 import pytest
 import torch
-from rlhf_cli.pipeline import _online_progress, _rm_accuracy
+from rlhf_algos import RM, RMConfig
+from rlhf_cli.stages.online import progress_line
 
 TINY = ["data.num_eval=40", "data.num_valid=20", "model.hidden_size=64", "model.intermediate_size=128",
         "sft.epochs=1", "rm.epochs=1", "rl.iterations=2", "rl.rollout_batch_size=16", "rl.micro_batch_size=16",
@@ -57,15 +58,15 @@ def test_rm_accuracy_counts_ties_half_and_scores_flipped_pairs_against_the_truth
     pairs = [{"chosen_ids": [5], "rejected_ids": [3], "meta": {}},  # right
              {"chosen_ids": [2], "rejected_ids": [2], "meta": {}},  # tie: 0.5
              {"chosen_ids": [1], "rejected_ids": [4], "meta": {"flipped": True}}]  # wrong by the label, right truly
-    acc = _rm_accuracy(_FirstTokenScorer(), pairs, pad_id=0)
+    acc = RM(RMConfig(), model=_FirstTokenScorer()).evaluate(pairs, pad_token_id=0)
     assert acc["accuracy"] == pytest.approx(2.5 / 3) and acc["accuracy_noisy_labels"] == pytest.approx(1.5 / 3)
 
 
 def test_progress_line_shows_agreement_only_when_measured() -> None:
     row = {"reward_mean": 0.5, "kl_to_ref": 0.1, "gen_kl_error": 1e-9, "rm_verifier_agreement": None}
-    assert _online_progress(row, 0.7) == {"reward": 0.5, "kl": 0.1, "valid": 0.7, "gen_kl": 1e-9}
+    assert progress_line(row, 0.7) == {"reward": 0.5, "kl": 0.1, "valid": 0.7, "gen_kl": 1e-9}
     row["rm_verifier_agreement"] = 0.8
-    assert _online_progress(row, 0.7)["agree"] == 0.8
+    assert progress_line(row, 0.7)["agree"] == 0.8
 
 
 def test_rl_health_keys_default_to_health_thresholds_defaults() -> None:

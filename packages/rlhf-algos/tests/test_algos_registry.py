@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 import pytest
 import rlhf_algos
@@ -28,6 +28,8 @@ from rlhf_algos import (
 )
 
 BUILT_INS = {
+    "sft": ("supervised", "demonstrations", ("actor",)),
+    "rm": ("reward_model", "pairs", ("reward",)),
     "ppo": ("online", "prompts", ("actor", "reference", "critic", "reward")),
     "grpo": ("online", "prompts", ("actor", "reference", "reward")),
     "dr_grpo": ("online", "prompts", ("actor", "reference", "reward")),
@@ -73,6 +75,24 @@ def test_unknown_algorithm_lists_every_available_one_and_the_group() -> None:
     assert "rlhf.algorithms" in msg
     for name in BUILT_INS:
         assert name in msg
+
+
+def _ep(name: str, value: str) -> EntryPoint:
+    return EntryPoint(name=name, value=value, group=ENTRY_POINT_GROUP)
+
+
+def test_a_plugin_registering_a_built_in_name_replaces_it(monkeypatch) -> None:
+    from rlhf_algos import registry
+
+    plugin = _ep("sft", "my_plugin.sft:MySFT")
+    # whichever order the distributions are found in, the plugin wins over rlhf-algos' own registration
+    for eps in ([_ep("sft", "rlhf_algos.sft:SFT"), plugin], [plugin, _ep("sft", "rlhf_algos.sft:SFT")]):
+        monkeypatch.setattr(registry, "entry_points", lambda group, eps=eps: list(eps))
+        assert registry._entry_points()["sft"].value == "my_plugin.sft:MySFT"
+    # two plugins claiming one name is still an error naming both
+    monkeypatch.setattr(registry, "entry_points", lambda group: [plugin, _ep("sft", "other.sft:SFT")])
+    with pytest.raises(ValueError, match="registered twice .* my_plugin.sft:MySFT and other.sft:SFT"):
+        registry._entry_points()
 
 
 def test_available_algorithms_is_sorted_and_cached() -> None:

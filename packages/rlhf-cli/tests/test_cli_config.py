@@ -94,6 +94,10 @@ def test_empty_yaml_is_the_defaults(tmp_path) -> None:
         (["bogus.key=1"], ["unknown config key 'bogus.key'", "allowed keys", "sft.epochs"]),
         (["ppo.epochs=1"], ["unknown config key 'ppo.epochs'", "did you mean sft.epochs, rm.epochs"]),
         (["algo.name=nosuch"], ["algo.name", "'nosuch'", "ppo", "grpo", "dpo"]),
+        (["algo.name=sft"], ["algo.name", "'sft'", "supervised algorithm, not a stage-3 one", "--stage sft"]),
+        (["algo.name=rm"], ["algo.name", "'rm'", "reward_model algorithm, not a stage-3 one", "online or offline"]),
+        (["rm.center_coef=-0.1"], ["rm.center_coef", "finite and >= 0", "-0.1"]),
+        (["rm.center_coef=nan"], ["rm.center_coef", "finite and >= 0", "nan"]),
         (["algo.bogus=1"], ["algo.bogus", "'ppo' has no setting 'bogus'", "kl_coef", "rlhf algos show ppo"]),
         (["algo.kl_coef=abc"], ["algo.kl_coef", "'abc'", "not a number"]),
         (["algo.max_new_tokens=4"], ["algo.max_new_tokens", "set rl.max_new_tokens instead"]),
@@ -185,3 +189,14 @@ def test_lora_keys() -> None:
     cfg = load_config(None, ["lora.rank=8", "lora.targets=q_proj, v_proj", "lora.stages=rl"])
     assert cfg.lora.target_list() == ("q_proj", "v_proj")
     assert [cfg.lora.applies_to(s) for s in ("sft", "rl", "pref")] == [False, True, False]
+
+
+def test_stage_one_and_two_settings_build_the_registered_algorithms_configs() -> None:
+    # rlhf run builds rlhf_algos.SFTConfig / RMConfig from the sft.* / rm.* keys (stages/sft.py, stages/rm.py)
+    from rlhf_algos import RMConfig, SFTConfig, get_algorithm
+
+    cfg = load_config(None, ["sft.mask_prompt=false", "sft.packing=true", "rm.center_coef=0.5"])
+    assert get_algorithm("sft").config_class is SFTConfig and get_algorithm("rm").config_class is RMConfig
+    assert SFTConfig(mask_prompt=cfg.sft.mask_prompt, packing=cfg.sft.packing) == SFTConfig(mask_prompt=False,
+                                                                                         packing=True)
+    assert RMConfig(center_coef=cfg.rm.center_coef).center_coef == 0.5

@@ -334,7 +334,7 @@ def test_sampling_logprobs_match_the_training_recomputation(zero_stage: int, gen
 def test_tp_own_rows_cuts_logprobs_like_the_sequences() -> None:
     """A tensor-parallel group generates 2 ranks' prompts together; each rank keeps its rows, its own
     prompt width and the steps until its last row finished, for sequences and log-probs alike."""
-    from rlhf_hybrid.engine import _tp_own_rows
+    from rlhf_hybrid.generation import _tp_own_rows
 
     # group batch: rank 0's two rows, then rank 1's two rows; group prompt width 3, rank 1's prompts
     # are 2 wide (1 column of left padding); 4 generated steps

@@ -6,12 +6,9 @@ from .base import (
     Algorithm,
     AlgorithmConfig,
     Experience,
-    OfflineAlgorithm,
-    OfflineConfig,
     OnlineAlgorithm,
     OnlineConfig,
     Rollout,
-    response_mask_from,
 )
 from .functional import (
     DPO_LOSS_TYPES,
@@ -42,6 +39,7 @@ from .functional import (
     whiten,
 )
 from .health import HealthMonitor, HealthThresholds, SamplingMismatch, sampling_mismatch
+from .offline import OfflineAlgorithm, OfflineConfig
 from .online import (
     GRPO,
     RLOO,
@@ -69,9 +67,19 @@ from .preference import (
     SimPO,
     SimPOConfig,
 )
-from .protocols import RewardFunction, ScoringPolicy, TrainablePolicy, ValueFunction
+from .protocols import (
+    RewardFunction,
+    ScoringPolicy,
+    SequenceScorer,
+    TrainablePolicy,
+    TrainableScorer,
+    ValueFunction,
+)
 from .registry import ENTRY_POINT_GROUP, available_algorithms, get_algorithm
-from .rewards import REWARD_GROUP, TextReward, available_rewards, decode_responses, get_reward
+from .reward_model import RM, RMConfig
+from .rewards import REWARD_GROUP, ModelReward, TextReward, available_rewards, decode_responses, get_reward
+from .rollout import GeneratedBatch, generate_responses, response_mask_from
+from .sft import SFT, SFTConfig
 
 __all__ = [
     "CDPO",
@@ -86,6 +94,8 @@ __all__ = [
     "REWARD_GROUP",
     "PPO",
     "RLOO",
+    "RM",
+    "SFT",
     "AdvantageEstimate",
     "Algorithm",
     "AlgorithmConfig",
@@ -95,10 +105,12 @@ __all__ = [
     "DrGRPOConfig",
     "Experience",
     "GRPOConfig",
+    "GeneratedBatch",
     "HealthMonitor",
     "HealthThresholds",
     "IPOConfig",
     "KTOConfig",
+    "ModelReward",
     "ORPOConfig",
     "OfflineAlgorithm",
     "OfflineConfig",
@@ -106,18 +118,22 @@ __all__ = [
     "OnlineConfig",
     "PPOConfig",
     "RLOOConfig",
+    "RMConfig",
     "ReMax",
     "ReMaxConfig",
     "ReinforcePP",
     "ReinforcePPConfig",
     "RewardFunction",
     "Rollout",
+    "SFTConfig",
     "SamplingMismatch",
     "ScoringPolicy",
+    "SequenceScorer",
     "TextReward",
     "SimPO",
     "SimPOConfig",
     "TrainablePolicy",
+    "TrainableScorer",
     "ValueFunction",
     "__version__",
     "aggregate_loss",
@@ -128,6 +144,7 @@ __all__ = [
     "dpo_loss",
     "explained_variance",
     "gae",
+    "generate_responses",
     "get_algorithm",
     "get_reward",
     "group_advantages",

@@ -1,41 +1,51 @@
-"""The interface every algorithm implements, and the shared online/offline plumbing.
+"""The interface every algorithm implements, and the shared online plumbing.
 
 An algorithm is one class registered under the entry-point group ``rlhf.algorithms`` (the
 built-ins register exactly like a third-party plugin). The class declares, as class variables,
 what the CLI needs to build everything for it:
 
 * ``name``: the registered name (``rlhf run --stage <name>``);
-* ``kind``: ``"online"`` (samples from the policy, learns from rewards) or ``"offline"`` (learns
-  from a fixed preference data set);
-* ``data_kind``: ``"prompts"`` (left-padded prompts) or ``"pairs"`` (chosen/rejected pairs);
+* ``kind``: ``"online"`` (samples from the policy, learns from rewards), ``"offline"`` (learns
+  from a fixed preference data set), ``"supervised"`` (SFT on demonstrations) or
+  ``"reward_model"`` (trains a reward model on preference pairs);
+* ``data_kind``: ``"prompts"`` (left-padded prompts), ``"pairs"`` (chosen/rejected pairs) or
+  ``"demonstrations"`` (prompt + response);
 * ``required_models``: a subset of ``("actor", "reference", "critic", "reward")``;
 * ``config_class``: a frozen dataclass of hyper-parameters; each field carries its help text in
   ``field.metadata["help"]`` and ``__post_init__`` raises ``ValueError`` naming
   ``<name>.<field>``, the value and what is allowed;
 * ``description``: one line for ``rlhf algos list``.
 
-Two base classes do the plumbing, so that a variant only writes its math:
+Base classes do the plumbing, so that a variant only writes its math:
 
-* :class:`OnlineAlgorithm`: one rollout path for every online algorithm (repeat prompts
+* :class:`OnlineAlgorithm` (here): one rollout path for every online algorithm (repeat prompts
   ``samples_per_prompt`` times, generate, score, estimate advantages) and one learning loop
   (clipped policy loss with the configured aggregation, optional KL in the loss, micro-batches,
   epochs). Subclasses override :meth:`OnlineAlgorithm.estimate_advantages`.
-* :class:`OfflineAlgorithm`: forward the chosen and rejected rows, compute a loss from sequence
-  log-probs, step. Subclasses override :meth:`OfflineAlgorithm.compute_loss`.
+* :class:`~rlhf_algos.offline.OfflineAlgorithm`: forward the chosen and rejected rows, compute a
+  loss from sequence log-probs, step. Subclasses override ``compute_loss``.
+
+SFT (:class:`~rlhf_algos.sft.SFT`) and reward-model training (:class:`~rlhf_algos.reward_model.RM`)
+are algorithms of the same interface, so every stage of the pipeline runs from Python.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 
 from . import functional as F
+
+# Configs (config.py), rollout records (rollout.py) and the offline base (offline.py, imported at the
+# end of this module) live in their own modules; they are re-exported here (see __all__), so
+# `from rlhf_algos.base import OnlineConfig, Experience, OfflineAlgorithm, ...` keeps working.
+from .config import KL_PLACEMENTS, REWARD_NORMS, AlgorithmConfig, OfflineConfig, OnlineConfig, option
 from .health import monitor_metrics, pool_agreement, sampling_mismatch
 from .protocols import RewardFunction, ScoringPolicy, TrainablePolicy, ValueFunction
+from .rollout import AdvantageEstimate, Experience, Rollout, generate_responses, response_mask_from
 
 __all__ = [
     "KL_PLACEMENTS",
@@ -55,98 +65,6 @@ __all__ = [
 ]
 
 MODEL_ROLES: tuple[str, ...] = ("actor", "reference", "critic", "reward")
-KL_PLACEMENTS: tuple[str, ...] = ("reward", "loss")
-REWARD_NORMS: tuple[str, ...] = ("none", "batch")
-
-
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and its help text (``field.metadata["help"]``).
-
-    The help is written once, here, and the CLI (``rlhf algos show``) derives its output from it.
-    """
-    return field(default=default, metadata={"help": help})
-
-
-# --------------------------------------------------------------------------------------------
-# Configs
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AlgorithmConfig:
-    """Base of every algorithm config: validation helpers whose errors name ``<section>.<field>``.
-
-    ``section`` is the algorithm's registered name; subclasses set it as a ``ClassVar``.
-    """
-
-    section: ClassVar[str] = "algorithm"
-
-    def _fail(self, name: str, allowed: str) -> None:
-        raise ValueError(f"{self.section}.{name}: {getattr(self, name)!r} is not allowed; allowed: {allowed}")
-
-    def _check_choice(self, name: str, choices: Sequence[str]) -> None:
-        if getattr(self, name) not in choices:
-            self._fail(name, ", ".join(repr(c) for c in choices))
-
-    def _check_min(self, name: str, low: float, *, strict: bool = False) -> None:
-        v = getattr(self, name)
-        if v < low or (strict and v == low):
-            self._fail(name, f"{'>' if strict else '>='} {low}")
-
-    def _check_range(self, name: str, low: float, high: float, *, low_open: bool = False) -> None:
-        v = getattr(self, name)
-        if not (low < v <= high if low_open else low <= v <= high):
-            self._fail(name, f"{'(' if low_open else '['}{low}, {high}]")
-
-
-@dataclass(frozen=True)
-class OnlineConfig(AlgorithmConfig):
-    """Options shared by every online algorithm (see each field's help)."""
-
-    section: ClassVar[str] = "online"
-
-    kl_coef: float = option(0.1, "beta: weight of the KL(actor || reference) penalty")
-    kl_estimator: str = option("k1", "per-token KL estimator (Schulman 2020): k1 = log-ratio, k2, k3")
-    kl_placement: str = option(
-        "reward", "where the KL penalty goes: 'reward' (-beta * KL per token in the reward) or "
-        "'loss' (beta * KL added to the policy loss, aggregated like it)")
-    loss_agg: str = option(
-        "token-mean", "policy-loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, "
-        "seq-mean-token-sum-norm (divides by max_new_tokens)")
-    samples_per_prompt: int = option(1, "responses sampled per prompt (the group size of GRPO / RLOO)")
-    reward_norm: str = option("none", "sequence-score normalisation before advantages: 'none' or 'batch' "
-                                      "(whiten the scores over the rollout batch)")
-    clip_reward: float | None = option(5.0, "sequence scores are clipped to [-clip_reward, clip_reward] "
-                                            "(None: no clipping)")
-    clip_eps: float = option(0.2, "policy-ratio clip range of the PPO surrogate")
-    ppo_epochs: int = option(1, "passes over each rollout batch")
-    micro_batch_size: int = option(32, "rows per forward/backward/step in the learning phase")
-    max_new_tokens: int = option(64, "response length limit")
-    temperature: float = option(1.0, "sampling temperature (log-probs use the same temperature)")
-    top_k: int = option(0, "top-k sampling (0 = off)")
-    top_p: float = option(1.0, "nucleus sampling (1.0 = off)")
-
-    def __post_init__(self) -> None:
-        self._check_choice("kl_estimator", F.KL_ESTIMATORS)
-        self._check_choice("kl_placement", KL_PLACEMENTS)
-        self._check_choice("loss_agg", F.LOSS_AGG_MODES)
-        self._check_choice("reward_norm", REWARD_NORMS)
-        for name in ("kl_coef", "clip_eps"):
-            self._check_min(name, 0.0)
-        if self.clip_reward is not None:
-            self._check_min("clip_reward", 0.0)
-        for name in ("samples_per_prompt", "ppo_epochs", "micro_batch_size", "max_new_tokens"):
-            self._check_min(name, 1)
-        self._check_min("temperature", 0.0, strict=True)
-        self._check_min("top_k", 0)
-        self._check_range("top_p", 0.0, 1.0, low_open=True)
-
-
-@dataclass(frozen=True)
-class OfflineConfig(AlgorithmConfig):
-    """Base of the offline (preference) algorithm configs; the fields are per algorithm."""
-
-    section: ClassVar[str] = "offline"
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,8 +76,8 @@ class Algorithm:
     """What every registered algorithm declares. See the module docstring for each field."""
 
     name: ClassVar[str]
-    kind: ClassVar[str]  # "online" | "offline"
-    data_kind: ClassVar[str]  # "prompts" | "pairs"
+    kind: ClassVar[str]  # "online" | "offline" | "supervised" | "reward_model"
+    data_kind: ClassVar[str]  # "prompts" | "pairs" | "demonstrations"
     required_models: ClassVar[tuple[str, ...]]
     config_class: ClassVar[type]
     description: ClassVar[str]
@@ -172,7 +90,7 @@ class Algorithm:
                             f"got {type(config).__name__}")
 
     def learn(self, batch: Any) -> dict[str, float]:
-        """One learning step (offline) or phase (online); returns metrics as plain floats."""
+        """One learning step (offline, supervised, reward model) or phase (online); returns metrics as plain floats."""
         raise NotImplementedError
 
 
@@ -192,96 +110,6 @@ def _to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 # Online: one rollout path, one learning loop
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Experience:
-    """One rollout batch. Response-aligned tensors are ``(N, R)``; ``sequences`` is ``(N, P + R)``.
-
-    ``N = B * samples_per_prompt`` rows, the samples of one prompt contiguous. Critic-free
-    algorithms store zeros in ``values`` and the (un-whitened) discounted returns in ``returns``.
-    ``sample_logprobs`` are the generator's own log-probs of its tokens (0 after EOS), for the
-    sampling/training mismatch metrics; ``monitor_scores`` ``(N,)`` are the scores of the
-    algorithm's ``monitor_fn`` (logged, never trained on), None without one.
-    """
-
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    prompt_len: int
-    response_mask: torch.Tensor
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    scores: torch.Tensor
-    rewards: torch.Tensor
-    kl: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    sample_logprobs: torch.Tensor | None = None
-    monitor_scores: torch.Tensor | None = None
-
-    def rows(self, idx: list[int]) -> Experience:
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v[idx] if isinstance(v, torch.Tensor) else v
-        return Experience(**out)
-
-
-@dataclass(frozen=True, eq=False)
-class Rollout:
-    """What :meth:`OnlineAlgorithm.estimate_advantages` receives (all on the CPU, float32).
-
-    Attributes:
-        prompt_ids: ``(N, P)`` left-padded prompts, already repeated ``samples_per_prompt`` times.
-        prompt_mask: ``(N, P)``.
-        meta: ``N`` per-row dicts for the reward function.
-        sequences: ``(N, P + R)`` prompts and sampled responses.
-        attention_mask: ``(N, P + R)``.
-        response_mask: ``(N, R)`` 1 up to and including the first EOS.
-        logprobs: ``(N, R)`` actor log-probs at sampling time (unmasked).
-        ref_logprobs: ``(N, R)`` reference log-probs (unmasked).
-        values: ``(N, R)`` critic values ``V(s_t)`` (zeros without a critic; unmasked).
-        scores: ``(N,)`` sequence scores after clipping and ``reward_norm``.
-    """
-
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    meta: list[dict]
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    scores: torch.Tensor
-
-
-@dataclass(frozen=True, eq=False)
-class AdvantageEstimate:
-    """What :meth:`OnlineAlgorithm.estimate_advantages` returns; all ``(N, R)``, 0 on padding.
-
-    Attributes:
-        rewards: Per-token rewards (KL-shaped when ``kl_placement == "reward"``).
-        kl: Per-token KL estimate (for metrics; in the reward or the loss, depending on config).
-        advantages: What the policy loss multiplies the ratio by.
-        returns: Value targets (PPO) or discounted returns (critic-free).
-    """
-
-    rewards: torch.Tensor
-    kl: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-
-
-def response_mask_from(sequences: torch.Tensor, prompt_len: int, eos_token_id: int | None) -> torch.Tensor:
-    """1 for response tokens up to and including the first EOS, 0 after. (B, R) float."""
-    resp = sequences[:, prompt_len:]
-    if eos_token_id is None:
-        return torch.ones_like(resp, dtype=torch.float32)
-    is_eos = (resp == eos_token_id).long()
-    before_or_at_first_eos = (is_eos.cumsum(dim=1) - is_eos) == 0
-    return before_or_at_first_eos.float()
 
 
 class OnlineAlgorithm(Algorithm):
@@ -361,14 +189,12 @@ class OnlineAlgorithm(Algorithm):
         if self.critic is not None:
             self.critic.eval()
         # 2. generate, keeping the generator's own log-probs (to check them against the recomputation)
-        seqs, sample_logprobs = self.actor.generate(
-            prompt_ids, prompt_mask, max_new_tokens=c.max_new_tokens, do_sample=True, temperature=c.temperature,
-            top_k=c.top_k, top_p=c.top_p, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-            return_logprobs=True)
-        seqs, sample_logprobs = seqs.cpu(), sample_logprobs.float().cpu()
-        P = prompt_ids.shape[1]
-        resp_mask = response_mask_from(seqs, P, self.eos_token_id)  # (N, R)
-        attn = torch.cat([prompt_mask.cpu().long(), resp_mask.long()], dim=1)  # (N, P + R)
+        gen = generate_responses(self.actor, prompt_ids, prompt_mask, max_new_tokens=c.max_new_tokens,
+                                 do_sample=True, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+                                 eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                                 return_logprobs=True)
+        seqs, sample_logprobs, P = gen.sequences, gen.logprobs, gen.prompt_len
+        resp_mask, attn = gen.response_mask, gen.attention_mask  # (N, R), (N, P + R)
         # 3. score (eval mode, the weights that sampled: the recomputation must match the sampler)
         logprobs = self.actor.token_logprobs(seqs, attn, P, temperature=c.temperature).float().cpu()
         ref_logprobs = self.reference.token_logprobs(seqs, attn, P, temperature=c.temperature).float().cpu()
@@ -502,101 +328,6 @@ class OnlineAlgorithm(Algorithm):
         return out
 
 
-# --------------------------------------------------------------------------------------------
-# Offline: preference pairs
-# --------------------------------------------------------------------------------------------
-
-
-class OfflineAlgorithm(Algorithm):
-    """Shared plumbing of the preference algorithms; subclasses implement :meth:`compute_loss`.
-
-    :meth:`learn` takes one micro-batch of ``B`` pairs as ``rlhf_data.collate_pairs`` builds it:
-    ``input_ids``, ``attention_mask`` and ``response_mask``, each ``(2B, L)``, rows ``[0, B)``
-    the chosen and ``[B, 2B)`` the rejected sequences, right-padded, ``response_mask`` 1 on
-    response tokens. It runs one forward of the policy (and, without gradients, of the
-    reference when the algorithm needs one), computes the loss, ``policy.backward(loss)``,
-    ``policy.step()``. Gradient accumulation over micro-batches is the engine's business (as
-    for DeepSpeed engines: ``step`` only updates at the accumulation boundary).
-
-    Args:
-        config: An instance of ``config_class``.
-        policy: The model being trained.
-        reference: The frozen reference policy; required exactly when
-            ``"reference" in required_models``.
-        reduce_metrics: Applied to the metrics dict before it is returned.
-
-    Raises:
-        TypeError: If ``config`` is not a ``config_class``.
-        ValueError: If a reference is required and missing.
-    """
-
-    kind: ClassVar[str] = "offline"
-    data_kind: ClassVar[str] = "pairs"
-    required_models: ClassVar[tuple[str, ...]] = ("actor", "reference")
-    config_class: ClassVar[type] = OfflineConfig
-
-    def __init__(self, config: OfflineConfig, *, policy: TrainablePolicy, reference: ScoringPolicy | None = None,
-                 reduce_metrics: Callable[[dict], dict] | None = None) -> None:
-        self._check_config(config)
-        if "reference" in self.required_models and reference is None:
-            raise ValueError(f"{self.name}: a reference policy is required (required_models={self.required_models})")
-        self.config = config
-        self.policy = policy
-        self.reference = reference if "reference" in self.required_models else None
-        self.reduce_metrics = reduce_metrics or (lambda m: m)
-
-    def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimisation step on a micro-batch of pairs; returns its metrics."""
-        ids, attn = batch["input_ids"], batch["attention_mask"]
-        if ids.shape[0] % 2 != 0:
-            raise ValueError(f"{self.name}: a pairs batch has 2B rows (B chosen, then B rejected); "
-                             f"got {ids.shape[0]}")
-        self.policy.train()
-        logps = self.policy.token_logprobs(ids, attn, 1)  # (2B, L - 1): log p(token j | < j), j >= 1
-        mask = batch["response_mask"][:, 1:].to(device=logps.device, dtype=logps.dtype)  # (2B, L - 1)
-        ref_logps = None
-        if self.reference is not None:
-            self.reference.eval()
-            with torch.no_grad():
-                ref_logps = self.reference.token_logprobs(ids, attn, 1).to(device=logps.device, dtype=logps.dtype)
-        loss, metrics = self.compute_loss(logps, ref_logps, mask)
-        self.policy.backward(loss)
-        self.policy.step()
-        metrics = {"loss": loss.detach().float(), **metrics}
-        return self.reduce_metrics(_to_floats(metrics))
-
-    def compute_loss(self, logps: torch.Tensor, ref_logps: torch.Tensor | None,
-                     mask: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The loss and detached 0-dim metrics from token log-probs.
-
-        Args:
-            logps: ``(2B, T)`` policy token log-probs (with graph), chosen rows first.
-            ref_logps: ``(2B, T)`` reference token log-probs, or None without a reference.
-            mask: ``(2B, T)`` float, 1 on response tokens.
-        """
-        raise NotImplementedError
-
-    @staticmethod
-    def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(2B, ...)`` -> (chosen ``(B, ...)``, rejected ``(B, ...)``)."""
-        half = x.shape[0] // 2
-        return x[:half], x[half:]
-
-    @staticmethod
-    def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
-                     rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The metrics every preference algorithm reports (all detached 0-dim).
-
-        ``reward_accuracy`` counts a tie as wrong (:func:`~rlhf_algos.functional.pair_accuracy` with
-        ``tie=0``, TRL's convention): at the start of DPO every implicit reward is 0, so it starts at 0.
-        """
-        with torch.no_grad():
-            diff = chosen_rewards - rejected_rewards
-            return {
-                "chosen_reward": chosen_rewards.mean(),
-                "rejected_reward": rejected_rewards.mean(),
-                "reward_accuracy": F.pair_accuracy(chosen_rewards, rejected_rewards, tie=0.0).float(),
-                "reward_margin": diff.mean(),
-                "chosen_logp": chosen_logps.detach().mean(),
-                "rejected_logp": rejected_logps.detach().mean(),
-            }
+# Re-export (see __all__). offline.py imports Algorithm and _to_floats from this module, so it is
+# imported last, once they exist.
+from .offline import OfflineAlgorithm  # noqa: E402

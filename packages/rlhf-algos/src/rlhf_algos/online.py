@@ -26,7 +26,8 @@ from typing import ClassVar
 import torch
 
 from . import functional as F
-from .base import AdvantageEstimate, OnlineAlgorithm, OnlineConfig, Rollout, option, response_mask_from
+from .base import AdvantageEstimate, OnlineAlgorithm, OnlineConfig, Rollout, option
+from .rollout import generate_responses
 
 __all__ = [
     "GRPO",
@@ -277,9 +278,8 @@ class ReMax(CriticFreeAlgorithm):
         """
         c, k = self.config, self.config.samples_per_prompt
         prompt_ids, prompt_mask, meta = rollout.prompt_ids[::k], rollout.prompt_mask[::k], rollout.meta[::k]
-        seqs = self.actor.generate(prompt_ids, prompt_mask, max_new_tokens=c.max_new_tokens, do_sample=False,
-                                   eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id).cpu()
-        P = prompt_ids.shape[1]
-        attn = torch.cat([prompt_mask.long(), response_mask_from(seqs, P, self.eos_token_id).long()], dim=1)
-        baseline = self.process_scores(self.reward_fn(seqs, attn, P, meta).float().cpu())  # (B,), clipped
+        gen = generate_responses(self.actor, prompt_ids, prompt_mask, max_new_tokens=c.max_new_tokens,
+                                 do_sample=False, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
+        scores = self.reward_fn(gen.sequences, gen.attention_mask, gen.prompt_len, meta)
+        baseline = self.process_scores(scores.float().cpu())  # (B,), clipped
         return baseline.repeat_interleave(k)  # (N,)

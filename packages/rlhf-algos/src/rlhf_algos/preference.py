@@ -1,6 +1,6 @@
 """Offline preference optimisation on chosen/rejected pairs: DPO, IPO, cDPO, SimPO, ORPO, KTO.
 
-Each variant is one registered class over :class:`~rlhf_algos.base.OfflineAlgorithm`, which does
+Each variant is one registered class over :class:`~rlhf_algos.offline.OfflineAlgorithm`, which does
 the forward passes and the optimiser step; a class only turns token log-probs into its loss with
 the pure functions of :mod:`rlhf_algos.functional`. Token log-probs come in as ``(2B, T)``,
 the ``B`` chosen rows first, with a ``(2B, T)`` response mask.
@@ -14,7 +14,8 @@ from typing import ClassVar
 import torch
 
 from . import functional as F
-from .base import OfflineAlgorithm, OfflineConfig, option
+from .base import option
+from .offline import OfflineAlgorithm, OfflineConfig
 
 __all__ = [
     "CDPO",

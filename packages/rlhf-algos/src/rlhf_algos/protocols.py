@@ -68,3 +68,23 @@ class RewardFunction(Protocol):
 
     def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
                  meta: list[dict]) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class SequenceScorer(Protocol):
+    """A reward model: one score per sequence (B,), read at each row's last real token."""
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class TrainableScorer(SequenceScorer, Protocol):
+    """A reward model being trained (:class:`~rlhf_algos.reward_model.RM`): ``score`` keeps the graph."""
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+    def train(self) -> None: ...
+
+    def eval(self) -> None: ...

@@ -7,7 +7,12 @@ A plugin package registers its class in its own ``pyproject.toml``::
 
 and after ``pip install`` it is listed by :func:`available_algorithms` and loaded by
 :func:`get_algorithm` exactly like the built-ins, which register the same way in
-``packages/rlhf-algos/pyproject.toml``.
+``packages/rlhf-algos/pyproject.toml``. Every stage of the pipeline is such an algorithm: ``sft``
+and ``rm`` as well as the stage-3 ones (``ppo``, ``dpo``, ...).
+
+A plugin replaces a built-in by registering its name: when a name is registered by rlhf-algos
+(target in ``rlhf_algos``) and by one other package, the other package's class is the one loaded.
+Two registrations of one name outside rlhf-algos with different targets are an error.
 """
 
 from __future__ import annotations
@@ -19,21 +24,30 @@ __all__ = ["ENTRY_POINT_GROUP", "REQUIRED_ATTRIBUTES", "available_algorithms", "
 ENTRY_POINT_GROUP = "rlhf.algorithms"
 REQUIRED_ATTRIBUTES: tuple[str, ...] = ("name", "kind", "data_kind", "required_models", "config_class",
                                         "description")
-_KINDS = ("online", "offline")
-_DATA_KINDS = ("prompts", "pairs")
+_KINDS = ("online", "offline", "supervised", "reward_model")
+_DATA_KINDS = ("prompts", "pairs", "demonstrations")
 _ROLES = ("actor", "reference", "critic", "reward")
 
 _cache: dict[str, type] | None = None
 
 
+def _is_built_in(ep: EntryPoint) -> bool:
+    return ep.value.startswith("rlhf_algos.")
+
+
 def _entry_points() -> dict[str, EntryPoint]:
-    """Name -> entry point; the same name registered with two different targets is an error."""
+    """Name -> entry point. A third-party registration replaces a built-in of the same name; two
+    third-party registrations of one name with different targets are an error."""
     found: dict[str, EntryPoint] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in found and found[ep.name].value != ep.value:
+        seen = found.get(ep.name)
+        if seen is None or seen.value == ep.value:  # an identical duplicate (e.g. a stale egg-info) is harmless
+            found[ep.name] = ep
+        elif _is_built_in(seen) != _is_built_in(ep):
+            found[ep.name] = seen if _is_built_in(ep) else ep  # the plugin wins
+        else:
             raise ValueError(f"algorithm {ep.name!r} is registered twice in entry-point group {ENTRY_POINT_GROUP!r}: "
-                             f"{found[ep.name].value} and {ep.value}; uninstall one of the packages")
-        found[ep.name] = ep  # an identical duplicate (e.g. a stale egg-info) is harmless
+                             f"{seen.value} and {ep.value}; uninstall one of the packages")
     return found
 
 

@@ -11,7 +11,8 @@ Register it in a package's ``pyproject.toml``::
     my_reward = "my_package.rewards:my_reward"
 
 and select it with ``rl.reward=my_reward``. The demo task's verifier is registered this way as
-``addition`` (in rlhf-data's pyproject.toml).
+``addition`` (in rlhf-data's pyproject.toml). A trained reward model becomes a reward function
+through :class:`ModelReward`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from importlib.metadata import entry_points
 
 import torch
 
-__all__ = ["REWARD_GROUP", "TextReward", "available_rewards", "decode_responses", "get_reward"]
+from .protocols import SequenceScorer
+
+__all__ = ["REWARD_GROUP", "ModelReward", "TextReward", "available_rewards", "decode_responses", "get_reward"]
 
 REWARD_GROUP = "rlhf.rewards"
 
@@ -78,3 +81,21 @@ class TextReward:
         if len(scores) != len(texts):
             raise ValueError(f"reward function returned {len(scores)} scores for {len(texts)} responses")
         return torch.tensor([float(x) for x in scores])  # (B,)
+
+
+class ModelReward:
+    """A reward model (anything with ``score(input_ids, attention_mask) -> (B,)``, e.g. a frozen
+    ``rlhf_hybrid.HybridEngine`` around a ``ValueModel``) as a :class:`rlhf_algos.RewardFunction`:
+    the score at each sequence's last real token, without gradients.
+
+    Args:
+        model: the reward model.
+    """
+
+    def __init__(self, model: SequenceScorer) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def __call__(self, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                 meta: list[dict]) -> torch.Tensor:
+        return self.model.score(sequences, attention_mask)  # (B,)

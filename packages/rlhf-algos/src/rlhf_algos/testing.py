@@ -23,6 +23,7 @@ __all__ = [
     "TargetTokenReward",
     "TinyCritic",
     "TinyPolicy",
+    "TinyScorer",
     "pairs_batch",
 ]
 
@@ -208,6 +209,15 @@ class TinyCritic(_Trainable):
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.module(input_ids).squeeze(-1).float()  # (B, L)
+
+
+class TinyScorer(TinyCritic):
+    """A :class:`~rlhf_algos.protocols.TrainableScorer` (a reward model): :class:`TinyCritic`'s value at each
+    right-padded row's last real token."""
+
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        last = attention_mask.long().sum(-1) - 1  # (B,)
+        return self.values(input_ids, attention_mask).gather(1, last[:, None]).squeeze(1)  # (B,)
 
 
 class FirstTokenReward:

@@ -259,14 +259,18 @@ def algos_show(name: str = typer.Argument(..., help="A name from `rlhf algos lis
                f"({cls.__module__}:{cls.__qualname__})")
     shared = {"micro_batch_size": "rl.micro_batch_size", "ppo_epochs": "rl.epochs",
               "max_new_tokens": "rl.max_new_tokens", "temperature": "rl.temperature"} if cls.kind == "online" else {}
+    # stages 1 and 2 (sft, rm) take their settings from their own config sections, sft.* and rm.*
+    prefix = "algo" if cls.kind in ("online", "offline") else cls.config_class.section
     hints = typing.get_type_hints(cls.config_class)
     docs = {}
     for klass in reversed(cls.config_class.__mro__):  # subclasses document their own fields
         if dataclasses.is_dataclass(klass):
             docs.update(field_docs(klass))
-    from .config import RLSection
+    from .config import RLSection, RunConfig
 
     default, rl = cls.config_class(), RLSection()
+    section = {f.name: f for f in dataclasses.fields(RunConfig)}.get(prefix) if prefix != "algo" else None
+    run_default = section.default_factory() if section is not None else None  # sft.* / rm.*: the run's defaults
     for f in dataclasses.fields(cls.config_class):
         t = getattr(hints[f.name], "__name__", str(hints[f.name]))
         doc = f.metadata.get("help") or docs.get(f.name, "")
@@ -274,7 +278,7 @@ def algos_show(name: str = typer.Argument(..., help="A name from `rlhf algos lis
             key = shared[f.name]
             value = getattr(rl, key.split(".")[1])
         else:
-            key, value = f"algo.{f.name}", getattr(default, f.name)
+            key, value = f"{prefix}.{f.name}", getattr(run_default, f.name, getattr(default, f.name))
         typer.echo(f"{key} ({t}, default {value!r}): {doc}")
 
 

@@ -48,10 +48,8 @@ class PPOReport:
 
 def run(actor_shape: str, critic_shape: str, batch: int, prompt_len: int, new_tokens: int, iterations: int,
         zero_stage: int, dtype: torch.dtype, device: torch.device, command: str = "") -> PPOReport:
-    from rlhf_algos import PPO, PPOConfig
+    from rlhf_algos import PPO, ModelReward, PPOConfig
     from rlhf_hybrid import EngineConfig, HybridEngine, ValueModel, bench, init_distributed
-
-    from .pipeline import ModelReward
 
     init_distributed()
     report = PPOReport(bench._device_name(device), str(dtype).replace("torch.", ""), actor_shape, critic_shape, batch,

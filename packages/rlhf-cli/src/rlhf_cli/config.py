@@ -374,7 +374,7 @@ class RunConfig:
         for key in ("sft.lr", "rm.lr", "rl.actor_lr", "rl.critic_lr", "rl.temperature", "pref.lr"):
             if get_key(self, key) <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {get_key(self, key)!r}")
-        for key in ("sft.weight_decay", "data.sft_samples", "data.rm_samples", "data.rl_samples", "data.max_eval"):
+        for key in ("sft.weight_decay", "rm.center_coef", "data.sft_samples", "data.rm_samples", "data.rl_samples", "data.max_eval"):
             if not 0 <= get_key(self, key) < float("inf"):  # nan fails this comparison too
                 raise ConfigError(f"{key}: must be finite and >= 0, got {get_key(self, key)!r}")
         self.rl.health_thresholds()  # validates the rl.* health keys
@@ -437,9 +437,14 @@ class RunConfig:
         from rlhf_algos import get_algorithm
 
         try:
-            return get_algorithm(self.algo.name)
+            cls = get_algorithm(self.algo.name)
         except ValueError as e:
             raise ConfigError(f"algo.name: {e}") from None
+        if cls.kind not in ("online", "offline"):  # sft and rm are stages 1 and 2, run by --stage sft / rm
+            raise ConfigError(f"algo.name: {self.algo.name!r} is a {cls.kind} algorithm, not a stage-3 one (--stage sft "
+                              f"and --stage rm run stages 1 and 2); allowed: an online or offline algorithm "
+                              f"(`rlhf algos list`)")
+        return cls
 
     def algorithm_config(self):
         """The chosen algorithm's frozen config: its defaults, the loop settings it shares with the run

@@ -351,52 +351,27 @@ def build_stage_data(spec: str | list, *, split: str | StageSplit | None = None,
     Raises:
         DataError: a bad spec, split, file or row (named).
     """
-    if not 0.0 <= eval_fraction < 1.0:
-        raise DataError(f"data.eval_fraction: {eval_fraction!r} must be in [0, 1)")
-    if max_eval < 0:
-        raise DataError(f"data.max_eval: {max_eval!r} must be >= 0")
-    given = None if split is None or split == "" else split if isinstance(split, StageSplit) else StageSplit.parse(split)
+    given = _checked_split(split, eval_fraction, max_eval)  # None: each source's default
     stage_split = given or StageSplit.parse(DEFAULT_SPLIT)
     specs = parse_data_spec(spec)
     data = StageData()
     per_stage: dict[str, dict[str, list]] = {s: {} for s in STAGE_NAMES}
     weights: dict[str, float] = {}
     verifiers = []
-    short = [sp.label for sp in specs]
-    # two files with the same name in different folders: label them by their paths
-    labels = [label if short.count(label) == 1 else (f"{sp.name}:{sp.location}" if sp.name else sp.location)
-              for sp, label in zip(specs, short, strict=True)]
-    for sp, label in zip(specs, labels, strict=True):
+    for sp, label in zip(specs, _labels(specs), strict=True):
         opts = (source_options or {}).get(sp.name, {})
         cls = get_source(sp.name) if sp.name else None
         staged = None
         if cls is not None and hasattr(cls, "load_stages"):  # a source with its own stage logic (the demo)
             staged = cls({**opts, **({"stage_split": given} if given else {}), **sp.options}).load_stages(seed)
         if staged is not None:
-            report = SourceReport(label, cls.name, where=["generated"], weight=sp.weight)
-            parts = {s: _tag(getattr(staged, s), label) for s in STAGE_NAMES}
-            evals = {k: _tag(getattr(staged, k), label) for k in ("sft_eval", "rm_eval", "rl_valid", "rl_eval")}
-            data.corpus += staged.corpus
-            verifiers.append(staged.verifier)
-            report.parts = {s: len(v) for s, v in parts.items()} | {"eval": len(staged.rl_eval)}
+            source = _from_staged(staged, cls.name, label, sp.weight)
         else:
-            train, own_eval, report = load_records(sp, label=label, options=opts)
-            fr = stage_split.fractions()
-            if own_eval is None:
-                held, *rest = split_groups(train, [eval_fraction, *(f * (1 - eval_fraction) for f in fr)], seed,
-                                           report.label)
-            else:
-                held, rest = own_eval, split_groups(train, fr, seed, report.label)
-            held = held[:]
-            random.Random(_seed_for(seed, "eval", report.label)).shuffle(held)
-            held = held[:max_eval] if max_eval else []
-            parts = {s: _convert_all(p, s) for s, p in zip(STAGE_NAMES, rest, strict=True)}
-            report.parts = {s: len(p) for s, p in zip(STAGE_NAMES, rest, strict=True)} | {"eval": len(held)}
-            valid_half, eval_half = split_groups(held, [0.5, 0.5], seed, report.label + "/eval")
-            evals = {"sft_eval": _convert_all(held, "sft"), "rm_eval": _convert_all(held, "rm"),
-                     "rl_valid": _convert_all(valid_half, "rl"), "rl_eval": _convert_all(eval_half, "rl")}
-            data.corpus += [_corpus_line(r) for r in parts["sft"] + parts["rm"]]
-            verifiers.append(None)
+            source = _from_records(sp, label, opts, stage_split, seed=seed, eval_fraction=eval_fraction,
+                                   max_eval=max_eval)
+        report, parts, evals = source.report, source.parts, source.evals
+        data.corpus += source.corpus
+        verifiers.append(source.verifier)
         if report.label in weights:
             raise DataError(f"data spec: source {report.label!r} is listed twice")
         weights[report.label] = sp.weight
@@ -414,6 +389,66 @@ def build_stage_data(spec: str | list, *, split: str | StageSplit | None = None,
     if verifiers and all(v is not None for v in verifiers) and len({id(v) for v in verifiers}) == 1:
         data.verifier = verifiers[0]
     return data
+
+
+@dataclass
+class _SourceParts:
+    """One source's share of :func:`build_stage_data`: its report, its records per stage and per
+    held-out set, its tokenizer-corpus lines and its verifier (None for loaded data)."""
+
+    report: SourceReport
+    parts: dict[str, list]  # stage -> records
+    evals: dict[str, list]  # sft_eval / rm_eval / rl_valid / rl_eval -> records
+    corpus: list[str]
+    verifier: Callable[[str, dict], float] | None
+
+
+def _checked_split(split: str | StageSplit | None, eval_fraction: float, max_eval: int) -> StageSplit | None:
+    """``split`` parsed (None for None or ""), after checking the eval options; raises ``DataError``."""
+    if not 0.0 <= eval_fraction < 1.0:
+        raise DataError(f"data.eval_fraction: {eval_fraction!r} must be in [0, 1)")
+    if max_eval < 0:
+        raise DataError(f"data.max_eval: {max_eval!r} must be >= 0")
+    return None if split is None or split == "" else split if isinstance(split, StageSplit) else StageSplit.parse(split)
+
+
+def _labels(specs: list[SourceSpec]) -> list[str]:
+    """Each source's label; two files with the same name in different folders are labelled by their paths."""
+    short = [sp.label for sp in specs]
+    return [label if short.count(label) == 1 else (f"{sp.name}:{sp.location}" if sp.name else sp.location)
+            for sp, label in zip(specs, short, strict=True)]
+
+
+def _from_staged(staged: StagedParts, fmt: str, label: str, weight: float) -> _SourceParts:
+    """The parts of a source with its own stage logic (the demo), tagged with ``label``."""
+    report = SourceReport(label, fmt, where=["generated"], weight=weight)
+    parts = {s: _tag(getattr(staged, s), label) for s in STAGE_NAMES}
+    evals = {k: _tag(getattr(staged, k), label) for k in ("sft_eval", "rm_eval", "rl_valid", "rl_eval")}
+    report.parts = {s: len(v) for s, v in parts.items()} | {"eval": len(staged.rl_eval)}
+    return _SourceParts(report, parts, evals, list(staged.corpus), staged.verifier)
+
+
+def _from_records(sp: SourceSpec, label: str, opts: dict, stage_split: StageSplit, *, seed: int,
+                  eval_fraction: float, max_eval: int) -> _SourceParts:
+    """Load a source's records, hold out its eval set (its own eval split, else ``eval_fraction`` of
+    its prompt groups, at most ``max_eval``) and split the rest into the stages' parts."""
+    train, own_eval, report = load_records(sp, label=label, options=opts)
+    fr = stage_split.fractions()
+    if own_eval is None:
+        held, *rest = split_groups(train, [eval_fraction, *(f * (1 - eval_fraction) for f in fr)], seed,
+                                   report.label)
+    else:
+        held, rest = own_eval, split_groups(train, fr, seed, report.label)
+    held = held[:]
+    random.Random(_seed_for(seed, "eval", report.label)).shuffle(held)
+    held = held[:max_eval] if max_eval else []
+    parts = {s: _convert_all(p, s) for s, p in zip(STAGE_NAMES, rest, strict=True)}
+    report.parts = {s: len(p) for s, p in zip(STAGE_NAMES, rest, strict=True)} | {"eval": len(held)}
+    valid_half, eval_half = split_groups(held, [0.5, 0.5], seed, report.label + "/eval")
+    evals = {"sft_eval": _convert_all(held, "sft"), "rm_eval": _convert_all(held, "rm"),
+             "rl_valid": _convert_all(valid_half, "rl"), "rl_eval": _convert_all(eval_half, "rl")}
+    corpus = [_corpus_line(r) for r in parts["sft"] + parts["rm"]]
+    return _SourceParts(report, parts, evals, corpus, None)
 
 
 def _tag(records: list, label: str) -> list:

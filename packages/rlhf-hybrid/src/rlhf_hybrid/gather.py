@@ -107,29 +107,47 @@ def gather_full_params(
         shard = torch.cat([p.ds_tensor.detach().reshape(-1) for p in params])  # (n,) this rank's partitions
         if device is not None:
             shard = shard.to(device)
-        if bits:
-            from rlhf_kernels.comm import quantized_all_gather
-
-            full, stats = quantized_all_gather(shard, group=group, bits=bits, block_size=block_size)
-            sent += stats.bytes_sent
-        else:
-            full = shard.new_empty(world * shard.numel())
-            dist.all_gather(list(full.view(world, -1).unbind(0)), shard, group=group)
-            sent += shard.numel() * shard.element_size() * (world - 1)
+        full, bytes_sent = _all_gather_shard(shard, group, world, bits, block_size)
+        sent += bytes_sent
         unquantized += shard.numel() * shard.element_size() * (world - 1)
         collectives += 1
-        full = full.view(world, -1)  # row r: rank r's partitions, in `params` order
-        buffer = shard.new_empty(sum(p.ds_numel for p in params))
-        offset = start = 0
-        for p in params:
-            part = p.ds_tensor.numel()
-            whole = buffer[start : start + p.ds_numel]
-            whole.copy_(full[:, offset : offset + part].reshape(-1)[: p.ds_numel])
-            out[names[id(p)]] = whole.view(p.ds_shape)
-            offset += part
-            start += p.ds_numel
+        for p, whole in zip(params, _whole_params(full.view(world, -1), params, shard), strict=True):
+            out[names[id(p)]] = whole
         del full
     return out, GatherStats(collectives, sent, unquantized)
+
+
+def _all_gather_shard(shard: torch.Tensor, group, world: int, bits: int, block_size: int) -> tuple[torch.Tensor, int]:
+    """Every rank's ``shard`` (n,) in one all-gather, exact (``bits=0``) or quantized on the wire.
+
+    Returns ``(full (world * n,), bytes this rank sent)``. Collective.
+    """
+    import torch.distributed as dist
+
+    if bits:
+        from rlhf_kernels.comm import quantized_all_gather
+
+        full, stats = quantized_all_gather(shard, group=group, bits=bits, block_size=block_size)
+        return full, stats.bytes_sent
+    full = shard.new_empty(world * shard.numel())
+    dist.all_gather(list(full.view(world, -1).unbind(0)), shard, group=group)
+    return full, shard.numel() * shard.element_size() * (world - 1)
+
+
+def _whole_params(full: torch.Tensor, params: Sequence[nn.Parameter], shard: torch.Tensor) -> list[torch.Tensor]:
+    """The whole tensors of ``params`` from a bucket's gathered partitions ``full`` (world, n) (row r:
+    rank r's partitions, in ``params`` order), as views of one new buffer in ``params`` order."""
+    buffer = shard.new_empty(sum(p.ds_numel for p in params))
+    wholes = []
+    offset = start = 0
+    for p in params:
+        part = p.ds_tensor.numel()
+        whole = buffer[start : start + p.ds_numel]
+        whole.copy_(full[:, offset : offset + part].reshape(-1)[: p.ds_numel])
+        wholes.append(whole.view(p.ds_shape))
+        offset += part
+        start += p.ds_numel
+    return wholes
 
 
 __all__ = ["QUANTIZATIONS", "GatherStats", "gather_full_params", "layer_buckets"]

@@ -195,26 +195,46 @@ SIZES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+class _Inputs:
+    """Random inputs of the cases, drawn in a fixed order from one CPU generator seeded 0."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.item = torch.finfo(dtype).bits // 8  # bytes per element
+        self.gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(self, *shape: int) -> Tensor:
+        return torch.randn(*shape, generator=self.gen).to(device=self.device, dtype=self.dtype)
+
+    def randint(self, high: int, shape: tuple[int, ...]) -> Tensor:
+        return torch.randint(0, high, shape, generator=self.gen).to(self.device)
+
+
 def build_cases(size: str, device: torch.device, dtype: torch.dtype, ops: set[str] | None) -> list[Case]:
-    s = SIZES[size]
-    item = torch.finfo(dtype).bits // 8
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    """Every op's cases at ``size`` (a key of :data:`SIZES`), those of ``ops`` only when given.
 
-    def randn(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+    The inputs of every case are drawn (in this order) whatever ``ops`` is, so a case's inputs do not
+    depend on which others were asked for.
+    """
+    s, r = SIZES[size], _Inputs(device, dtype)
+    cases = [*_logprobs_cases(s, r), *_norm_cases(s, r), *_decode_cases(s, r), *_quant_cases(s, r)]
+    return [c for c in cases if ops is None or c.backend_op in ops]
 
+
+def _logprobs_cases(s: dict[str, Any], r: _Inputs) -> list[Case]:
+    """fused_logprobs (forward; forward + backward) and logprobs_from_hidden."""
     cases: list[Case] = []
     B, T, V = s["logprobs"]
-    logits = randn(B, T, V)
-    targets = torch.randint(0, V, (B, T), generator=gen).to(device)
+    logits = r.randn(B, T, V)
+    targets = r.randint(V, (B, T))
 
     def naive_logprobs() -> Tensor:
         return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
 
-    cases.append(Case("fused_logprobs", "fused_logprobs", f"B={B} T={T} V={V}", dtype, {
+    cases.append(Case("fused_logprobs", "fused_logprobs", f"B={B} T={T} V={V}", r.dtype, {
         "torch": naive_logprobs, "reference": lambda: fused_logprobs(logits, targets),
         "triton": lambda: fused_logprobs(logits, targets),
-    }, bytes_moved=logits.numel() * item))  # fmt: skip
+    }, bytes_moved=logits.numel() * r.item))  # fmt: skip
 
     logits_g = logits.detach().clone().requires_grad_()
 
@@ -226,21 +246,26 @@ def build_cases(size: str, device: torch.device, dtype: torch.dtype, ops: set[st
         logits_g.grad = None
         fused_logprobs(logits_g, targets).sum().backward()
 
-    cases.append(Case("fused_logprobs fwd+bwd", "fused_logprobs", f"B={B} T={T} V={V}", dtype, {
+    cases.append(Case("fused_logprobs fwd+bwd", "fused_logprobs", f"B={B} T={T} V={V}", r.dtype, {
         "torch": naive_fwd_bwd, "reference": fused_fwd_bwd, "triton": fused_fwd_bwd,
-    }, bytes_moved=3 * logits.numel() * item))  # fmt: skip
+    }, bytes_moved=3 * logits.numel() * r.item))  # fmt: skip
 
     Bh, Th, H, Vh = s["hidden"]
-    hidden, weight = randn(Bh, Th, H), randn(Vh, H)
-    targets_h = torch.randint(0, Vh, (Bh, Th), generator=gen).to(device)
-    cases.append(Case("logprobs_from_hidden", "logprobs_from_hidden", f"N={Bh * Th} H={H} V={Vh}", dtype, {
+    hidden, weight = r.randn(Bh, Th, H), r.randn(Vh, H)
+    targets_h = r.randint(Vh, (Bh, Th))
+    cases.append(Case("logprobs_from_hidden", "logprobs_from_hidden", f"N={Bh * Th} H={H} V={Vh}", r.dtype, {
         "torch": lambda: torch.log_softmax((hidden @ weight.T).float(), -1).gather(-1, targets_h[..., None]),
         "reference": lambda: logprobs_from_hidden(hidden, weight, targets_h),
         "triton": lambda: logprobs_from_hidden(hidden, weight, targets_h),
     }, flops=2 * Bh * Th * H * Vh))  # fmt: skip
+    return cases
 
+
+def _norm_cases(s: dict[str, Any], r: _Inputs) -> list[Case]:
+    """rms_norm and layer_norm, each with a residual add."""
+    cases: list[Case] = []
     N, Hn = s["norm"]
-    x, res, w, b = randn(N, Hn), randn(N, Hn), randn(Hn), randn(Hn)
+    x, res, w, b = r.randn(N, Hn), r.randn(N, Hn), r.randn(Hn), r.randn(Hn)
 
     def naive_rms() -> tuple[Tensor, Tensor]:
         h = x + res
@@ -250,54 +275,64 @@ def build_cases(size: str, device: torch.device, dtype: torch.dtype, ops: set[st
         h = x + res
         return torch.nn.functional.layer_norm(h, (Hn,), w, b, 1e-5), h
 
-    cases.append(Case("rms_norm + residual", "rms_norm", f"rows={N} H={Hn}", dtype, {
+    cases.append(Case("rms_norm + residual", "rms_norm", f"rows={N} H={Hn}", r.dtype, {
         "torch": naive_rms, "reference": lambda: rms_norm(x, w, residual=res),
         "triton": lambda: rms_norm(x, w, residual=res),
-    }, bytes_moved=4 * N * Hn * item))  # fmt: skip
-    cases.append(Case("layer_norm + residual", "layer_norm", f"rows={N} H={Hn}", dtype, {
+    }, bytes_moved=4 * N * Hn * r.item))  # fmt: skip
+    cases.append(Case("layer_norm + residual", "layer_norm", f"rows={N} H={Hn}", r.dtype, {
         "torch": naive_ln, "reference": lambda: layer_norm(x, w, b, residual=res),
         "triton": lambda: layer_norm(x, w, b, residual=res),
-    }, bytes_moved=4 * N * Hn * item))  # fmt: skip
+    }, bytes_moved=4 * N * Hn * r.item))  # fmt: skip
+    return cases
 
+
+def _decode_cases(s: dict[str, Any], r: _Inputs) -> list[Case]:
+    """The decode-step ops: apply_rotary_, decode_attention, sample."""
+    cases: list[Case] = []
     Br, Tr, Hr, Dr = s["rotary"]
-    q, k = randn(Br, Tr, Hr, Dr), randn(Br, Tr, Hr, Dr)
-    cos, sin = rotary_cos_sin(4096, Dr, device=device)
-    positions = torch.arange(Tr, device=device).repeat(Br, 1)
-    cases.append(Case("apply_rotary_ (q and k)", "apply_rotary_", f"B={Br} T={Tr} H={Hr} D={Dr}", dtype, {
+    q, k = r.randn(Br, Tr, Hr, Dr), r.randn(Br, Tr, Hr, Dr)
+    cos, sin = rotary_cos_sin(4096, Dr, device=r.device)
+    positions = torch.arange(Tr, device=r.device).repeat(Br, 1)
+    cases.append(Case("apply_rotary_ (q and k)", "apply_rotary_", f"B={Br} T={Tr} H={Hr} D={Dr}", r.dtype, {
         "reference": lambda: apply_rotary_(q, k, cos, sin, positions),
         "triton": lambda: apply_rotary_(q, k, cos, sin, positions),
-    }, bytes_moved=4 * q.numel() * item))  # fmt: skip
+    }, bytes_moved=4 * q.numel() * r.item))  # fmt: skip
 
     Ba, Hq, Hkv, L, Da = s["attention"]
-    qa = randn(Ba, Hq, Da)
-    kc, vc = randn(Ba, Hkv, L, Da), randn(Ba, Hkv, L, Da)
-    lengths = torch.full((Ba,), L, device=device)
-    cases.append(Case("decode_attention", "decode_attention", f"B={Ba} heads={Hq}/{Hkv} L={L} D={Da}", dtype, {
+    qa = r.randn(Ba, Hq, Da)
+    kc, vc = r.randn(Ba, Hkv, L, Da), r.randn(Ba, Hkv, L, Da)
+    lengths = torch.full((Ba,), L, device=r.device)
+    cases.append(Case("decode_attention", "decode_attention", f"B={Ba} heads={Hq}/{Hkv} L={L} D={Da}", r.dtype, {
         "reference": lambda: decode_attention(qa, kc, vc, lengths),
         "triton": lambda: decode_attention(qa, kc, vc, lengths),
-    }, bytes_moved=(2 * kc.numel() + 2 * qa.numel()) * item))  # fmt: skip
+    }, bytes_moved=(2 * kc.numel() + 2 * qa.numel()) * r.item))  # fmt: skip
 
     Bs, Vs = s["sample"]
-    logits_s = randn(Bs, Vs)
-    cases.append(Case("sample (T=0.7, top-k 50, top-p 0.9)", "sample", f"B={Bs} V={Vs}", dtype, {
+    logits_s = r.randn(Bs, Vs)
+    cases.append(Case("sample (T=0.7, top-k 50, top-p 0.9)", "sample", f"B={Bs} V={Vs}", r.dtype, {
         "reference": lambda: sample(logits_s, temperature=0.7, top_k=50, top_p=0.9, seed=0),
         "triton": lambda: sample(logits_s, temperature=0.7, top_k=50, top_p=0.9, seed=0),
-    }, bytes_moved=logits_s.numel() * item))  # fmt: skip
+    }, bytes_moved=logits_s.numel() * r.item))  # fmt: skip
+    return cases
 
+
+def _quant_cases(s: dict[str, Any], r: _Inputs) -> list[Case]:
+    """quantize_blockwise and dequantize_blockwise, int8 and int4."""
+    cases: list[Case] = []
     numel = s["quant"]
-    xq = randn(numel)
+    xq = r.randn(numel)
     for bits in (8, 4):
         q_bits = quantize_blockwise(xq, bits=bits)
         code_bytes = numel * bits // 8 + q_bits.scales.numel() * 4
-        cases.append(Case(f"quantize int{bits}", "quantize_blockwise", f"numel={numel} block=128", dtype, {
+        cases.append(Case(f"quantize int{bits}", "quantize_blockwise", f"numel={numel} block=128", r.dtype, {
             "reference": lambda bits=bits: quantize_blockwise(xq, bits=bits),
             "triton": lambda bits=bits: quantize_blockwise(xq, bits=bits),
-        }, bytes_moved=numel * item + code_bytes))  # fmt: skip
-        cases.append(Case(f"dequantize int{bits}", "dequantize_blockwise", f"numel={numel} block=128", dtype, {
+        }, bytes_moved=numel * r.item + code_bytes))  # fmt: skip
+        cases.append(Case(f"dequantize int{bits}", "dequantize_blockwise", f"numel={numel} block=128", r.dtype, {
             "reference": lambda q_bits=q_bits: dequantize_blockwise(q_bits),
             "triton": lambda q_bits=q_bits: dequantize_blockwise(q_bits),
-        }, bytes_moved=numel * item + code_bytes))  # fmt: skip
-    return [c for c in cases if ops is None or c.backend_op in ops]
+        }, bytes_moved=numel * r.item + code_bytes))  # fmt: skip
+    return cases
 
 
 # --------------------------------------------------------------------------- running

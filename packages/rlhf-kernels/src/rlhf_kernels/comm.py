@@ -223,6 +223,40 @@ def _reduce_level(
     return received.view(world, k, cols).sum(dim=0), _stats(layout, (world - 1) * k)
 
 
+def _check_reduce_scatter(op: str, exchange: str, intra_group: ProcessGroup | None,
+                          inter_group: ProcessGroup | None) -> None:
+    """The ``ValueError`` checks of :func:`quantized_reduce_scatter`'s options."""
+    if op not in ("sum", "avg"):
+        raise ValueError(f"op must be 'sum' or 'avg'; got {op!r}")
+    if exchange not in ("all_to_all", "send_recv"):
+        raise ValueError(f"exchange must be 'all_to_all' or 'send_recv'; got {exchange!r}")
+    if (intra_group is None) != (inter_group is None):
+        raise ValueError("pass both intra_group and inter_group for the two-level schedule, or neither")
+
+
+def _reduce_two_levels(
+    chunks: Tensor, intra_group: ProcessGroup, inter_group: ProcessGroup, bits: int, block_size: int,
+    scale_dtype: torch.dtype, exchange: Exchange,
+) -> tuple[Tensor, CommStats]:
+    """The two-level schedule of :func:`quantized_reduce_scatter`: chunks (world, cols) -> fp32 (1, cols),
+    the sum over every rank of its chunk for me, and the stats of both levels."""
+    world = chunks.shape[0]
+    local, nodes = dist.get_world_size(intra_group), dist.get_world_size(inter_group)
+    local_rank, node = dist.get_rank(intra_group), dist.get_rank(inter_group)
+    if local * nodes != world or dist.get_rank() != node * local + local_rank:
+        raise ValueError(
+            f"two-level groups must tile the world as global rank = node * node_size + local rank; got "
+            f"world {world}, intra size {local}, inter size {nodes}, rank {dist.get_rank()} at "
+            f"(node {node}, local {local_rank})"
+        )
+    # Level 1, inside the node: local peer l gets chunks {n * local + l : every node n}.
+    by_local = chunks.view(nodes, local, -1).transpose(0, 1)  # (local, nodes, cols)
+    partial, stats1 = _reduce_level(by_local, intra_group, bits, block_size, scale_dtype, exchange)
+    # Level 2, across nodes: the node partial sum of chunk n * local + my_local goes to node n.
+    total, stats2 = _reduce_level(partial[:, None], inter_group, bits, block_size, scale_dtype, exchange)
+    return total, stats1 + stats2
+
+
 def quantized_reduce_scatter(
     tensor: Tensor,
     *,
@@ -266,12 +300,7 @@ def quantized_reduce_scatter(
             two groups, or groups whose layout is not global rank = node * node_size + local.
     """
     _check_common(tensor, bits, block_size, scale_dtype)
-    if op not in ("sum", "avg"):
-        raise ValueError(f"op must be 'sum' or 'avg'; got {op!r}")
-    if exchange not in ("all_to_all", "send_recv"):
-        raise ValueError(f"exchange must be 'all_to_all' or 'send_recv'; got {exchange!r}")
-    if (intra_group is None) != (inter_group is None):
-        raise ValueError("pass both intra_group and inter_group for the two-level schedule, or neither")
+    _check_reduce_scatter(op, exchange, intra_group, inter_group)
     two_level = intra_group is not None
     world = dist.get_world_size() if two_level else dist.get_world_size(group)
     if tensor.shape[0] % world:
@@ -281,20 +310,7 @@ def quantized_reduce_scatter(
     if not two_level:
         total, stats = _reduce_level(chunks[:, None], group, bits, block_size, scale_dtype, exchange)
     else:
-        local, nodes = dist.get_world_size(intra_group), dist.get_world_size(inter_group)
-        local_rank, node = dist.get_rank(intra_group), dist.get_rank(inter_group)
-        if local * nodes != world or dist.get_rank() != node * local + local_rank:
-            raise ValueError(
-                f"two-level groups must tile the world as global rank = node * node_size + local rank; got "
-                f"world {world}, intra size {local}, inter size {nodes}, rank {dist.get_rank()} at "
-                f"(node {node}, local {local_rank})"
-            )
-        # Level 1, inside the node: local peer l gets chunks {n * local + l : every node n}.
-        by_local = chunks.view(nodes, local, -1).transpose(0, 1)  # (local, nodes, cols)
-        partial, stats1 = _reduce_level(by_local, intra_group, bits, block_size, scale_dtype, exchange)
-        # Level 2, across nodes: the node partial sum of chunk n * local + my_local goes to node n.
-        total, stats2 = _reduce_level(partial[:, None], inter_group, bits, block_size, scale_dtype, exchange)
-        stats = stats1 + stats2
+        total, stats = _reduce_two_levels(chunks, intra_group, inter_group, bits, block_size, scale_dtype, exchange)
     total = total.reshape(-1)
     if op == "avg":
         total = total / world

@@ -113,18 +113,9 @@ def generate(
         NotImplementedError: If the length exceeds the model's sliding window.
         RuntimeError: If ``cuda_graphs=True`` and the layout is not on a CUDA device.
     """
-    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"input_ids and attention_mask must both be (B, P); got {tuple(input_ids.shape)} "
-                         f"and {tuple(attention_mask.shape)}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling; got {temperature!r}")
     device = layout.device
-    if stop_check_every is None:
-        stop_check_every = 1 if device.type == "cpu" else 8
-    if isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int) or stop_check_every < 1:
-        raise ValueError(f"stop_check_every must be an int >= 1; got {stop_check_every!r}")
+    stop_check_every = _check_options(input_ids, attention_mask, max_new_tokens, do_sample, temperature,
+                                      stop_check_every, device)
     if cuda_graphs is None:
         # All-reduces inside a captured step (tensor parallelism) have never been run: opt-in only.
         cuda_graphs = device.type == "cuda" and layout.tp_group is None
@@ -136,29 +127,9 @@ def generate(
     mask = attention_mask.to(device=device, dtype=torch.long)
     B, P = ids.shape
     R = max_new_tokens
-    if B == 0 or P == 0:
-        raise ValueError(f"need at least one prompt of at least one token; got input_ids {tuple(ids.shape)}")
-    if not bool(mask[:, -1].all()):  # host sync, once per call
-        raise ValueError("attention_mask: prompts must be left-padded (every row's last column a real token)")
-    if layout.sliding_window is not None and P + R > layout.sliding_window:
-        raise NotImplementedError(f"length {P + R} exceeds the model's sliding window {layout.sliding_window}; "
-                                  "windowed decode attention is not implemented")
-
-    # HF's position_ids: cumsum over the mask, padding at 0; new tokens continue from the last one.
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, P)
-    next_position = positions[:, -1] + 1  # (B,)
-    if layout.max_positions is not None and P + R > layout.max_positions:
-        longest = int(next_position.max()) + R - 1
-        if longest >= layout.max_positions:
-            raise ValueError(f"position {longest} is beyond the model's {layout.max_positions} learned positions")
-
-    eos = None
-    if eos_token_id is not None:
-        eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        eos = torch.tensor(eos_list, dtype=torch.long, device=device)
-        if pad_token_id is None:
-            pad_token_id = eos_list[0]
-    fill = pad_token_id if pad_token_id is not None else 0  # unused without EOS: no row ends early
+    _check_prompts(layout, mask, R)
+    positions, next_position = _positions(layout, mask, R)
+    eos, fill = _eos_and_fill(eos_token_id, pad_token_id, device)
 
     out = torch.full((B, P + R), fill, dtype=torch.long, device=device)
     out[:, :P] = ids
@@ -166,6 +137,81 @@ def generate(
     if R == 0:
         return GenerationOutput(out, logprobs)
 
+    logits, cache, rope, static = _start(layout, graphs, cuda_graphs, ids, mask, positions, next_position, R)
+    steps = _decode(layout, cache, rope, static, logits, out, logprobs, P=P, next_position=next_position, eos=eos,
+                    fill=fill, stop_check_every=stop_check_every, do_sample=do_sample, temperature=temperature,
+                    top_k=top_k, top_p=top_p, generator=generator)
+    return GenerationOutput(out[:, : P + steps], None if logprobs is None else logprobs[:, :steps])
+
+
+def _check_options(input_ids: Tensor, attention_mask: Tensor, max_new_tokens, do_sample: bool, temperature: float,
+                   stop_check_every, device: torch.device) -> int:
+    """Raise ``ValueError`` on bad shapes or options; returns ``stop_check_every`` with its default."""
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids and attention_mask must both be (B, P); got {tuple(input_ids.shape)} "
+                         f"and {tuple(attention_mask.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling; got {temperature!r}")
+    if stop_check_every is None:
+        stop_check_every = 1 if device.type == "cpu" else 8
+    if isinstance(stop_check_every, bool) or not isinstance(stop_check_every, int) or stop_check_every < 1:
+        raise ValueError(f"stop_check_every must be an int >= 1; got {stop_check_every!r}")
+    return stop_check_every
+
+
+def _check_prompts(layout: InferenceLayout, mask: Tensor, R: int) -> None:
+    """Raise on an empty batch, prompts that are not left-padded or a length beyond the sliding window."""
+    B, P = mask.shape
+    if B == 0 or P == 0:
+        raise ValueError(f"need at least one prompt of at least one token; got input_ids {tuple(mask.shape)}")
+    if not bool(mask[:, -1].all()):  # host sync, once per call
+        raise ValueError("attention_mask: prompts must be left-padded (every row's last column a real token)")
+    if layout.sliding_window is not None and P + R > layout.sliding_window:
+        raise NotImplementedError(f"length {P + R} exceeds the model's sliding window {layout.sliding_window}; "
+                                  "windowed decode attention is not implemented")
+
+
+def _positions(layout: InferenceLayout, mask: Tensor, R: int) -> tuple[Tensor, Tensor]:
+    """HF's position_ids: cumsum over the mask, padding at 0; new tokens continue from the last one.
+
+    Returns ``(positions (B, P), next_position (B,))``. Raises ``ValueError`` when a position would be
+    beyond the model's learned position table (a host sync, only near that limit).
+    """
+    P = mask.shape[1]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, P)
+    next_position = positions[:, -1] + 1  # (B,)
+    if layout.max_positions is not None and P + R > layout.max_positions:
+        longest = int(next_position.max()) + R - 1
+        if longest >= layout.max_positions:
+            raise ValueError(f"position {longest} is beyond the model's {layout.max_positions} learned positions")
+    return positions, next_position
+
+
+def _eos_and_fill(eos_token_id, pad_token_id, device: torch.device) -> tuple[Tensor | None, int]:
+    """``(EOS ids (n_eos,) or None, the id that fills a row after its EOS)``; the fill is the pad id,
+    by default the (first) EOS id, as HF does."""
+    eos = None
+    if eos_token_id is not None:
+        eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        eos = torch.tensor(eos_list, dtype=torch.long, device=device)
+        if pad_token_id is None:
+            pad_token_id = eos_list[0]
+    fill = pad_token_id if pad_token_id is not None else 0  # unused without EOS: no row ends early
+    return eos, fill
+
+
+def _start(layout: InferenceLayout, graphs: DecodeGraphs | None, cuda_graphs: bool, ids: Tensor, mask: Tensor,
+           positions: Tensor, next_position: Tensor, R: int):
+    """Allocate the cache (eager) or prepare the static decode state (``graphs``), then run the prefill.
+
+    Returns ``(logits, cache, rope, static)``: the (B, V) float32 logits after the last prompt
+    token, the KV cache, the rotary tables (None without rotary) and the static state (None on the
+    eager path).
+    """
+    B, P = ids.shape
+    device = layout.device
     static = None
     if graphs is not None:
         # Before prefill: a first capture runs a warm-up step on the cache.
@@ -181,11 +227,19 @@ def generate(
         logits = prefill(layout, cache, ids, mask, positions, rope)  # (B, V) float32
     if static is not None:
         static.start(next_position)
+    return logits, cache, rope, static
 
-    unfinished = torch.ones(B, dtype=torch.bool, device=device)
+
+def _decode(layout: InferenceLayout, cache, rope, static, logits: Tensor, out: Tensor, logprobs: Tensor | None, *,
+            P: int, next_position: Tensor, eos: Tensor | None, fill: int, stop_check_every: int, do_sample: bool,
+            temperature: float, top_k: int, top_p: float, generator: torch.Generator | None) -> int:
+    """The decode loop from the prefill's ``logits``: writes the tokens into ``out`` (B, P + R) and their
+    log-probs into ``logprobs`` (B, R) in place; returns how many steps to keep (<= R)."""
+    B, R = out.shape[0], out.shape[1] - P
+    unfinished = torch.ones(B, dtype=torch.bool, device=layout.device)
     # Steps at whose start some row was unfinished: the real length when the stop check is late.
     late_check = eos is not None and stop_check_every > 1
-    live_steps = torch.zeros((), dtype=torch.long, device=device) if late_check else None
+    live_steps = torch.zeros((), dtype=torch.long, device=layout.device) if late_check else None
     lp_temperature = temperature if do_sample else 1.0
     steps = R
     for t in range(R):
@@ -217,7 +271,7 @@ def generate(
                 logits = static.run()[:B]  # (B, V); padding rows dropped
     if live_steps is not None:
         steps = int(live_steps)  # host sync, once: steps after every row finished are dropped
-    return GenerationOutput(out[:, : P + steps], None if logprobs is None else logprobs[:, :steps])
+    return steps
 
 
 def _prefill_backends(device: torch.device):

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..logprobs import ChunkRows, _prepare_targets, _upstream, run_from_hidden
+from .._logprobs_reference import ChunkRows, _prepare_targets, _upstream, run_from_hidden
 from ._common import block_for, cast_rtne, warps_for
 
 Tensor = torch.Tensor

@@ -1,0 +1,105 @@
+"""Stage 3 with preference optimisation (dpo, ipo, simpo, ...): ``algo.learn`` on batches of the RM pairs
+-> ``<out>/<algo>``."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from ..context import (
+    Context,
+    engine_config,
+    load_data,
+    require_stage_output,
+    save_stage,
+    seed_everything,
+    tokenized,
+    with_lora,
+)
+from ..evaluation import Evaluator, KeepBest, kept_message, verifier_reward
+from ..sampling import epoch_batches, steps_per_epoch
+
+__all__ = ["run_offline"]
+
+
+def _build_offline(ctx: Context, algo_cls, data, sft_dir, total: int):
+    """The policy (from the SFT model), the frozen reference (when the algorithm or the evaluation's KL needs
+    one) and the algorithm. Returns ``(algo, policy, reference, frozen engine config)``."""
+    from rlhf_hybrid import HybridEngine, all_reduce_mean, load_causal_lm
+
+    cfg, s = ctx.cfg, ctx.cfg.pref
+    policy = HybridEngine(with_lora(ctx, load_causal_lm(str(sft_dir)), "pref"),
+                          engine_config(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
+                                        warmup=s.warmup_steps, decay=total // s.grad_accum))
+    frozen = engine_config(cfg, lr=s.lr, batch=s.batch_size)
+    reference = HybridEngine(load_causal_lm(str(sft_dir)), frozen, trainable=False) if (
+        "reference" in algo_cls.required_models or data.verifier is not None) else None
+    algo = algo_cls(cfg.algorithm_config(), policy=policy,
+                    reference=reference if "reference" in algo_cls.required_models else None,
+                    reduce_metrics=all_reduce_mean)
+    return algo, policy, reference, frozen
+
+
+def _scorer(ctx: Context, data, tokenizer, frozen):
+    """What held-out answers are scored with: the verifier if the data has one, else the reward model if
+    stage 2 ran, else nothing. Returns ``(metric name, scorer or None)``."""
+    rm_dir = ctx.stage_dir("rm")
+    if data.verifier is not None:
+        return "verifier_score", verifier_reward(data, tokenizer)
+    if (rm_dir / "config.json").is_file():
+        from rlhf_algos import ModelReward
+        from rlhf_hybrid import HybridEngine, ValueModel
+
+        return "reward_model_score", ModelReward(
+            HybridEngine(ValueModel.from_pretrained(str(rm_dir)), frozen, trainable=False))
+    return "none", None
+
+
+def run_offline(ctx: Context) -> dict:
+    """Preference-optimisation epochs over the RM pairs, validated after every epoch (select=best keeps the best)."""
+    from rlhf_data import collate_pairs
+    from rlhf_hybrid import load_tokenizer
+
+    cfg, s = ctx.cfg, ctx.cfg.pref
+    algo_cls = cfg.algorithm()
+    name = algo_cls.name
+    seed_everything(cfg.seed + 3)
+    data = load_data(ctx)
+    sft_dir = require_stage_output(ctx, "sft", name)
+    tokenizer = load_tokenizer(str(sft_dir))
+    data_stats: dict = {}
+    train = tokenized(ctx, tokenizer, data.rm, "rm", "pairs", data_stats)
+    steps = steps_per_epoch(ctx, len(train), s.batch_size, "pref.batch_size", "preference pairs")
+    total = steps * s.epochs
+    algo, policy, reference, frozen = _build_offline(ctx, algo_cls, data, sft_dir, total)
+    metric, scorer = _scorer(ctx, data, tokenizer, frozen)
+    ev = Evaluator(ctx, tokenizer, data, policy, reference, scorer, metric)
+    data_stats |= ev.stats
+    before = ev.held_out("before")
+    keep = KeepBest(policy, scorer is not None and s.select == "best", ev.validate())
+    rng = random.Random(cfg.seed + 3)
+    pad = tokenizer.pad_token_id
+    t0 = time.perf_counter()
+    step = 0
+    with ctx.reporter.stage(name, total, ctx.out / f".{name}.metrics.jsonl") as rep:
+        rep.log({"stage": name, "step": 0, f"valid_{metric}": keep.score, **before})
+        for epoch in range(s.epochs):
+            for chunk in epoch_batches(ctx, train, s.batch_size, steps, rng):
+                m = algo.learn(collate_pairs(chunk, pad))
+                step += 1
+                rep.update(show={"epoch": epoch + 1, "loss": m["loss"], **({"acc": m["accuracy"]} if "accuracy" in m
+                                                                           else {})},
+                           log={"stage": name, "step": step, "epoch": epoch, **m})
+            valid = ev.validate()
+            rep.update(advance=0, show={"epoch": epoch + 1, "valid": valid},
+                       log={"stage": name, "step": step, "epoch": epoch, f"valid_{metric}": valid})
+            keep.offer(valid, epoch + 1)
+    wall = time.perf_counter() - t0
+    if keep.enabled:
+        keep.restore()
+        ctx.reporter.print(kept_message(name, "epoch", keep.at, metric, keep.score))
+    after = ev.held_out("after")
+    metrics = {**before, **after, "kl_to_ref": after["kl_to_ref_after"], "train_steps": step, "eval_metric": metric,
+               "selected_epoch": keep.at if keep.enabled else s.epochs, "algo": name, "data": data_stats}
+    save_stage(ctx, policy, name, tokenizer, metrics)
+    return metrics | {"wall_seconds": wall}

@@ -1,0 +1,149 @@
+"""Stage 3 with an online algorithm (ppo, grpo, rloo, ...): rollouts from the RL prompts, ``algo.learn``
+on each -> ``<out>/<algo>``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..context import (
+    Context,
+    engine_config,
+    load_data,
+    require_stage_output,
+    save_stage,
+    seed_everything,
+    tokenized,
+    with_lora,
+)
+from ..evaluation import Evaluator, KeepBest, eval_metric, kept_message, verifier_reward
+from ..sampling import prompt_batches
+
+__all__ = ["build_online", "progress_line", "reward_function", "run_online"]
+
+
+def reward_function(ctx: Context, data, tokenizer, rm_dir: Path | None, batch: int):
+    """The stage-3 reward: the frozen reward model, the data's verifier, or a registered function."""
+    from rlhf_algos import ModelReward, TextReward, get_reward
+    from rlhf_hybrid import HybridEngine, ValueModel
+
+    r = ctx.cfg.rl.reward
+    if r == "model":
+        return ModelReward(HybridEngine(ValueModel.from_pretrained(str(rm_dir)),
+                                        engine_config(ctx.cfg, lr=ctx.cfg.rl.critic_lr, batch=batch), trainable=False))
+    if r == "verifier":
+        return verifier_reward(data, tokenizer)
+    return TextReward(get_reward(r), tokenizer)
+
+
+def _monitor_fn(ctx: Context, data, tokenizer):
+    """What the rollouts are also scored with, only logged: the data's verifier when the stage trains on the
+    reward model (``rm_verifier_agreement``: is the policy hacking the reward model?), else None."""
+    if ctx.cfg.rl.reward != "model" or data.verifier is None:
+        return None
+    return verifier_reward(data, tokenizer)
+
+
+def build_online(ctx: Context, algo_cls, data, tokenizer, sft_dir: Path, rm_dir: Path | None):
+    """The online algorithm and its engines: the actor, the frozen reference, the reward, the critic when
+    the algorithm has one (from the reward model, DeepSpeed-Chat's choice, else the SFT model), the monitor.
+
+    Returns:
+        ``(algo, actor, reference, reward_fn)``.
+    """
+    from rlhf_hybrid import HybridEngine, ValueModel, all_reduce_mean, load_causal_lm
+
+    cfg, p = ctx.cfg, ctx.cfg.rl
+    engine = engine_config(cfg, lr=p.actor_lr, batch=p.micro_batch_size)
+    actor = HybridEngine(with_lora(ctx, load_causal_lm(str(sft_dir)), "rl"), engine)
+    reference = HybridEngine(load_causal_lm(str(sft_dir)), engine, trainable=False)
+    reward_fn = reward_function(ctx, data, tokenizer, rm_dir, p.micro_batch_size)
+    critic = None
+    if "critic" in algo_cls.required_models:
+        critic = HybridEngine(ValueModel.from_pretrained(str(rm_dir or sft_dir)),
+                              engine_config(cfg, lr=p.critic_lr, batch=p.micro_batch_size))
+    monitor_fn = _monitor_fn(ctx, data, tokenizer)
+    algo = algo_cls(cfg.algorithm_config(), actor=actor, reference=reference, critic=critic, reward_fn=reward_fn,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    reduce_metrics=all_reduce_mean, seed=cfg.seed + ctx.rank,
+                    **({"monitor_fn": monitor_fn} if monitor_fn is not None else {}))
+    return algo, actor, reference, reward_fn
+
+
+def progress_line(row: dict, valid: float) -> dict:
+    """The progress line of an online iteration: reward, KL, validation score, the reward model's agreement
+    with the verifier on the rollout (when measured) and the sampling/training mismatch."""
+    show = {"reward": row["reward_mean"], "kl": row["kl_to_ref"], "valid": valid}
+    if row.get("rm_verifier_agreement") is not None:
+        show["agree"] = row["rm_verifier_agreement"]
+    if row.get("gen_kl_error") is not None:
+        show["gen_kl"] = row["gen_kl_error"]
+    return show
+
+
+def _iteration(ctx: Context, it: int, algo, actor, prompts: list[dict], pad_id: int, ev: Evaluator,
+               keep: KeepBest, health) -> dict:
+    """One iteration's metrics row: a rollout, ``algo.learn`` on it, validation when due, health warnings."""
+    from rich.markup import escape
+    from rlhf_data import collate_prompts
+
+    p, name = ctx.cfg.rl, algo.name
+    b = collate_prompts(prompts, pad_id)
+    exp = algo.generate_experience(b["input_ids"], b["attention_mask"], b["meta"])
+    row = {"stage": name, "iteration": it, **algo.learn(exp), **actor.timings}
+    if it % p.eval_every == 0 or it == p.iterations:
+        valid = ev.validate()
+        row[f"valid_{ev.metric}"] = valid
+        keep.offer(valid, it)
+    row["warnings"] = health.update(row)  # the same on every rank: the metrics are averaged
+    for w in row["warnings"]:
+        ctx.reporter.print(f"[yellow]{name}: warning:[/] {escape(w)}", highlight=False)
+    return row
+
+
+def run_online(ctx: Context) -> dict:
+    """The online recipe, top to bottom; the rollout and learning math are the algorithm's."""
+    from rlhf_algos import HealthMonitor
+    from rlhf_hybrid import load_tokenizer
+
+    cfg, p = ctx.cfg, ctx.cfg.rl
+    algo_cls = cfg.algorithm()
+    name = algo_cls.name
+    # 1. Seed the global RNG (generation samples from it), differently per rank: ranks sample different responses.
+    seed_everything(cfg.seed + 2 + 1000 * ctx.rank)
+    # 2. Inputs: the data, the SFT model and (rl.reward=model) the reward model, checked before any work.
+    data = load_data(ctx)
+    sft_dir = require_stage_output(ctx, "sft", name)
+    rm_dir = require_stage_output(ctx, "rm", name) if p.reward == "model" else None
+    tokenizer = load_tokenizer(str(sft_dir))
+    # 3. The algorithm and its engines: actor, frozen reference, reward, critic (when it has one), monitor.
+    algo, actor, reference, reward_fn = build_online(ctx, algo_cls, data, tokenizer, sft_dir, rm_dir)
+    # 4. Prompts: an endless, seeded stream of this rank's share of the RL prompts.
+    data_stats: dict = {}
+    rl_prompts = tokenized(ctx, tokenizer, data.rl, "rl", "rl", data_stats)
+    batches = prompt_batches(ctx, rl_prompts, p.rollout_batch_size, cfg.seed + 7)
+    # 5. Evaluation: the starting model's held-out scores; its validation score is the one to beat.
+    metric, scorer = eval_metric(data, reward_fn, p.reward)
+    ev = Evaluator(ctx, tokenizer, data, actor, reference, scorer or verifier_reward(data, tokenizer), metric)
+    data_stats |= ev.stats
+    before = ev.held_out("before")
+    keep = KeepBest(actor, p.select == "best", ev.validate())
+    health = HealthMonitor(p.health_thresholds())
+    # 6. Iterations: rollout -> learn -> validate every rl.eval_every (keep the best) -> health warnings.
+    t0 = time.perf_counter()
+    with ctx.reporter.stage(name, p.iterations, ctx.out / f".{name}.metrics.jsonl") as rep:
+        rep.log({"stage": name, "iteration": 0, f"valid_{metric}": keep.score, **before})
+        for it in range(1, p.iterations + 1):
+            row = _iteration(ctx, it, algo, actor, next(batches), tokenizer.pad_token_id, ev, keep, health)
+            rep.update(show=progress_line(row, row.get(f"valid_{metric}", keep.score)), log=row)
+    wall = time.perf_counter() - t0
+    # 7. The kept weights (select=best) or the last ones, scored on the held-out prompts, then saved.
+    if keep.enabled:
+        keep.restore()
+        ctx.reporter.print(kept_message(name, "iteration", keep.at, metric, keep.score))
+    after = ev.held_out("after")
+    metrics = {**before, **after, "kl_to_ref": after["kl_to_ref_after"],
+               "selected_iteration": keep.at if keep.enabled else p.iterations, "reward": p.reward,
+               "eval_metric": metric, "algo": name, "data": data_stats}
+    save_stage(ctx, actor, name, tokenizer, metrics)
+    return metrics | {"wall_seconds": wall}

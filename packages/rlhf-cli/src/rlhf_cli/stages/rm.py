@@ -1,0 +1,72 @@
+"""Stage 2: the reward model (``rlhf_algos.RM``, or a plugin registered as ``rm``) -> ``<out>/rm``."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from ..context import (
+    Context,
+    PipelineError,
+    engine_config,
+    load_data,
+    require_stage_output,
+    save_stage,
+    seed_everything,
+    tokenized,
+)
+from ..sampling import epoch_batches, steps_per_epoch
+
+
+def run_rm(ctx: Context) -> dict:
+    """Reward-model epochs over the RM pairs, held-out pairwise accuracy before, after every epoch and at the end.
+
+    The model is the SFT model's backbone (or model.reward_model's) with a fresh value head.
+    """
+    from rlhf_algos import get_algorithm
+    from rlhf_data import collate_pairs
+    from rlhf_hybrid import HybridEngine, ValueModel, load_tokenizer
+
+    cfg, s = ctx.cfg, ctx.cfg.rm
+    seed_everything(cfg.seed + 1)
+    data = load_data(ctx)
+    sft_dir = require_stage_output(ctx, "sft", "rm")
+    tokenizer = load_tokenizer(str(sft_dir))
+    base = cfg.model.reward_model or str(sft_dir)
+    model = ValueModel.from_pretrained(base)
+    if len(tokenizer) > model.config.vocab_size:
+        raise PipelineError(f"model.reward_model: {base!r} has vocab_size {model.config.vocab_size} but the actor's "
+                            f"tokenizer has {len(tokenizer)} tokens; the reward model must share the actor's tokenizer")
+    data_stats: dict = {}
+    train = tokenized(ctx, tokenizer, data.rm, "rm", "rm", data_stats)
+    heldout = tokenized(ctx, tokenizer, data.rm_eval, "rm", "rm held-out", data_stats)
+    steps = steps_per_epoch(ctx, len(train), s.batch_size, "rm.batch_size", "preference pairs")
+    total = steps * s.epochs
+    engine = HybridEngine(model, engine_config(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
+                                               warmup=s.warmup_steps, decay=total // s.grad_accum))
+    rm_cls = get_algorithm("rm")
+    rm = rm_cls(rm_cls.config_class(center_coef=s.center_coef), model=engine)
+    pad = tokenizer.pad_token_id
+    before = rm.evaluate(heldout, pad)
+    rng = random.Random(cfg.seed + 1)
+    t0 = time.perf_counter()
+    step = 0
+    with ctx.reporter.stage("rm", total, ctx.out / ".rm.metrics.jsonl") as rep:
+        rep.log({"stage": "rm", "step": 0, **{f"heldout_{k}": v for k, v in before.items()}})
+        for epoch in range(s.epochs):
+            for chunk in epoch_batches(ctx, train, s.batch_size, steps, rng):
+                m = rm.learn(collate_pairs(chunk, pad))  # loss, train_accuracy, margin
+                step += 1
+                rep.update(show={"epoch": epoch + 1, "loss": m["loss"], "acc": m["train_accuracy"]},
+                           log={"stage": "rm", "step": step, **m})
+            acc = rm.evaluate(heldout, pad)
+            rep.update(advance=0, show={"epoch": epoch + 1, "heldout_acc": acc["accuracy"]},
+                       log={"stage": "rm", "step": step, **{f"heldout_{k}": v for k, v in acc.items()}})
+    after = rm.evaluate(heldout, pad)
+    wall = time.perf_counter() - t0
+    metrics = {"heldout_accuracy": after["accuracy"], "heldout_accuracy_before": before["accuracy"],
+               "heldout_accuracy_noisy_labels": after["accuracy_noisy_labels"], "train_steps": step,
+               "data": data_stats}
+    save_stage(ctx, engine, "rm", tokenizer, metrics)
+    del engine, rm
+    return metrics | {"wall_seconds": wall}

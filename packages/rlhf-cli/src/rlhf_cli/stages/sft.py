@@ -1,0 +1,95 @@
+"""Stage 1: supervised fine-tuning (``rlhf_algos.SFT``, or a plugin registered as ``sft``) -> ``<out>/sft``."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from ..context import (
+    Context,
+    PipelineError,
+    engine_config,
+    load_data,
+    save_stage,
+    seed_everything,
+    tokenized,
+    with_lora,
+)
+from ..sampling import epoch_batches, steps_per_epoch
+
+
+def _starting_model(ctx: Context, data):
+    """The tokenizer and causal LM SFT starts from: model.actor_model, else the demo's tiny Llama with a
+    tokenizer trained on the data (its weights are drawn from the seeded global RNG)."""
+    from rlhf_data import train_demo_tokenizer
+    from rlhf_hybrid import load_causal_lm, load_tokenizer, tiny_llama_config
+
+    cfg = ctx.cfg
+    if cfg.model.actor_model:
+        tokenizer = load_tokenizer(cfg.model.actor_model)
+        model = load_causal_lm(cfg.model.actor_model)
+    else:
+        from transformers import LlamaForCausalLM
+
+        from ..data_report import tiny_vocab_size
+
+        m = cfg.model
+        tokenizer = train_demo_tokenizer(data.corpus, vocab_size=tiny_vocab_size(cfg))
+        model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
+                                                   num_heads=m.num_heads, intermediate_size=m.intermediate_size,
+                                                   pad_token_id=tokenizer.pad_token_id,
+                                                   eos_token_id=tokenizer.eos_token_id))
+    if len(tokenizer) > model.config.vocab_size:
+        raise PipelineError(f"model.actor_model: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                            f"{model.config.vocab_size}")
+    return tokenizer, model
+
+
+def run_sft(ctx: Context) -> dict:
+    """SFT epochs over the SFT split, the held-out loss before, after every epoch and at the end."""
+    from rlhf_algos import get_algorithm
+    from rlhf_data import pack_sft
+    from rlhf_hybrid import HybridEngine
+
+    cfg, s = ctx.cfg, ctx.cfg.sft
+    seed_everything(cfg.seed)
+    data = load_data(ctx)
+    tokenizer, model = _starting_model(ctx, data)
+    data_stats: dict = {}
+    train = tokenized(ctx, tokenizer, data.sft, "sft", "sft", data_stats)
+    evals = tokenized(ctx, tokenizer, data.sft_eval, "sft", "sft held-out", data_stats)
+    if s.packing:
+        n = len(train)
+        train = pack_sft(train, max(len(e["input_ids"]) for e in train) if train else 1)
+        ctx.reporter.print(f"sft: packed {n} samples into {len(train)} rows")
+    rng = random.Random(cfg.seed)
+    steps = steps_per_epoch(ctx, len(train), s.batch_size, "sft.batch_size", "SFT rows" if s.packing else "SFT samples")
+    total = steps * s.epochs
+    decay = total // s.grad_accum if s.lr_schedule == "cosine" else 0
+    engine = HybridEngine(with_lora(ctx, model, "sft"),
+                          engine_config(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
+                                        warmup=s.warmup_steps, decay=decay, weight_decay=s.weight_decay))
+    sft_cls = get_algorithm("sft")
+    sft = sft_cls(sft_cls.config_class(mask_prompt=s.mask_prompt, packing=s.packing), policy=engine)
+    pad = tokenizer.pad_token_id
+    loss_before = sft.evaluate(evals, pad)
+    t0 = time.perf_counter()
+    step = 0
+    with ctx.reporter.stage("sft", total, ctx.out / ".sft.metrics.jsonl") as rep:
+        rep.log({"stage": "sft", "step": 0, "eval_loss": loss_before})
+        for epoch in range(s.epochs):
+            for chunk in epoch_batches(ctx, train, s.batch_size, steps, rng):
+                loss = sft.learn(sft.collate(chunk, pad))["loss"]
+                step += 1
+                rep.update(show={"epoch": epoch + 1, "loss": loss},
+                           log={"stage": "sft", "step": step, "epoch": epoch, "loss": loss})
+            eval_loss = sft.evaluate(evals, pad)
+            rep.update(advance=0, show={"epoch": epoch + 1, "eval_loss": eval_loss},
+                       log={"stage": "sft", "step": step, "epoch": epoch, "eval_loss": eval_loss})
+    loss_after = sft.evaluate(evals, pad)
+    wall = time.perf_counter() - t0
+    metrics = {"eval_loss_before": loss_before, "eval_loss_after": loss_after, "train_steps": step,
+               "data": data_stats}
+    save_stage(ctx, engine, "sft", tokenizer, metrics)
+    del engine, sft
+    return metrics | {"wall_seconds": wall}
