@@ -248,7 +248,7 @@ def algos_show(name: str = typer.Argument(..., help="A name from `rlhf algos lis
 
     from rlhf_algos import get_algorithm
 
-    from .config import field_docs
+    from .config import RLSection, field_help
 
     try:
         cls = get_algorithm(name)
@@ -257,25 +257,15 @@ def algos_show(name: str = typer.Argument(..., help="A name from `rlhf algos lis
     typer.echo(f"{name}: {cls.description}")
     typer.echo(f"kind={cls.kind}  data={cls.data_kind}  models={','.join(cls.required_models)}  "
                f"({cls.__module__}:{cls.__qualname__})")
-    shared = {"micro_batch_size": "rl.micro_batch_size", "ppo_epochs": "rl.epochs",
-              "max_new_tokens": "rl.max_new_tokens", "temperature": "rl.temperature"} if cls.kind == "online" else {}
-    hints = typing.get_type_hints(cls.config_class)
-    docs = {}
-    for klass in reversed(cls.config_class.__mro__):  # subclasses document their own fields
-        if dataclasses.is_dataclass(klass):
-            docs.update(field_docs(klass))
-    from .config import RLSection
-
-    default, rl = cls.config_class(), RLSection()
+    hints, docs = typing.get_type_hints(cls.config_class), field_help(cls.config_class)
+    default, rl, shared = cls.config_class(), RLSection(), RLSection.shared_with(cls)
     for f in dataclasses.fields(cls.config_class):
         t = getattr(hints[f.name], "__name__", str(hints[f.name]))
-        doc = f.metadata.get("help") or docs.get(f.name, "")
         if f.name in shared:  # set by the run's rl.* keys, whatever the class default
-            key = shared[f.name]
-            value = getattr(rl, key.split(".")[1])
+            key, value = f"rl.{shared[f.name]}", getattr(rl, shared[f.name])
         else:
             key, value = f"algo.{f.name}", getattr(default, f.name)
-        typer.echo(f"{key} ({t}, default {value!r}): {doc}")
+        typer.echo(f"{key} ({t}, default {value!r}): {docs.get(f.name, '')}")
 
 
 @data_app.command("sources", help="Every data source registered under the entry-point group rlhf.data.sources.")
