@@ -94,16 +94,7 @@ def run(
     nproc: int = typer.Option(None, "--nproc", help="Processes on this machine (>1 relaunches under torchrun)."),
     seed: int = typer.Option(None, "--seed", help="Global seed."),
 ) -> None:
-    if stage not in STAGE_CHOICES:
-        from rlhf_algos import available_algorithms
-
-        algos = available_algorithms()
-        if stage not in algos:
-            _fail(f"--stage: {stage!r} is not a stage; allowed: {', '.join(STAGE_CHOICES)} or an algorithm: "
-                  f"{', '.join(sorted(algos))}")
-        if algo is not None and algo != stage:
-            _fail(f"--algo: {algo!r} contradicts --stage {stage}; give one of them")
-        algo = stage
+    algo = _stage_algorithm(stage, algo)
     try:
         cfg = load_config(str(config) if config else None, overrides or [], out=out, seed=seed,
                           **{"model.actor_model": actor_model, "model.reward_model": reward_model,
@@ -122,6 +113,26 @@ def run(
     if cfg.deepspeed.nproc > 1 and "RANK" not in os.environ:
         _relaunch(cfg.deepspeed.nproc)
         return
+    _run_stages(cfg, stage)
+
+
+def _stage_algorithm(stage: str, algo: str | None) -> str | None:
+    """The algorithm ``--stage``/``--algo`` name (``--stage ppo`` = ``--algo ppo``); None: the config's."""
+    if stage in STAGE_CHOICES:
+        return algo
+    from rlhf_algos import available_algorithms
+
+    algos = available_algorithms()
+    if stage not in algos:
+        _fail(f"--stage: {stage!r} is not a stage; allowed: {', '.join(STAGE_CHOICES)} or an algorithm: "
+              f"{', '.join(sorted(algos))}")
+    if algo is not None and algo != stage:
+        _fail(f"--algo: {algo!r} contradicts --stage {stage}; give one of them")
+    return stage
+
+
+def _run_stages(cfg, stage: str) -> None:
+    """Run ``stage`` ("all", "sft", ...) of ``cfg`` in this process (one rank under torchrun)."""
     _quiet_libraries()
     from rlhf_hybrid import init_distributed
 
@@ -370,6 +381,13 @@ def bench_generate(
                        device, torch_dtype, " ".join(sys.argv))
     if train_methods:
         bench.run_train(report, shapes, train_batch, train_seq_len, train_methods, device, torch_dtype)
+    _print_generate_tables(report, train_batch, train_seq_len)
+    if out:
+        out.write_text(bench.to_json(report))
+
+
+def _print_generate_tables(report, train_batch: int, train_seq_len: int) -> None:
+    """The `rlhf bench generate` report as rich tables: generation, then train mode (when measured)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -392,8 +410,6 @@ def bench_generate(
         for r in report.train_rows:
             t.add_row(r.shape, r.method, f(r.ms_per_step, ".1f"), f(r.peak_mem_gib, ".2f"), f(r.ratio_vs_plain, ".2f"))
         Console().print(t)
-    if out:
-        out.write_text(bench.to_json(report))
 
 
 @bench_app.command(
