@@ -43,15 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
 
-_CLI_SPLIT = "rlhf-cli: being split on another branch"
 # "path" for a module, "path::Qualified.name" for a function (paths relative to the root, "/"-separated).
-# (pipeline.py and its run_sft / run_offline were fixed by the split into rlhf_cli/stages/ and left.)
-PENDING: dict[str, str] = {
-    "packages/rlhf-cli/src/rlhf_cli/app.py::run": _CLI_SPLIT,
-    "packages/rlhf-cli/src/rlhf_cli/app.py::bench_generate": _CLI_SPLIT,
-    "packages/rlhf-cli/src/rlhf_cli/config.py": _CLI_SPLIT,
-    "packages/rlhf-cli/src/rlhf_cli/config.py::RunConfig.__post_init__": _CLI_SPLIT,
-}
+# Empty: the rlhf-cli split (pipeline.py into stages/, config.py into config_sections.py, app.py's run
+# and bench_generate) fixed the last entries.
+PENDING: dict[str, str] = {}
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 import yaml
-from rlhf_cli.config import RunConfig, all_keys, field_docs
+from rlhf_cli.config import RunConfig, all_keys, field_help
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "| key | type | default | meaning |"
@@ -35,12 +35,12 @@ def _yaml_value(v: object) -> str:
 
 def demo_yaml_body() -> str:
     """Every section and key of RunConfig with its default and its help as a comment."""
-    cfg, docs, out = RunConfig(), field_docs(RunConfig), []
+    cfg, docs, out = RunConfig(), field_help(RunConfig), []
     for f in dataclasses.fields(RunConfig):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
             out += ["", f"{f.name}:"]
-            section_docs = field_docs(type(v))
+            section_docs = field_help(type(v))
             for g in dataclasses.fields(v):
                 if g.metadata.get("dynamic"):
                     continue  # algo.<field>: documented by `rlhf algos show`

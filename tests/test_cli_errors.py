@@ -66,6 +66,15 @@ def test_unknown_key_in_yaml(rlhf, tmp_path) -> None:
     assert_names(line, "unknown config key 'sft.epochz'", "sft.epochs")
 
 
+@pytest.mark.parametrize(
+    ("key", "suggestion"),
+    [("sft.epoch=3", "sft.epochs"), ("rm.lr_rate=1e-4", "rm.lr"), ("rml.lr=1", "rm.lr"), ("algo.kl_coeff=0.1", "algo.kl_coef")],
+)
+def test_unknown_key_suggests_the_closest(rlhf, tmp_path, key: str, suggestion: str) -> None:
+    line = the_error(rlhf(["run", key, "--out", tmp_path / "o"]))
+    assert_names(line, repr(key.partition("=")[0].removeprefix("algo.")), f"did you mean {suggestion}")
+
+
 def test_malformed_yaml(rlhf, tmp_path) -> None:
     cfg = tmp_path / "broken.yaml"
     cfg.write_text("sft: [1, 2\n")

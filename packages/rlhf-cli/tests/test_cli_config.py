@@ -117,6 +117,10 @@ def test_empty_yaml_is_the_defaults(tmp_path) -> None:
         (["lora.targets=q_proj,v-proj"], ["lora.targets", "'q_proj,v-proj'", "comma-separated", "layer"]),
         (["lora.targets="], ["lora.targets", "''", "comma-separated"]),
         (["lora.stages=sft,rm"], ["lora.stages", "'sft,rm'", "'sft'", "'rl'", "'pref'"]),
+        (["sft.lr=nan"], ["sft.lr", "> 0", "nan"]),  # nan passed the old '<= 0' test
+        (["rl.temperature=nan"], ["rl.temperature", "> 0", "nan"]),
+        (["lora.alpha=nan"], ["lora.alpha", "> 0", "nan"]),
+        (["algo.name=dpo", "algo.temperature=1"], ["'dpo' has no setting 'temperature'; its settings: beta ("]),
     ],
 )
 def test_errors_name_key_value_and_allowed(items: list[str], needles: list[str]) -> None:
@@ -200,3 +204,64 @@ def test_stage_one_and_two_settings_build_the_registered_algorithms_configs() ->
     assert SFTConfig(mask_prompt=cfg.sft.mask_prompt, packing=cfg.sft.packing) == SFTConfig(mask_prompt=False,
                                                                                          packing=True)
     assert RMConfig(center_coef=cfg.rm.center_coef).center_coef == 0.5
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("sft.epoch", "(did you mean sft.epochs?)"),  # a known section: its closest names
+        ("rm.lr_rate", "(did you mean rm.lr?)"),  # a name that extends a real one
+        ("rml.lr", "(did you mean rm.lr, sft.lr, pref.lr?)"),  # a right name under a wrong section
+        ("ppo.epochs", "(did you mean sft.epochs, rm.epochs, rl.epochs, pref.epochs?)"),
+        ("data.source", "(did you mean data.sources?)"),
+        ("epochz", "(did you mean sft.epochs, rm.epochs, rl.epochs, pref.epochs?)"),
+        ("sft", "(sft is a section: set sft.<field>, e.g. sft.epochs)"),
+        ("algo.kl_coeff", "(did you mean algo.kl_coef?)"),
+        ("algo.nmae", "(did you mean algo.name?)"),
+    ],
+)
+def test_unknown_keys_suggest_the_closest(key: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{key}=1"])
+    assert hint in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("key", ["bogus.key", "algo.bogus"])
+def test_nothing_close_no_suggestion(key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"{key}=1"])
+    assert "did you mean" not in str(e.value)
+
+
+def test_each_section_validates_itself() -> None:
+    from rlhf_cli.config import DataSection, DeepSpeedSection, LoRASection, RLSection, SFTSection
+
+    cases = [(SFTSection, {"epochs": 0}, "sft.epochs: must be >= 1, got 0"),
+             (DeepSpeedSection, {"offload_optimizer": True}, "deepspeed.offload_optimizer: needs"),
+             (DataSection, {"eval_fraction": 1.0}, "data.eval_fraction: must be in [0, 1)"),
+             (RLSection, {"health_window": 1}, "rl.health_window:"),
+             (LoRASection, {"stages": "rm"}, "lora.stages: 'rm' is not allowed")]
+    for section, kwargs, message in cases:
+        with pytest.raises(ConfigError) as e:
+            section(**kwargs)  # without a RunConfig around it
+        assert str(e.value).startswith(message), str(e.value)
+
+
+def test_sections_are_named_by_their_run_config_field() -> None:
+    from rlhf_cli.config_sections import Section
+
+    for f in dataclasses.fields(RunConfig):
+        if isinstance(f.default_factory, type) and issubclass(f.default_factory, Section):
+            assert f.default_factory.section == f.name
+
+
+def test_one_documentation_mechanism_with_the_algorithm_configs() -> None:
+    # config sections and rlhf_algos' algorithm configs both document a field by option(default, help)
+    from rlhf_algos import PPOConfig
+    from rlhf_algos.base import option as algos_option
+    from rlhf_cli.config import field_help, option
+
+    assert option(1, "x").metadata == algos_option(1, "x").metadata
+    assert field_help(PPOConfig)["kl_coef"].startswith("beta")
+    for section in (f.default_factory for f in dataclasses.fields(RunConfig) if f.default_factory is not dataclasses.MISSING):
+        assert set(field_help(section)) == {f.name for f in dataclasses.fields(section)} - {"options"}

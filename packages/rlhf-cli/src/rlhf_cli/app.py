@@ -94,16 +94,7 @@ def run(
     nproc: int = typer.Option(None, "--nproc", help="Processes on this machine (>1 relaunches under torchrun)."),
     seed: int = typer.Option(None, "--seed", help="Global seed."),
 ) -> None:
-    if stage not in STAGE_CHOICES:
-        from rlhf_algos import available_algorithms
-
-        algos = available_algorithms()
-        if stage not in algos:
-            _fail(f"--stage: {stage!r} is not a stage; allowed: {', '.join(STAGE_CHOICES)} or an algorithm: "
-                  f"{', '.join(sorted(algos))}")
-        if algo is not None and algo != stage:
-            _fail(f"--algo: {algo!r} contradicts --stage {stage}; give one of them")
-        algo = stage
+    algo = _stage_algorithm(stage, algo)
     try:
         cfg = load_config(str(config) if config else None, overrides or [], out=out, seed=seed,
                           **{"model.actor_model": actor_model, "model.reward_model": reward_model,
@@ -122,6 +113,26 @@ def run(
     if cfg.deepspeed.nproc > 1 and "RANK" not in os.environ:
         _relaunch(cfg.deepspeed.nproc)
         return
+    _run_stages(cfg, stage)
+
+
+def _stage_algorithm(stage: str, algo: str | None) -> str | None:
+    """The algorithm ``--stage``/``--algo`` name (``--stage ppo`` = ``--algo ppo``); None: the config's."""
+    if stage in STAGE_CHOICES:
+        return algo
+    from rlhf_algos import available_algorithms
+
+    algos = available_algorithms()
+    if stage not in algos:
+        _fail(f"--stage: {stage!r} is not a stage; allowed: {', '.join(STAGE_CHOICES)} or an algorithm: "
+              f"{', '.join(sorted(algos))}")
+    if algo is not None and algo != stage:
+        _fail(f"--algo: {algo!r} contradicts --stage {stage}; give one of them")
+    return stage
+
+
+def _run_stages(cfg, stage: str) -> None:
+    """Run ``stage`` ("all", "sft", ...) of ``cfg`` in this process (one rank under torchrun)."""
     _quiet_libraries()
     from rlhf_hybrid import init_distributed
 
@@ -248,7 +259,7 @@ def algos_show(name: str = typer.Argument(..., help="A name from `rlhf algos lis
 
     from rlhf_algos import get_algorithm
 
-    from .config import field_docs
+    from .config import RLSection, RunConfig, field_help
 
     try:
         cls = get_algorithm(name)
@@ -257,29 +268,19 @@ def algos_show(name: str = typer.Argument(..., help="A name from `rlhf algos lis
     typer.echo(f"{name}: {cls.description}")
     typer.echo(f"kind={cls.kind}  data={cls.data_kind}  models={','.join(cls.required_models)}  "
                f"({cls.__module__}:{cls.__qualname__})")
-    shared = {"micro_batch_size": "rl.micro_batch_size", "ppo_epochs": "rl.epochs",
-              "max_new_tokens": "rl.max_new_tokens", "temperature": "rl.temperature"} if cls.kind == "online" else {}
+    hints, docs = typing.get_type_hints(cls.config_class), field_help(cls.config_class)
+    default, rl, shared = cls.config_class(), RLSection(), RLSection.shared_with(cls)
     # stages 1 and 2 (sft, rm) take their settings from their own config sections, sft.* and rm.*
     prefix = "algo" if cls.kind in ("online", "offline") else cls.config_class.section
-    hints = typing.get_type_hints(cls.config_class)
-    docs = {}
-    for klass in reversed(cls.config_class.__mro__):  # subclasses document their own fields
-        if dataclasses.is_dataclass(klass):
-            docs.update(field_docs(klass))
-    from .config import RLSection, RunConfig
-
-    default, rl = cls.config_class(), RLSection()
     section = {f.name: f for f in dataclasses.fields(RunConfig)}.get(prefix) if prefix != "algo" else None
     run_default = section.default_factory() if section is not None else None  # sft.* / rm.*: the run's defaults
     for f in dataclasses.fields(cls.config_class):
         t = getattr(hints[f.name], "__name__", str(hints[f.name]))
-        doc = f.metadata.get("help") or docs.get(f.name, "")
         if f.name in shared:  # set by the run's rl.* keys, whatever the class default
-            key = shared[f.name]
-            value = getattr(rl, key.split(".")[1])
+            key, value = f"rl.{shared[f.name]}", getattr(rl, shared[f.name])
         else:
             key, value = f"{prefix}.{f.name}", getattr(run_default, f.name, getattr(default, f.name))
-        typer.echo(f"{key} ({t}, default {value!r}): {doc}")
+        typer.echo(f"{key} ({t}, default {value!r}): {docs.get(f.name, '')}")
 
 
 @data_app.command("sources", help="Every data source registered under the entry-point group rlhf.data.sources.")
@@ -384,6 +385,13 @@ def bench_generate(
                        device, torch_dtype, " ".join(sys.argv))
     if train_methods:
         bench.run_train(report, shapes, train_batch, train_seq_len, train_methods, device, torch_dtype)
+    _print_generate_tables(report, train_batch, train_seq_len)
+    if out:
+        out.write_text(bench.to_json(report))
+
+
+def _print_generate_tables(report, train_batch: int, train_seq_len: int) -> None:
+    """The `rlhf bench generate` report as rich tables: generation, then train mode (when measured)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -406,8 +414,6 @@ def bench_generate(
         for r in report.train_rows:
             t.add_row(r.shape, r.method, f(r.ms_per_step, ".1f"), f(r.peak_mem_gib, ".2f"), f(r.ratio_vs_plain, ".2f"))
         Console().print(t)
-    if out:
-        out.write_text(bench.to_json(report))
 
 
 @bench_app.command(
