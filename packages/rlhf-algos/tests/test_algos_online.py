@@ -21,6 +21,7 @@ from rlhf_algos import (
     RLOO,
     DrGRPO,
     DrGRPOConfig,
+    Experience,
     GRPOConfig,
     OnlineAlgorithm,
     PPOConfig,
@@ -119,7 +120,7 @@ def test_ppo_with_default_options_is_bit_identical_to_the_recipe_replayed_with_p
     for a, b in zip(critic.module.parameters(), critic_b.module.parameters(), strict=True):
         assert torch.equal(a, b)
     assert set(metrics) == {"policy_loss", "value_loss", "clip_frac", "approx_kl", "value_clip_frac", "entropy",
-                            "reward_mean", "reward_std", "kl_to_ref", "response_length", "advantage_mean",
+                            "reward_mean", "reward_std", "kl_to_ref", "kl_penalty", "response_length", "advantage_mean",
                             "advantage_std", "return_mean", "value_mean", "explained_variance", "gen_kl_error",
                             "gen_logprob_gap_max"}
 
@@ -262,6 +263,23 @@ def test_kl_loss_ignores_padding_garbage() -> None:
     assert torch.isfinite(lp.grad).all()
     assert_close(lp.grad, torch.tensor([[1.0, 0.0]]))
     assert_close(kl_penalty(torch.tensor(-1.0), torch.tensor(-2.0), "k2"), torch.tensor(0.5))
+
+
+def test_logged_kl_to_ref_is_k3_never_negative_and_the_penalty_is_logged_beside_it() -> None:
+    # One sequence, two response tokens and one pad (garbage there): log-ratios -0.5 and +0.1.
+    # k1 summed: -0.4 (negative: never to be logged as "KL"); k3 summed, by hand:
+    # (e^0.5 - 1 - 0.5) + (e^-0.1 - 1 + 0.1) = 0.148721 + 0.004837 = 0.153559
+    algo = build(PPO, PPOConfig(), TinyPolicy(V), FirstTokenReward(3))
+    lp, ref, m = torch.tensor([[-1.5, -1.0, math.inf]]), torch.tensor([[-1.0, -1.1, math.nan]]), torch.tensor([[1.0, 1.0, 0.0]])
+    kl = torch.where(m != 0, lp - ref, torch.zeros_like(lp))  # what PPO's k1 penalty holds
+    zeros = torch.zeros_like(lp)
+    exp = Experience(sequences=torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 5), prompt_len=2,
+                     response_mask=m, logprobs=lp, ref_logprobs=ref, values=zeros, scores=torch.zeros(1),
+                     rewards=zeros, kl=kl, advantages=zeros, returns=zeros)
+    metrics = algo.rollout_metrics(exp)
+    assert metrics["kl_to_ref"].item() == pytest.approx(math.exp(0.5) - 1.5 + math.exp(-0.1) - 0.9, abs=1e-6)
+    assert metrics["kl_to_ref"].item() == pytest.approx(0.153559, abs=1e-6)
+    assert metrics["kl_penalty"].item() == pytest.approx(-0.4, abs=1e-6)
 
 
 def test_reward_norm_batch_whitens_the_scores_before_advantages() -> None:

@@ -293,11 +293,8 @@ class OnlineAlgorithm(Algorithm):
         With k3 this is GRPO's in-loss KL (Shao et al. 2024, eq. 4).
         """
         c = self.config
-        valid = mask != 0
         # Zero padding before the non-linear estimator: garbage there must not reach a gradient.
-        logprobs = torch.where(valid, logprobs, torch.zeros_like(logprobs))
-        ref_logprobs = torch.where(valid, ref_logprobs.detach(), torch.zeros_like(logprobs))
-        kl = F.kl_penalty(logprobs, ref_logprobs, c.kl_estimator)  # (n, R)
+        kl = F.kl_penalty(*_zero_padding(mask, logprobs, ref_logprobs.detach()), c.kl_estimator)  # (n, R)
         return F.aggregate_loss(kl, mask, c.loss_agg, norm_len=c.max_new_tokens)
 
     def critic_step(self, mb: Experience, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -310,7 +307,10 @@ class OnlineAlgorithm(Algorithm):
         out = {
             "reward_mean": exp.scores.mean(),
             "reward_std": exp.scores.std() if exp.scores.numel() > 1 else torch.zeros(()),
-            "kl_to_ref": (exp.kl * m).sum(dim=1).mean(),  # per sequence, estimator of the config
+            # per sequence: the k3 estimate (never negative; the one every logged "kl_to_ref" uses) and the
+            # estimate the algorithm penalises with (algo.kl_estimator: k1 for PPO, which can be negative)
+            "kl_to_ref": (F.kl_penalty(*_zero_padding(m, exp.logprobs, exp.ref_logprobs), "k3") * m).sum(1).mean(),
+            "kl_penalty": (exp.kl * m).sum(dim=1).mean(),
             "response_length": m.sum(dim=1).mean(),
             "advantage_mean": F.masked_mean(exp.advantages, m),
             "advantage_std": F.masked_var(exp.advantages, m).sqrt(),
@@ -326,6 +326,12 @@ class OnlineAlgorithm(Algorithm):
         if exp.monitor_scores is not None:
             out.update(monitor_metrics(exp.scores, exp.monitor_scores))
         return out
+
+
+def _zero_padding(mask: torch.Tensor, *logprobs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``logprobs`` with 0 where ``mask`` is 0 (padding may hold garbage, even inf, from the forward)."""
+    valid = mask != 0
+    return tuple(torch.where(valid, lp, torch.zeros_like(lp)) for lp in logprobs)
 
 
 # Re-export (see __all__). offline.py imports Algorithm and _to_floats from this module, so it is
