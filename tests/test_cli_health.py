@@ -2,15 +2,13 @@
 every iteration, the sampling/training log-prob mismatch (``gen_kl_error``, ~0: HF generation and the
 training forward use the same fp32 weights), the reward model's agreement with the demo's verifier on
 the policy's own samples, and HealthMonitor's warnings (printed and in the row); plus the pipeline
-helpers that compute them, on fakes: rlhf_algos.RM's held-out accuracy and the online stage's progress line."""
+helpers that compute them, on fakes: the online stage's progress line (rlhf_algos.RM's held-out accuracy
+is tested with rlhf-algos, packages/rlhf-algos/tests/test_algos_supervised.py)."""
 
 from __future__ import annotations
 
 import json
 
-import pytest
-import torch
-from rlhf_algos import RM, RMConfig
 from rlhf_cli.stages.online import progress_line
 
 TINY = ["data.num_eval=40", "data.num_valid=20", "model.hidden_size=64", "model.intermediate_size=128",
@@ -41,25 +39,6 @@ def test_ppo_on_the_reward_model_logs_rl_health(tmp_path, rlhf, explain) -> None
     assert "ppo: warning: entropy collapse at iteration 1" in proc.stdout + proc.stderr
     print({k: [r[k] for r in trained] for k in ("gen_kl_error", "gen_logprob_gap_max", "rm_verifier_agreement",
                                                 "rm_verifier_pairs", "verifier_score_rollout", "entropy")})
-
-
-class _FirstTokenScorer:
-    """A fake reward-model engine: a row's score is its first token."""
-
-    def eval(self) -> None: ...
-
-    def train(self) -> None: ...
-
-    def score(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return ids[:, 0].float()
-
-
-def test_rm_accuracy_counts_ties_half_and_scores_flipped_pairs_against_the_truth() -> None:
-    pairs = [{"chosen_ids": [5], "rejected_ids": [3], "meta": {}},  # right
-             {"chosen_ids": [2], "rejected_ids": [2], "meta": {}},  # tie: 0.5
-             {"chosen_ids": [1], "rejected_ids": [4], "meta": {"flipped": True}}]  # wrong by the label, right truly
-    acc = RM(RMConfig(), model=_FirstTokenScorer()).evaluate(pairs, pad_token_id=0)
-    assert acc["accuracy"] == pytest.approx(2.5 / 3) and acc["accuracy_noisy_labels"] == pytest.approx(1.5 / 3)
 
 
 def test_progress_line_shows_agreement_only_when_measured() -> None:

@@ -114,11 +114,12 @@ class _FirstTokenScorer:
         return ids[:, 0].float()
 
 
-def test_rm_evaluate_counts_ties_half_and_undoes_flipped_labels() -> None:
+@pytest.mark.parametrize("batch_size", [2, 64])  # 64, the default: the pairs in one batch
+def test_rm_evaluate_counts_ties_half_and_undoes_flipped_labels(batch_size: int) -> None:
     pairs = [{"chosen_ids": [5], "rejected_ids": [3], "meta": {}},  # right
              {"chosen_ids": [2], "rejected_ids": [2], "meta": {}},  # tie: 0.5
              {"chosen_ids": [1], "rejected_ids": [4], "meta": {"flipped": True}}]  # wrong as labelled, right truly
-    acc = RM(RMConfig(), model=_FirstTokenScorer()).evaluate(pairs, pad_token_id=0, batch_size=2)
+    acc = RM(RMConfig(), model=_FirstTokenScorer()).evaluate(pairs, pad_token_id=0, batch_size=batch_size)
     assert acc["accuracy"] == pytest.approx(2.5 / 3) and acc["accuracy_noisy_labels"] == pytest.approx(1.5 / 3)
     assert acc["score_mean"] == pytest.approx((5 + 2 + 1 + 3 + 2 + 4) / 6)
 

@@ -89,6 +89,13 @@ class Algorithm:
             raise TypeError(f"{type(self).__name__}: config must be a {self.config_class.__name__}, "
                             f"got {type(config).__name__}")
 
+    def _init_config(self, config: Any, reduce_metrics: Callable[[dict], dict] | None) -> None:
+        """What every built-in ``__init__`` starts with: check ``config`` (``TypeError``), keep it, and keep
+        ``reduce_metrics`` (the identity when None)."""
+        self._check_config(config)
+        self.config = config
+        self.reduce_metrics = reduce_metrics or (lambda m: m)
+
     def learn(self, batch: Any) -> dict[str, float]:
         """One learning step (offline, supervised, reward model) or phase (online); returns metrics as plain floats."""
         raise NotImplementedError
@@ -155,17 +162,15 @@ class OnlineAlgorithm(Algorithm):
                  reward_fn: RewardFunction, critic: ValueFunction | None = None, eos_token_id: int | None,
                  pad_token_id: int, reduce_metrics: Callable[[dict], dict] | None = None,
                  seed: int = 0, monitor_fn: RewardFunction | None = None) -> None:
-        self._check_config(config)
+        self._init_config(config, reduce_metrics)
         needs_critic = "critic" in self.required_models
         if needs_critic and critic is None:
             raise ValueError(f"{self.name}: a critic is required (required_models={self.required_models})")
         if not needs_critic and critic is not None:
             raise ValueError(f"{self.name}: takes no critic (required_models={self.required_models})")
-        self.config = config
         self.actor, self.reference, self.critic, self.reward_fn = actor, reference, critic, reward_fn
         self.monitor_fn = monitor_fn
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
-        self.reduce_metrics = reduce_metrics or (lambda m: m)
         self._rng = random.Random(seed)
 
     # 1-4: rollout and scoring --------------------------------------------------------------

@@ -50,13 +50,11 @@ class OfflineAlgorithm(Algorithm):
 
     def __init__(self, config: OfflineConfig, *, policy: TrainablePolicy, reference: ScoringPolicy | None = None,
                  reduce_metrics: Callable[[dict], dict] | None = None) -> None:
-        self._check_config(config)
+        self._init_config(config, reduce_metrics)
         if "reference" in self.required_models and reference is None:
             raise ValueError(f"{self.name}: a reference policy is required (required_models={self.required_models})")
-        self.config = config
         self.policy = policy
         self.reference = reference if "reference" in self.required_models else None
-        self.reduce_metrics = reduce_metrics or (lambda m: m)
 
     def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimisation step on a micro-batch of pairs; returns its metrics."""

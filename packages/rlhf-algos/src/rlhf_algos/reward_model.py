@@ -62,10 +62,8 @@ class RM(Algorithm):
 
     def __init__(self, config: RMConfig, *, model: TrainableScorer,
                  reduce_metrics: Callable[[dict], dict] | None = None) -> None:
-        self._check_config(config)
-        self.config = config
+        self._init_config(config, reduce_metrics)
         self.model = model
-        self.reduce_metrics = reduce_metrics or (lambda m: m)
 
     def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One step on a ``collate_pairs`` micro-batch.

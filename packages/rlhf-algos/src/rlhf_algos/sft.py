@@ -74,10 +74,8 @@ class SFT(Algorithm):
 
     def __init__(self, config: SFTConfig, *, policy: TrainablePolicy,
                  reduce_metrics: Callable[[dict], dict] | None = None) -> None:
-        self._check_config(config)
-        self.config = config
+        self._init_config(config, reduce_metrics)
         self.policy = policy
-        self.reduce_metrics = reduce_metrics or (lambda m: m)
 
     def collate(self, examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         """A micro-batch for :meth:`learn` from tokenized examples (or packed rows, with ``packing``)."""

@@ -171,16 +171,6 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _algo_options(name: str, raw: dict[str, object]) -> tuple:
     """algo.<field> values typed by ``name``'s config class, as sorted pairs; :class:`AlgoSection` checks
     the field names (one place for the "has no setting" and "set rl.* instead" errors)."""

@@ -94,6 +94,11 @@ class Section:
             if not (value > low if strict else value >= low):  # nan fails both comparisons
                 self._fail(name, f"must be {'>' if strict else '>='} {low}{note}, got {value!r}")
 
+    def _check_loop(self) -> None:
+        """The optimiser-loop fields of the sft, rm and pref sections: epochs, batch_size, grad_accum >= 1, lr > 0."""
+        self._check_min(1, "epochs", "batch_size", "grad_accum")
+        self._check_min(0, "lr", strict=True)
+
     def _check_finite(self, *names: str) -> None:
         """Each of ``names`` is finite and >= 0."""
         for name in names:
@@ -209,8 +214,7 @@ class SFTSection(Section):
                                   "each sample through packed position ids (transformers 5 decoder models).")
 
     def __post_init__(self) -> None:
-        self._check_min(1, "epochs", "batch_size", "grad_accum")
-        self._check_min(0, "lr", strict=True)
+        self._check_loop()
         self._check_finite("weight_decay")
         self._check_choice("lr_schedule", ("cosine", "constant"))
 
@@ -230,8 +234,7 @@ class RMSection(Section):
     warmup_steps: int = option(20, "linear LR warm-up steps.")
 
     def __post_init__(self) -> None:
-        self._check_min(1, "epochs", "batch_size", "grad_accum")
-        self._check_min(0, "lr", strict=True)
+        self._check_loop()
         self._check_finite("center_coef")
 
 
@@ -409,8 +412,7 @@ class PrefSection(Section):
                                  "verifier or a reward model was trained), \"last\" the final one.")
 
     def __post_init__(self) -> None:
-        self._check_min(1, "epochs", "batch_size", "grad_accum")
-        self._check_min(0, "lr", strict=True)
+        self._check_loop()
         self._check_choice("select", ("best", "last"))
 
 

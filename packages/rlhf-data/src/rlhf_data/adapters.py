@@ -40,6 +40,13 @@ def _looks_like_transcript(value: Any) -> bool:
     return isinstance(value, str) and value.lstrip().startswith("Human:")
 
 
+def _by_score(prompt: str, a: str, score_a: float, b: str, score_b: float) -> PreferenceRecord:
+    """The pair of two scored answers with the higher-scored one chosen (the caller has dropped ties)."""
+    chosen, rejected = (a, b) if score_a > score_b else (b, a)
+    check_pair(chosen, rejected)
+    return PreferenceRecord(prompt, chosen, rejected)
+
+
 class HHAdapter(SourceAdapter):
     """Anthropic HH-RLHF: two full transcripts that differ only in the final assistant answer."""
 
@@ -176,9 +183,7 @@ class WebGPTAdapter(SourceAdapter):
         a0, a1 = (text_field(row, n, allow_empty=True).strip() for n in ("answer_0", "answer_1"))
         if not a0 or not a1:
             raise SkipRow("empty answer")
-        chosen, rejected = (a0, a1) if s0 > s1 else (a1, a0)
-        check_pair(chosen, rejected)
-        return PreferenceRecord(question, chosen, rejected)
+        return _by_score(question, a0, s0, a1, s1)
 
     @classmethod
     def detect(cls, row: dict) -> bool:
@@ -221,9 +226,7 @@ class SHPAdapter(SourceAdapter):
         hi, lo = max(sa, sb), min(sa, sb)
         if self.min_ratio > 1 and (lo <= 0 or hi / lo < self.min_ratio):
             raise SkipRow("score ratio below min_score_ratio")
-        chosen, rejected = (a, b) if sa > sb else (b, a)
-        check_pair(chosen, rejected)
-        return PreferenceRecord(post, chosen, rejected)
+        return _by_score(post, a, sa, b, sb)
 
     @classmethod
     def detect(cls, row: dict) -> bool:

@@ -100,6 +100,36 @@ def _upstream(grad: Tensor, valid: Tensor) -> Tensor:
     return grad.float().masked_fill(~valid, 0.0)
 
 
+def _zero_ignored(valid: Tensor, logprobs: Tensor, entropy: Tensor | None) -> None:
+    """Ignored rows get log-prob 0 and entropy 0 (in place); every backend's forward ends with this."""
+    logprobs.masked_fill_(~valid, 0.0)
+    if entropy is not None:
+        entropy.masked_fill_(~valid, 0.0)
+
+
+def _forward_chunks(
+    like: Tensor,
+    valid: Tensor,
+    chunk_size: int,
+    return_entropy: bool,
+    chunk: Callable[[slice], tuple[Tensor, Tensor, Tensor | None]],
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The chunk loop of both reference forwards: ``chunk(rows)`` gives one chunk's (logprobs, lse,
+    entropy or None); returns the (N,) fp32 logprobs, lse and entropy (or None), ignored rows zeroed.
+    ``like`` is the (N, ...) input the outputs are allocated next to."""
+    n = like.shape[0]
+    logprobs = like.new_empty(n, dtype=torch.float32)
+    lse = like.new_empty(n, dtype=torch.float32)
+    entropy = like.new_empty(n, dtype=torch.float32) if return_entropy else None
+    for start in _row_chunks(n, chunk_size):
+        rows = slice(start, start + chunk_size)
+        logprobs[rows], lse[rows], entropy_c = chunk(rows)
+        if entropy is not None:
+            entropy[rows] = entropy_c
+    _zero_ignored(valid, logprobs, entropy)
+    return logprobs, lse, entropy
+
+
 # --------------------------------------------------------------------------- autograd Functions
 
 
@@ -116,19 +146,11 @@ class _FusedLogprobs(torch.autograd.Function):
         chunk_size: int,
         return_entropy: bool,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        n = logits.shape[0]
-        logprobs = logits.new_empty(n, dtype=torch.float32)
-        lse = logits.new_empty(n, dtype=torch.float32)
-        entropy = logits.new_empty(n, dtype=torch.float32) if return_entropy else None
-        for start in _row_chunks(n, chunk_size):
-            rows = slice(start, start + chunk_size)
-            z = _scaled_fp32(logits[rows], temperature)  # (c, V) fp32, the only fp32 copy alive
-            logprobs[rows], lse[rows], entropy_c = _chunk_forward(z, targets[rows], return_entropy)
-            if entropy is not None:
-                entropy[rows] = entropy_c
-        logprobs.masked_fill_(~valid, 0.0)
-        if entropy is not None:
-            entropy.masked_fill_(~valid, 0.0)
+        logprobs, lse, entropy = _forward_chunks(
+            logits, valid, chunk_size, return_entropy,
+            # (c, V) fp32 scaled logits: the only fp32 copy alive
+            lambda rows: _chunk_forward(_scaled_fp32(logits[rows], temperature), targets[rows], return_entropy),
+        )
         ctx.save_for_backward(logits, targets, valid, lse, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         return (logprobs, entropy) if entropy is not None else logprobs
@@ -197,20 +219,12 @@ class _LogprobsFromHidden(torch.autograd.Function):
         return_entropy: bool,
         rows_math: ChunkRows,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        n = hidden.shape[0]
-        logprobs = hidden.new_empty(n, dtype=torch.float32)
-        lse = hidden.new_empty(n, dtype=torch.float32)
-        entropy = hidden.new_empty(n, dtype=torch.float32) if return_entropy else None
-        for start in _row_chunks(n, chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = F.linear(hidden[rows], weight, bias)  # (c, V), matmul in the input dtype
-            logprobs[rows], lse[rows], entropy_c = rows_math.forward(logits, targets[rows], temperature,
-                                                                     return_entropy)
-            if entropy is not None:
-                entropy[rows] = entropy_c
-        logprobs.masked_fill_(~valid, 0.0)
-        if entropy is not None:
-            entropy.masked_fill_(~valid, 0.0)
+        logprobs, lse, entropy = _forward_chunks(
+            hidden, valid, chunk_size, return_entropy,
+            # (c, V) logits, matmul in the input dtype
+            lambda rows: rows_math.forward(F.linear(hidden[rows], weight, bias), targets[rows], temperature,
+                                           return_entropy),
+        )
         ctx.save_for_backward(hidden, weight, bias, targets, valid, lse, entropy)
         ctx.temperature, ctx.chunk_size, ctx.rows_math = temperature, chunk_size, rows_math
         return (logprobs, entropy) if entropy is not None else logprobs
@@ -258,8 +272,7 @@ class _LogprobsFromHidden(torch.autograd.Function):
         )
 
 
-# --------------------------------------------------------------------------- validation
-
+# --------------------------------------------------------------------------- rows in, rows out (every backend)
 
 
 def _prepare_targets(
@@ -278,6 +291,14 @@ def _prepare_targets(
         return flat, torch.ones_like(flat, dtype=torch.bool)
     valid = flat != ignore_index
     return flat.masked_fill(~valid, 0), valid
+
+
+def _lead_view(out: Tensor | tuple[Tensor, Tensor], lead_shape: torch.Size,
+               return_entropy: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """An autograd Function's (N,) output(s) viewed back to the inputs' leading shape (every backend)."""
+    if return_entropy:
+        return out[0].view(lead_shape), out[1].view(lead_shape)
+    return out.view(lead_shape)
 
 
 # --------------------------------------------------------------------------- reference backends
@@ -302,9 +323,7 @@ def _fused_logprobs_reference(
         chunk_size,
         return_entropy,
     )
-    if return_entropy:
-        return out[0].view(lead_shape), out[1].view(lead_shape)
-    return out.view(lead_shape)
+    return _lead_view(out, lead_shape, return_entropy)
 
 
 def run_from_hidden(
@@ -334,9 +353,7 @@ def run_from_hidden(
         return_entropy,
         rows_math,
     )
-    if return_entropy:
-        return out[0].view(lead_shape), out[1].view(lead_shape)
-    return out.view(lead_shape)
+    return _lead_view(out, lead_shape, return_entropy)
 
 
 def _logprobs_from_hidden_reference(hidden: Tensor, weight: Tensor, targets: Tensor, **kw) -> Tensor | tuple[Tensor, Tensor]:

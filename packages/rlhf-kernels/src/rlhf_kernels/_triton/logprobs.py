@@ -21,7 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .._logprobs_reference import ChunkRows, _prepare_targets, _upstream, run_from_hidden
+from .._logprobs_reference import (
+    ChunkRows,
+    _lead_view,
+    _prepare_targets,
+    _upstream,
+    _zero_ignored,
+    run_from_hidden,
+)
 from ._common import block_for, cast_rtne, warps_for
 
 Tensor = torch.Tensor
@@ -188,9 +195,7 @@ class _TritonFusedLogprobs(torch.autograd.Function):
         return_entropy: bool,
     ) -> Tensor | tuple[Tensor, Tensor]:
         logprobs, lse, entropy = _forward_rows(logits, targets, temperature, return_entropy)
-        logprobs.masked_fill_(~valid, 0.0)
-        if entropy is not None:
-            entropy.masked_fill_(~valid, 0.0)
+        _zero_ignored(valid, logprobs, entropy)
         ctx.save_for_backward(logits, targets, valid, lse, entropy)
         ctx.temperature = temperature
         return (logprobs, entropy) if entropy is not None else logprobs
@@ -220,9 +225,7 @@ def fused_logprobs(
     lead_shape = logits.shape[:-1]
     flat_targets, valid = _prepare_targets(targets, lead_shape, ignore_index)
     out = _TritonFusedLogprobs.apply(logits, flat_targets, valid, float(temperature), return_entropy)
-    if return_entropy:
-        return out[0].view(lead_shape), out[1].view(lead_shape)
-    return out.view(lead_shape)
+    return _lead_view(out, lead_shape, return_entropy)
 
 
 def _grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor | None, g_lp: Tensor,
