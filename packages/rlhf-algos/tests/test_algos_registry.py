@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from importlib.metadata import EntryPoint, entry_points
 
 import pytest
@@ -81,7 +82,7 @@ def _ep(name: str, value: str) -> EntryPoint:
     return EntryPoint(name=name, value=value, group=ENTRY_POINT_GROUP)
 
 
-def test_a_plugin_registering_a_built_in_name_replaces_it(monkeypatch) -> None:
+def test_a_plugin_registering_a_built_in_name_replaces_it(monkeypatch, caplog) -> None:
     from rlhf_algos import registry
 
     plugin = _ep("sft", "my_plugin.sft:MySFT")
@@ -89,6 +90,15 @@ def test_a_plugin_registering_a_built_in_name_replaces_it(monkeypatch) -> None:
     for eps in ([_ep("sft", "rlhf_algos.sft:SFT"), plugin], [plugin, _ep("sft", "rlhf_algos.sft:SFT")]):
         monkeypatch.setattr(registry, "entry_points", lambda group, eps=eps: list(eps))
         assert registry._entry_points()["sft"].value == "my_plugin.sft:MySFT"
+    # the replacement is logged, once per plugin target, not on every lookup
+    registry._replaced_told.clear()
+    caplog.clear()
+    monkeypatch.setattr(registry, "entry_points", lambda group: [_ep("sft", "rlhf_algos.sft:SFT"), plugin])
+    with caplog.at_level(logging.WARNING, logger="rlhf_algos.registry"):
+        registry._entry_points()
+        registry._entry_points()
+    told = [r.getMessage() for r in caplog.records if "replaces the built-in" in r.getMessage()]
+    assert told == ["algorithm 'sft': the plugin my_plugin.sft:MySFT replaces the built-in rlhf_algos.sft:SFT"]
     # two plugins claiming one name is still an error naming both
     monkeypatch.setattr(registry, "entry_points", lambda group: [plugin, _ep("sft", "other.sft:SFT")])
     with pytest.raises(ValueError, match="registered twice .* my_plugin.sft:MySFT and other.sft:SFT"):

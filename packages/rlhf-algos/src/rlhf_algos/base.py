@@ -38,6 +38,7 @@ from typing import Any, ClassVar
 import torch
 
 from . import functional as F
+from ._stats import _zero_invalid
 
 # Configs (config.py), rollout records (rollout.py) and the offline base (offline.py, imported at the
 # end of this module) live in their own modules; they are re-exported here (see __all__), so
@@ -299,7 +300,8 @@ class OnlineAlgorithm(Algorithm):
         """
         c = self.config
         # Zero padding before the non-linear estimator: garbage there must not reach a gradient.
-        kl = F.kl_penalty(*_zero_padding(mask, logprobs, ref_logprobs.detach()), c.kl_estimator)  # (n, R)
+        valid = mask != 0
+        kl = F.kl_penalty(_zero_invalid(logprobs, valid), _zero_invalid(ref_logprobs.detach(), valid), c.kl_estimator)
         return F.aggregate_loss(kl, mask, c.loss_agg, norm_len=c.max_new_tokens)
 
     def critic_step(self, mb: Experience, mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -314,7 +316,8 @@ class OnlineAlgorithm(Algorithm):
             "reward_std": exp.scores.std() if exp.scores.numel() > 1 else torch.zeros(()),
             # per sequence: the k3 estimate (never negative; the one every logged "kl_to_ref" uses) and the
             # estimate the algorithm penalises with (algo.kl_estimator: k1 for PPO, which can be negative)
-            "kl_to_ref": (F.kl_penalty(*_zero_padding(m, exp.logprobs, exp.ref_logprobs), "k3") * m).sum(1).mean(),
+            "kl_to_ref": (F.kl_penalty(_zero_invalid(exp.logprobs, m != 0), _zero_invalid(exp.ref_logprobs, m != 0), "k3")
+                          * m).sum(1).mean(),
             "kl_penalty": (exp.kl * m).sum(dim=1).mean(),
             "response_length": m.sum(dim=1).mean(),
             "advantage_mean": F.masked_mean(exp.advantages, m),
@@ -331,12 +334,6 @@ class OnlineAlgorithm(Algorithm):
         if exp.monitor_scores is not None:
             out.update(monitor_metrics(exp.scores, exp.monitor_scores))
         return out
-
-
-def _zero_padding(mask: torch.Tensor, *logprobs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``logprobs`` with 0 where ``mask`` is 0 (padding may hold garbage, even inf, from the forward)."""
-    valid = mask != 0
-    return tuple(torch.where(valid, lp, torch.zeros_like(lp)) for lp in logprobs)
 
 
 # Re-export (see __all__). offline.py imports Algorithm and _to_floats from this module, so it is

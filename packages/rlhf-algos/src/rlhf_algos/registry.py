@@ -17,6 +17,7 @@ Two registrations of one name outside rlhf-algos with different targets are an e
 
 from __future__ import annotations
 
+import logging
 from importlib.metadata import EntryPoint, entry_points
 
 __all__ = ["ENTRY_POINT_GROUP", "REQUIRED_ATTRIBUTES", "available_algorithms", "get_algorithm"]
@@ -29,6 +30,8 @@ _DATA_KINDS = ("prompts", "pairs", "demonstrations")
 _ROLES = ("actor", "reference", "critic", "reward")
 
 _cache: dict[str, type] | None = None
+log = logging.getLogger(__name__)
+_replaced_told: set[tuple[str, str]] = set()  # (name, plugin target) already logged
 
 
 def _is_built_in(ep: EntryPoint) -> bool:
@@ -44,7 +47,12 @@ def _entry_points() -> dict[str, EntryPoint]:
         if seen is None or seen.value == ep.value:  # an identical duplicate (e.g. a stale egg-info) is harmless
             found[ep.name] = ep
         elif _is_built_in(seen) != _is_built_in(ep):
-            found[ep.name] = seen if _is_built_in(ep) else ep  # the plugin wins
+            plugin, built_in = (seen, ep) if _is_built_in(ep) else (ep, seen)
+            found[ep.name] = plugin  # the plugin wins; say so once, so a shadowed built-in is never silent
+            if (ep.name, plugin.value) not in _replaced_told:
+                _replaced_told.add((ep.name, plugin.value))
+                log.warning("algorithm %r: the plugin %s replaces the built-in %s", ep.name, plugin.value,
+                            built_in.value)
         else:
             raise ValueError(f"algorithm {ep.name!r} is registered twice in entry-point group {ENTRY_POINT_GROUP!r}: "
                              f"{seen.value} and {ep.value}; uninstall one of the packages")
