@@ -16,14 +16,18 @@ import random
 import pytest
 import torch
 from rlhf_algos import (
+    GROUP_NORMALIZED,
     GRPO,
     PPO,
     RLOO,
+    AdvantageEstimate,
     DrGRPO,
     DrGRPOConfig,
     Experience,
     GRPOConfig,
     OnlineAlgorithm,
+    OnlineConfig,
+    OutcomeEstimator,
     PPOConfig,
     ReinforcePP,
     ReinforcePPConfig,
@@ -218,6 +222,71 @@ def test_remax_subtracts_the_greedy_response_reward(rewarded: int, baseline: flo
     assert_close(exp.advantages, expected)
 
 
+# --------------------------------------------------------------------------------------------
+# Advantage estimators are composed: declared by the class, replaceable per instance
+# --------------------------------------------------------------------------------------------
+
+
+def _scored(scores: list[float], mask: list[list[float]], lp: list[list[float]], ref: list[list[float]]) -> Experience:
+    n, r = len(scores), len(mask[0])
+    z = torch.zeros(n, r)
+    return Experience(prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1), meta=[{}] * n,
+                      sequences=torch.zeros(n, 1 + r, dtype=torch.long), attention_mask=torch.ones(n, 1 + r),
+                      prompt_len=1, response_mask=torch.tensor(mask), logprobs=torch.tensor(lp),
+                      ref_logprobs=torch.tensor(ref), values=z, scores=torch.tensor(scores),
+                      train_scores=torch.tensor(scores))
+
+
+def test_outcome_estimator_by_hand_kl_in_the_reward_and_discount() -> None:
+    # Row 0: 3 valid tokens, k1 KL per token [0.5, -0.25, 0.0] (lp - ref); sequence advantage 2 (custom: 2 * score).
+    # kl_coef 0.1 in the reward -> rewards [-0.05, 0.025, 0 + 2] ; gamma 0.5 reward-to-go from the end:
+    # t2 = 2, t1 = 0.025 + 0.5 * 2 = 1.025, t0 = -0.05 + 0.5 * 1.025 = 0.4625. Row 1: 1 valid token, score 0.
+    exp = _scored([1.0, 0.0], [[1, 1, 1], [1, 0, 0]], [[-1.0, -2.0, -1.0], [-1.0, -3.0, -3.0]],
+                  [[-1.5, -1.75, -1.0], [-1.0, 0.0, 0.0]])
+    cfg = ReinforcePPConfig(kl_coef=0.1, kl_placement="reward", kl_estimator="k1", gamma=0.5)
+    est = OutcomeEstimator(lambda e, c: 2.0 * e.train_scores)(exp, cfg)
+    assert_close(est.kl, torch.tensor([[0.5, -0.25, 0.0], [0.0, 0.0, 0.0]]))
+    assert_close(est.rewards, torch.tensor([[-0.05, 0.025, 2.0], [0.0, 0.0, 0.0]]))
+    assert_close(est.returns, torch.tensor([[0.4625, 1.025, 2.0], [0.0, 0.0, 0.0]]))
+    assert_close(est.advantages, est.returns)  # no whitening
+
+
+def test_an_estimator_passed_to_the_constructor_replaces_the_declared_one() -> None:
+    seen = []
+
+    def constant(exp: Experience, config) -> AdvantageEstimate:  # a plain function: must not be bound
+        seen.append(config)
+        z = torch.zeros_like(exp.logprobs)
+        return AdvantageEstimate(rewards=z, kl=z, advantages=torch.full_like(z, 7.0) * exp.response_mask, returns=z)
+
+    actor = ScriptedPolicy(V, GROUPED_RESPONSES)
+    cfg = GRPOConfig(samples_per_prompt=2, max_new_tokens=3)
+    algo = GRPO(cfg, actor=actor, reference=actor.frozen_copy(), reward_fn=FirstTokenReward(4), eos_token_id=EOS,
+                pad_token_id=PAD, advantage_estimator=constant)
+    exp = algo.generate_experience(PROMPTS, PROMPT_MASK)
+    assert seen == [cfg]
+    assert_close(exp.advantages, 7.0 * GROUPED_MASK)
+    assert GRPO.advantage_estimator is GROUP_NORMALIZED and DrGRPO.advantage_estimator is GROUP_NORMALIZED
+
+
+def test_a_subclass_declares_a_plain_function_and_one_without_an_estimator_is_refused() -> None:
+    class HalfReward(OnlineAlgorithm):
+        name = "half_reward"
+        config_class = RLOOConfig
+        advantage_estimator = OutcomeEstimator(lambda e, c: 0.5 * e.train_scores)
+
+    class Bare(OnlineAlgorithm):
+        name = "bare"
+
+    actor = ScriptedPolicy(V, GROUPED_RESPONSES)
+    algo = build(HalfReward, RLOOConfig(samples_per_prompt=2, max_new_tokens=3), actor, FirstTokenReward(4))
+    exp = algo.generate_experience(PROMPTS, PROMPT_MASK)
+    # KL = 0 (reference = actor): every valid token gets half its row's score; scores [1, 0, 1, 1]
+    assert_close(exp.advantages, torch.tensor([0.5, 0.0, 0.5, 0.5])[:, None] * GROUPED_MASK)
+    with pytest.raises(TypeError, match="Bare: an online algorithm must declare advantage_estimator"):
+        build(Bare, OnlineConfig(max_new_tokens=3), actor, FirstTokenReward(4))
+
+
 def test_kl_placement_reward_vs_loss() -> None:
     torch.manual_seed(0)
     reference = TinyPolicy(V, seed=5).frozen_copy()  # different weights: KL != 0
@@ -273,8 +342,10 @@ def test_logged_kl_to_ref_is_k3_never_negative_and_the_penalty_is_logged_beside_
     lp, ref, m = torch.tensor([[-1.5, -1.0, math.inf]]), torch.tensor([[-1.0, -1.1, math.nan]]), torch.tensor([[1.0, 1.0, 0.0]])
     kl = torch.where(m != 0, lp - ref, torch.zeros_like(lp))  # what PPO's k1 penalty holds
     zeros = torch.zeros_like(lp)
-    exp = Experience(sequences=torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 5), prompt_len=2,
+    exp = Experience(prompt_ids=torch.zeros(1, 2, dtype=torch.long), prompt_mask=torch.ones(1, 2), meta=[{}],
+                     sequences=torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.ones(1, 5), prompt_len=2,
                      response_mask=m, logprobs=lp, ref_logprobs=ref, values=zeros, scores=torch.zeros(1),
+                     train_scores=torch.zeros(1),
                      rewards=zeros, kl=kl, advantages=zeros, returns=zeros)
     metrics = algo.rollout_metrics(exp)
     assert metrics["kl_to_ref"].item() == pytest.approx(math.exp(0.5) - 1.5 + math.exp(-0.1) - 0.9, abs=1e-6)

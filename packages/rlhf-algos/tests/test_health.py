@@ -7,6 +7,7 @@ Every expected value is worked out by hand in a comment.
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from rlhf_algos import (
     ranking_agreement,
     sampling_mismatch,
 )
-from rlhf_algos.health import fitted_rise, pool_agreement
+from rlhf_algos.health import _RunningFit, fitted_rise, pool_agreement
 from rlhf_algos.testing import FirstTokenReward, ScriptedPolicy, TinyCritic, TinyPolicy
 
 V, PAD, EOS = 10, 0, 1
@@ -139,6 +140,23 @@ def rows(reward: list[float], kl: list[float], std: float = 0.5, **extra: list[f
 
 def feed(monitor: HealthMonitor, rs: list[dict]) -> list[tuple[int, str]]:
     return [(row["iteration"], w) for row in rs for w in monitor.update(row)]
+
+
+def test_the_monitors_running_fit_equals_fitted_rise_at_every_length() -> None:
+    # The monitor keeps running sums instead of the history; the rise and mean must be fitted_rise's.
+    rng = random.Random(0)
+    ys = [rng.gauss(0.3 + 0.01 * i, 0.1) for i in range(500)]
+    fit = _RunningFit()
+    for n, y in enumerate(ys, start=1):
+        fit.add(y)
+        if n >= 2:
+            assert fit.rise() == pytest.approx(fitted_rise(ys[:n]), rel=1e-9, abs=1e-12)
+            assert fit.mean == pytest.approx(sum(ys[:n]) / n, rel=1e-12)
+    assert (fit.first, fit.last) == (ys[0], ys[-1])
+    fit2 = _RunningFit()
+    for y in (0.0, 1.0, 0.0, 1.0):
+        fit2.add(y)
+    assert fit2.rise() == pytest.approx(0.6)  # by hand, as test_fitted_rise
 
 
 def test_fitted_rise() -> None:

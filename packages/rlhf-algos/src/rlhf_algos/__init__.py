@@ -1,6 +1,15 @@
 """rlhf-algos: RLHF algorithms behind one interface; the math as pure tensor functions."""
 
 from ._version import __version__
+from .advantages import (
+    BATCH_WHITENED,
+    GREEDY_BASELINE,
+    GROUP_NORMALIZED,
+    LEAVE_ONE_OUT,
+    AdvantageEstimator,
+    GAEEstimator,
+    OutcomeEstimator,
+)
 from .base import (
     AdvantageEstimate,
     Algorithm,
@@ -8,7 +17,6 @@ from .base import (
     Experience,
     OnlineAlgorithm,
     OnlineConfig,
-    Rollout,
 )
 from .functional import (
     DPO_LOSS_TYPES,
@@ -96,7 +104,14 @@ __all__ = [
     "RLOO",
     "RM",
     "SFT",
+    "BATCH_WHITENED",
+    "GREEDY_BASELINE",
+    "GROUP_NORMALIZED",
+    "LEAVE_ONE_OUT",
     "AdvantageEstimate",
+    "AdvantageEstimator",
+    "GAEEstimator",
+    "OutcomeEstimator",
     "Algorithm",
     "AlgorithmConfig",
     "CDPOConfig",
@@ -124,7 +139,6 @@ __all__ = [
     "ReinforcePP",
     "ReinforcePPConfig",
     "RewardFunction",
-    "Rollout",
     "SFTConfig",
     "SamplingMismatch",
     "ScoringPolicy",

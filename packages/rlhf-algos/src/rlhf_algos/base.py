@@ -21,7 +21,8 @@ Base classes do the plumbing, so that a variant only writes its math:
 * :class:`OnlineAlgorithm` (here): one rollout path for every online algorithm (repeat prompts
   ``samples_per_prompt`` times, generate, score, estimate advantages) and one learning loop
   (clipped policy loss with the configured aggregation, optional KL in the loss, micro-batches,
-  epochs). Subclasses override :meth:`OnlineAlgorithm.estimate_advantages`.
+  epochs). An algorithm declares its ``advantage_estimator`` (:mod:`rlhf_algos.advantages`):
+  composed, not inherited; a user can pass another to the constructor.
 * :class:`~rlhf_algos.offline.OfflineAlgorithm`: forward the chosen and rejected rows, compute a
   loss from sequence log-probs, step. Subclasses override ``compute_loss``.
 
@@ -39,6 +40,7 @@ import torch
 
 from . import functional as F
 from ._stats import _zero_invalid
+from .advantages import AdvantageEstimator
 
 # Configs (config.py), rollout records (rollout.py) and the offline base (offline.py, imported at the
 # end of this module) live in their own modules; they are re-exported here (see __all__), so
@@ -46,7 +48,7 @@ from ._stats import _zero_invalid
 from .config import KL_PLACEMENTS, REWARD_NORMS, AlgorithmConfig, OfflineConfig, OnlineConfig, option
 from .health import monitor_metrics, pool_agreement, sampling_mismatch
 from .protocols import RewardFunction, ScoringPolicy, TrainablePolicy, ValueFunction
-from .rollout import AdvantageEstimate, Experience, Rollout, generate_responses, response_mask_from
+from .rollout import AdvantageEstimate, Experience, generate_responses, response_mask_from
 
 __all__ = [
     "KL_PLACEMENTS",
@@ -60,7 +62,6 @@ __all__ = [
     "OfflineConfig",
     "OnlineAlgorithm",
     "OnlineConfig",
-    "Rollout",
     "option",
     "response_mask_from",
 ]
@@ -102,6 +103,19 @@ class Algorithm:
         raise NotImplementedError
 
 
+def _class_estimator(cls: type) -> AdvantageEstimator:
+    """The ``advantage_estimator`` declared by ``cls`` or its nearest base.
+
+    Read from the class ``__dict__`` so that a plain function declared as the class variable is
+    not bound as a method.
+    """
+    for klass in cls.__mro__:
+        if "advantage_estimator" in klass.__dict__:
+            return klass.__dict__["advantage_estimator"]
+    raise TypeError(f"{cls.__name__}: an online algorithm must declare advantage_estimator "
+                    "(see rlhf_algos.advantages) or be given one")
+
+
 def _to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
     """Detached 0-dim tensors -> floats with one host-device sync per device (usually one)."""
     by_device: dict[torch.device, list[str]] = {}
@@ -121,7 +135,7 @@ def _to_floats(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 class OnlineAlgorithm(Algorithm):
-    """Shared plumbing of the online algorithms; subclasses implement :meth:`estimate_advantages`.
+    """Shared plumbing of the online algorithms; each declares its ``advantage_estimator``.
 
     One iteration, top to bottom:
 
@@ -148,12 +162,16 @@ class OnlineAlgorithm(Algorithm):
         reduce_metrics: Applied to the metrics dict before it is returned (e.g. an all-reduce
             mean over ranks).
         seed: Seeds the micro-batch shuffling.
+        advantage_estimator: Replaces the class's ``advantage_estimator`` for this instance: any
+            ``(experience, config) -> AdvantageEstimate`` (:mod:`rlhf_algos.advantages`).
 
     Raises:
         TypeError: If ``config`` is not a ``config_class``.
         ValueError: If a critic is required and missing, or given and not used.
     """
 
+    # Step 4, declared by each algorithm (e.g. PPO: advantages.GAEEstimator(); GRPO: advantages.GROUP_NORMALIZED).
+    advantage_estimator: ClassVar[AdvantageEstimator]
     kind: ClassVar[str] = "online"
     data_kind: ClassVar[str] = "prompts"
     required_models: ClassVar[tuple[str, ...]] = ("actor", "reference", "reward")
@@ -162,8 +180,10 @@ class OnlineAlgorithm(Algorithm):
     def __init__(self, config: OnlineConfig, *, actor: TrainablePolicy, reference: ScoringPolicy,
                  reward_fn: RewardFunction, critic: ValueFunction | None = None, eos_token_id: int | None,
                  pad_token_id: int, reduce_metrics: Callable[[dict], dict] | None = None,
-                 seed: int = 0, monitor_fn: RewardFunction | None = None) -> None:
+                 seed: int = 0, monitor_fn: RewardFunction | None = None,
+                 advantage_estimator: AdvantageEstimator | None = None) -> None:
         self._init_config(config, reduce_metrics)
+        self.advantage_estimator: AdvantageEstimator = advantage_estimator or _class_estimator(type(self))
         needs_critic = "critic" in self.required_models
         if needs_critic and critic is None:
             raise ValueError(f"{self.name}: a critic is required (required_models={self.required_models})")
@@ -210,14 +230,14 @@ class OnlineAlgorithm(Algorithm):
             values = torch.zeros_like(logprobs)
         scores = self.reward_fn(seqs, attn, P, meta).float().cpu()  # (N,)
         monitor = None if self.monitor_fn is None else self.monitor_fn(seqs, attn, P, meta).float().cpu()  # (N,)
-        # 4. advantages
-        rollout = Rollout(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(), meta=meta, sequences=seqs,
-                          attention_mask=attn, response_mask=resp_mask, logprobs=logprobs,
-                          ref_logprobs=ref_logprobs, values=values, scores=self.process_scores(scores))
-        est = self.estimate_advantages(rollout)
-        return Experience(seqs, attn, P, resp_mask, logprobs * resp_mask, ref_logprobs * resp_mask,
-                          values * resp_mask, scores, est.rewards, est.kl, est.advantages, est.returns,
-                          sample_logprobs=sample_logprobs * resp_mask, monitor_scores=monitor)
+        exp = Experience(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(), meta=meta, sequences=seqs,
+                         attention_mask=attn, prompt_len=P, response_mask=resp_mask, logprobs=logprobs * resp_mask,
+                         ref_logprobs=ref_logprobs * resp_mask, values=values * resp_mask,
+                         scores=scores, train_scores=self.process_scores(scores), sample_logprobs=sample_logprobs * resp_mask,
+                         monitor_scores=monitor)
+        exp.baseline_scores = self.baseline_scores(exp)
+        # 4. advantages: the one step the algorithms differ in
+        return exp.with_estimate(self.advantage_estimator(exp, c))
 
     def process_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Clip the sequence scores ``(N,)`` to ``±clip_reward``, then whiten them if ``reward_norm == "batch"``."""
@@ -228,14 +248,13 @@ class OnlineAlgorithm(Algorithm):
             scores = F.whiten(scores, torch.ones_like(scores))
         return scores
 
-    @property
-    def reward_kl_coef(self) -> float:
-        """The KL coefficient *in the reward*: ``kl_coef``, or 0 when the KL is in the loss."""
-        return self.config.kl_coef if self.config.kl_placement == "reward" else 0.0
+    def baseline_scores(self, exp: Experience) -> torch.Tensor | None:
+        """A per-row baseline ``(N,)`` scored during the rollout (``exp.baseline_scores``); None here.
 
-    def estimate_advantages(self, rollout: Rollout) -> AdvantageEstimate:
-        """Per-token rewards, KL, advantages and returns from a scored rollout (the per-algorithm step)."""
-        raise NotImplementedError
+        Runs inside :meth:`generate_experience` (no grad, actor in eval mode), after the scores and
+        before the advantage estimator. ReMax overrides it with its greedy response's score.
+        """
+        return None
 
     # 5: learning ---------------------------------------------------------------------------
     def learn(self, exp: Experience) -> dict[str, float | None]:

@@ -153,6 +153,35 @@ def fitted_rise(values: list[float]) -> float:
     return slope * (n - 1)
 
 
+class _RunningFit:
+    """:func:`fitted_rise` and the mean of a growing series in O(1) memory and time per point.
+
+    With ``x = 0 .. n-1``: ``slope = (sum(x*y) - x_mean * sum(y)) / sxx``, ``sxx = n (n^2 - 1) / 12``
+    (the same least-squares line as :func:`fitted_rise`, summed in float64 as it goes).
+    """
+
+    def __init__(self) -> None:
+        self.n, self.sum_y, self.sum_xy = 0, 0.0, 0.0
+        self.first = self.last = float("nan")
+
+    def add(self, y: float) -> None:
+        if self.n == 0:
+            self.first = y
+        self.sum_xy += self.n * y
+        self.sum_y += y
+        self.n += 1
+        self.last = y
+
+    @property
+    def mean(self) -> float:
+        return self.sum_y / self.n
+
+    def rise(self) -> float:
+        n = self.n
+        sxx = n * (n * n - 1) / 12
+        return (self.sum_xy - (n - 1) / 2 * self.sum_y) / sxx * (n - 1)
+
+
 class HealthMonitor:
     """Warnings from the per-iteration metrics rows of an online run (pure Python, no torch).
 
@@ -181,7 +210,9 @@ class HealthMonitor:
 
     def __init__(self, thresholds: HealthThresholds | None = None) -> None:
         self.t = thresholds or HealthThresholds()
-        self._history: list[tuple[int, float, float, float]] = []
+        # The flat-reward rule's series since the first row, as running sums (long runs stay O(1) per row).
+        self._reward, self._std, self._kl = _RunningFit(), _RunningFit(), _RunningFit()
+        self._first_it: int | None = None
         self._first_entropy: float | None = None
         self._active: set[str] = set()
         self._rows = 0
@@ -205,18 +236,19 @@ class HealthMonitor:
         keys = ("reward_mean", "reward_std", "kl_to_ref")
         if any(row.get(k) is None for k in keys):
             return None
-        self._history.append((it, *(float(row[k]) for k in keys)))
-        if len(self._history) < self.t.window:
+        for fit, k in ((self._reward, "reward_mean"), (self._std, "reward_std"), (self._kl, "kl_to_ref")):
+            fit.add(float(row[k]))
+        self._first_it = it if self._first_it is None else self._first_it
+        if self._reward.n < self.t.window:
             return None
-        its, reward, std, kl = zip(*self._history, strict=True)
-        r_rise, kl_rise = fitted_rise(list(reward)), fitted_rise(list(kl))
-        std_mean, kl_mean = sum(std) / len(std), sum(kl) / len(kl)
-        kl_needed = max(self.t.kl_rise_tol * abs(kl_mean), self.t.kl_rise_min)
+        reward, kl = self._reward, self._kl
+        r_rise, kl_rise, std_mean = reward.rise(), kl.rise(), self._std.mean
+        kl_needed = max(self.t.kl_rise_tol * abs(kl.mean), self.t.kl_rise_min)
         if r_rise > self.t.flat_reward_tol * std_mean or kl_rise <= kl_needed:
             return None
-        return (f"reward flat while the KL to the reference rises, iterations {its[0]}-{its[-1]}: reward_mean "
-                f"{reward[0]:.4g} -> {reward[-1]:.4g} (fitted rise {r_rise:.3g} <= {self.t.flat_reward_tol:g} x "
-                f"reward_std {std_mean:.3g}), kl_to_ref {kl[0]:.4g} -> {kl[-1]:.4g} (fitted rise {kl_rise:.3g} > "
+        return (f"reward flat while the KL to the reference rises, iterations {self._first_it}-{it}: reward_mean "
+                f"{reward.first:.4g} -> {reward.last:.4g} (fitted rise {r_rise:.3g} <= {self.t.flat_reward_tol:g} x "
+                f"reward_std {std_mean:.3g}), kl_to_ref {kl.first:.4g} -> {kl.last:.4g} (fitted rise {kl_rise:.3g} > "
                 f"{kl_needed:.3g}); the policy drifts without gain: suspect the reward (hacking) or raise "
                 f"algo.kl_coef")
 

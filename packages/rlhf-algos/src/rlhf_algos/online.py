@@ -11,11 +11,10 @@ REINFORCE++    ``r`` (no baseline); the returns are whitened over the whole batc
 ReMax          ``r - r(greedy response to the same prompt)``
 =============  ==========================================================================
 
-How the sequence advantage becomes per-token advantages (as OpenRLHF does): it is placed at the
-last response token, the per-token KL penalty ``-kl_coef * KL_t`` is added on every token when
-``kl_placement == "reward"``, and the advantage of token ``t`` is the discounted reward-to-go
-(:func:`~rlhf_algos.functional.discounted_returns`). With the KL in the loss (GRPO's default)
-every token of a response simply gets its sequence advantage.
+Each is :class:`~rlhf_algos.base.OnlineAlgorithm` with its own config and its advantage
+estimator (:mod:`rlhf_algos.advantages`, where the placement of the sequence advantage, the KL in
+the reward and the reward-to-go are written once). ReMax adds one hook: the greedy response's score
+(:meth:`ReMax.baseline_scores`).
 """
 
 from __future__ import annotations
@@ -25,14 +24,13 @@ from typing import ClassVar
 
 import torch
 
-from . import functional as F
-from .base import AdvantageEstimate, OnlineAlgorithm, OnlineConfig, Rollout, option
+from . import advantages as A
+from .base import Experience, OnlineAlgorithm, OnlineConfig, option
 from .rollout import generate_responses
 
 __all__ = [
     "GRPO",
     "RLOO",
-    "CriticFreeAlgorithm",
     "DrGRPO",
     "DrGRPOConfig",
     "GRPOConfig",
@@ -42,38 +40,6 @@ __all__ = [
     "ReinforcePP",
     "ReinforcePPConfig",
 ]
-
-
-class CriticFreeAlgorithm(OnlineAlgorithm):
-    """Online algorithm without a value model: subclasses give one advantage per sequence.
-
-    Subclasses implement :meth:`sequence_advantages`; :meth:`finish` may post-process the
-    per-token advantages (REINFORCE++ whitens them).
-    """
-
-    required_models: ClassVar[tuple[str, ...]] = ("actor", "reference", "reward")
-
-    @property
-    def discount(self) -> float:
-        """``gamma`` of the reward-to-go; 1 unless the config has a ``gamma``."""
-        return 1.0
-
-    def sequence_advantages(self, rollout: Rollout) -> torch.Tensor:
-        """One advantage per row ``(N,)`` from ``rollout.scores``."""
-        raise NotImplementedError
-
-    def finish(self, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Per-token advantages ``(N, R)`` from the per-token returns; identity by default."""
-        return returns
-
-    def estimate_advantages(self, rollout: Rollout) -> AdvantageEstimate:
-        c, mask = self.config, rollout.response_mask
-        seq_adv = self.sequence_advantages(rollout)  # (N,)
-        shaped = F.kl_shaped_rewards(seq_adv, rollout.logprobs, rollout.ref_logprobs, mask,
-                                     kl_coef=self.reward_kl_coef, clip_reward=None, estimator=c.kl_estimator)
-        returns = F.discounted_returns(shaped.rewards, mask, gamma=self.discount)  # (N, R)
-        return AdvantageEstimate(rewards=shaped.rewards, kl=shaped.kl, advantages=self.finish(returns, mask),
-                                 returns=returns)
 
 
 def _check_groups(cfg: OnlineConfig) -> None:
@@ -116,18 +82,15 @@ class GRPOConfig(OnlineConfig):
         self._check_min("std_eps", 0.0)
 
 
-class GRPO(CriticFreeAlgorithm):
+class GRPO(OnlineAlgorithm):
     """Group Relative Policy Optimization: group-normalised outcome advantages, KL in the loss."""
 
     name: ClassVar[str] = "grpo"
     config_class: ClassVar[type] = GRPOConfig
     description: ClassVar[str] = "GRPO: group-normalised advantages, no critic, k3 KL in the loss (DeepSeekMath)"
+    advantage_estimator: ClassVar[A.AdvantageEstimator] = A.GROUP_NORMALIZED
 
     config: GRPOConfig
-
-    def sequence_advantages(self, rollout: Rollout) -> torch.Tensor:
-        c = self.config
-        return F.group_advantages(rollout.scores, c.samples_per_prompt, scale=c.scale_rewards, eps=c.std_eps)
 
 
 @dataclass(frozen=True)
@@ -146,12 +109,18 @@ class DrGRPOConfig(GRPOConfig):
     scale_rewards: bool = option(False, "divide the centred group rewards by the group std")
 
 
-class DrGRPO(GRPO):
-    """Dr. GRPO: GRPO without std scaling and without per-response length normalisation."""
+class DrGRPO(OnlineAlgorithm):
+    """Dr. GRPO: GRPO without std scaling and without per-response length normalisation.
+
+    The same estimator as GRPO; the two differences are config defaults (:class:`DrGRPOConfig`).
+    """
 
     name: ClassVar[str] = "dr_grpo"
     config_class: ClassVar[type] = DrGRPOConfig
     description: ClassVar[str] = "Dr. GRPO: GRPO without std scaling or length normalisation (Liu et al. 2025)"
+    advantage_estimator: ClassVar[A.AdvantageEstimator] = A.GROUP_NORMALIZED
+
+    config: DrGRPOConfig
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,17 +147,15 @@ class RLOOConfig(OnlineConfig):
         _check_groups(self)
 
 
-class RLOO(CriticFreeAlgorithm):
+class RLOO(OnlineAlgorithm):
     """REINFORCE Leave-One-Out: each sample's baseline is the mean reward of the prompt's other samples."""
 
     name: ClassVar[str] = "rloo"
     config_class: ClassVar[type] = RLOOConfig
     description: ClassVar[str] = "RLOO: REINFORCE with a leave-one-out baseline, no critic (Ahmadian et al. 2024)"
+    advantage_estimator: ClassVar[A.AdvantageEstimator] = A.LEAVE_ONE_OUT
 
     config: RLOOConfig
-
-    def sequence_advantages(self, rollout: Rollout) -> torch.Tensor:
-        return F.rloo_advantages(rollout.scores, self.config.samples_per_prompt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,24 +181,15 @@ class ReinforcePPConfig(OnlineConfig):
         self._check_range("gamma", 0.0, 1.0)
 
 
-class ReinforcePP(CriticFreeAlgorithm):
-    """REINFORCE++: KL-shaped discounted returns, whitened over the batch, no critic, no group."""
+class ReinforcePP(OnlineAlgorithm):
+    """REINFORCE++: KL-shaped discounted returns (``gamma``), whitened over the batch, no critic, no group."""
 
     name: ClassVar[str] = "reinforce_pp"
     config_class: ClassVar[type] = ReinforcePPConfig
     description: ClassVar[str] = "REINFORCE++: batch-whitened KL-shaped returns, no critic (Hu 2025)"
+    advantage_estimator: ClassVar[A.AdvantageEstimator] = A.BATCH_WHITENED
 
     config: ReinforcePPConfig
-
-    @property
-    def discount(self) -> float:
-        return self.config.gamma
-
-    def sequence_advantages(self, rollout: Rollout) -> torch.Tensor:
-        return rollout.scores
-
-    def finish(self, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return F.whiten(returns, mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,26 +216,24 @@ class ReMaxConfig(OnlineConfig):
             self._fail("reward_norm", "'none' (the greedy baseline already centres the reward per prompt)")
 
 
-class ReMax(CriticFreeAlgorithm):
+class ReMax(OnlineAlgorithm):
     """ReMax: REINFORCE with the greedy response's reward as the baseline."""
 
     name: ClassVar[str] = "remax"
     config_class: ClassVar[type] = ReMaxConfig
     description: ClassVar[str] = "ReMax: REINFORCE with a greedy-rollout baseline, no critic (Li et al. 2023)"
+    advantage_estimator: ClassVar[A.AdvantageEstimator] = A.GREEDY_BASELINE
 
     config: ReMaxConfig
 
-    def sequence_advantages(self, rollout: Rollout) -> torch.Tensor:
-        return rollout.scores - self.greedy_baseline(rollout)
-
-    def greedy_baseline(self, rollout: Rollout) -> torch.Tensor:
+    def baseline_scores(self, exp: Experience) -> torch.Tensor:
         """Score ``(N,)`` of the greedy response to each row's prompt (computed once per prompt).
 
         Runs inside ``generate_experience`` (no grad, actor in eval mode). Greedy decoding draws
         no random numbers, so the sampled rollouts are the same as without the baseline.
         """
         c, k = self.config, self.config.samples_per_prompt
-        prompt_ids, prompt_mask, meta = rollout.prompt_ids[::k], rollout.prompt_mask[::k], rollout.meta[::k]
+        prompt_ids, prompt_mask, meta = exp.prompt_ids[::k], exp.prompt_mask[::k], exp.meta[::k]
         gen = generate_responses(self.actor, prompt_ids, prompt_mask, max_new_tokens=c.max_new_tokens,
                                  do_sample=False, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
         scores = self.reward_fn(gen.sequences, gen.attention_mask, gen.prompt_len, meta)

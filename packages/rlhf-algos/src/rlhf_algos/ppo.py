@@ -9,8 +9,8 @@ The recipe of one iteration, top to bottom (the plumbing is :class:`~rlhf_algos.
 5. for ``ppo_epochs`` passes over micro-batches: clipped policy loss -> actor step, clipped value
    loss -> critic step.
 
-The math lives in :mod:`rlhf_algos.functional`; this class only does the PPO-specific steps 3-4
-and the critic update.
+The math lives in :mod:`rlhf_algos.functional`; steps 3-4 are the estimator
+:class:`rlhf_algos.advantages.GAEEstimator`; this class adds the critic update.
 """
 
 from __future__ import annotations
@@ -20,15 +20,9 @@ from typing import ClassVar
 
 import torch
 
+from . import advantages as A
 from . import functional as F
-from .base import (
-    AdvantageEstimate,
-    Experience,
-    OnlineAlgorithm,
-    OnlineConfig,
-    Rollout,
-    option,
-)
+from .base import Experience, OnlineAlgorithm, OnlineConfig, option
 
 __all__ = ["PPO", "PPOConfig"]
 
@@ -63,18 +57,10 @@ class PPO(OnlineAlgorithm):
     required_models: ClassVar[tuple[str, ...]] = ("actor", "reference", "critic", "reward")
     config_class: ClassVar[type] = PPOConfig
     description: ClassVar[str] = "PPO with a critic and GAE (InstructGPT / DeepSpeed-Chat step 3)"
+    # 3. KL-shaped per-token rewards; 4. GAE advantages and returns (whitened if configured)
+    advantage_estimator: ClassVar[A.AdvantageEstimator] = A.GAEEstimator()
 
     config: PPOConfig
-
-    def estimate_advantages(self, rollout: Rollout) -> AdvantageEstimate:
-        """3. KL-shaped per-token rewards; 4. GAE advantages and returns (whitened if configured)."""
-        c, mask = self.config, rollout.response_mask
-        # Scores were clipped by process_scores already (clamping twice would change nothing).
-        shaped = F.kl_shaped_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask,
-                                     kl_coef=self.reward_kl_coef, clip_reward=None, estimator=c.kl_estimator)
-        adv = F.gae(shaped.rewards, rollout.values * mask, mask, gamma=c.gamma, lam=c.lam)
-        advantages = F.whiten(adv.advantages, mask) if c.whiten_advantages else adv.advantages
-        return AdvantageEstimate(rewards=shaped.rewards, kl=shaped.kl, advantages=advantages, returns=adv.returns)
 
     def critic_step(self, mb: Experience, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Clipped value loss on the micro-batch -> critic step."""

@@ -9,14 +9,13 @@ Shapes: ``N`` rows, ``P`` prompt columns (left-padded), ``R`` response columns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from .protocols import TrainablePolicy
 
-__all__ = ["AdvantageEstimate", "Experience", "GeneratedBatch", "Rollout", "generate_responses",
-           "response_mask_from"]
+__all__ = ["AdvantageEstimate", "Experience", "GeneratedBatch", "generate_responses", "response_mask_from"]
 
 
 def response_mask_from(sequences: torch.Tensor, prompt_len: int, eos_token_id: int | None) -> torch.Tensor:
@@ -90,15 +89,42 @@ def generate_responses(policy: TrainablePolicy, prompt_ids: torch.Tensor, prompt
 
 @dataclass
 class Experience:
-    """One rollout batch. Response-aligned tensors are ``(N, R)``; ``sequences`` is ``(N, P + R)``.
+    """The one record of a rollout batch: what was sampled, how it scored, and its advantages.
 
-    ``N = B * samples_per_prompt`` rows, the samples of one prompt contiguous. Critic-free
-    algorithms store zeros in ``values`` and the (un-whitened) discounted returns in ``returns``.
-    ``sample_logprobs`` are the generator's own log-probs of its tokens (0 after EOS), for the
-    sampling/training mismatch metrics; ``monitor_scores`` ``(N,)`` are the scores of the
-    algorithm's ``monitor_fn`` (logged, never trained on), None without one.
+    Built by :meth:`~rlhf_algos.base.OnlineAlgorithm.generate_experience` in two steps: the
+    sampled and scored fields first, then the advantage estimator (:mod:`rlhf_algos.advantages`)
+    reads it and fills ``rewards``, ``kl``, ``advantages`` and ``returns``. All on the CPU, float32;
+    ``N = B * samples_per_prompt`` rows, the samples of one prompt contiguous.
+
+    Attributes:
+        prompt_ids: ``(N, P)`` left-padded prompts, already repeated ``samples_per_prompt`` times.
+        prompt_mask: ``(N, P)``.
+        meta: ``N`` per-row dicts for the reward function.
+        sequences: ``(N, P + R)`` prompts and sampled responses.
+        attention_mask: ``(N, P + R)``.
+        prompt_len: ``P``.
+        response_mask: ``(N, R)`` 1 up to and including the first EOS.
+        logprobs: ``(N, R)`` actor log-probs at sampling time, 0 on padding.
+        ref_logprobs: ``(N, R)`` reference log-probs, 0 on padding.
+        values: ``(N, R)`` critic values ``V(s_t)``, 0 on padding (zeros without a critic).
+        scores: ``(N,)`` sequence scores as the reward function returned them (``reward_mean``).
+        train_scores: ``(N,)`` the scores the advantages are computed from: ``scores`` clipped to
+            ``±clip_reward``, then whitened over the batch when ``reward_norm == "batch"``.
+        sample_logprobs: ``(N, R)`` the generator's own log-probs of its tokens (0 after EOS), for
+            the sampling/training mismatch metrics; None when not recorded.
+        monitor_scores: ``(N,)`` scores of the algorithm's ``monitor_fn`` (logged, never trained
+            on); None without one.
+        baseline_scores: ``(N,)`` a per-row baseline scored during the rollout, processed like
+            ``train_scores`` (ReMax: the greedy response's score); None when the algorithm has none.
+        rewards: ``(N, R)`` per-token rewards (KL-shaped when ``kl_placement == "reward"``).
+        kl: ``(N, R)`` per-token KL estimate with the configured estimator.
+        advantages: ``(N, R)`` what the policy loss multiplies the ratio by.
+        returns: ``(N, R)`` value targets (PPO) or discounted returns (critic-free).
     """
 
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    meta: list[dict]
     sequences: torch.Tensor
     attention_mask: torch.Tensor
     prompt_len: int
@@ -107,53 +133,35 @@ class Experience:
     ref_logprobs: torch.Tensor
     values: torch.Tensor
     scores: torch.Tensor
-    rewards: torch.Tensor
-    kl: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
+    train_scores: torch.Tensor
     sample_logprobs: torch.Tensor | None = None
     monitor_scores: torch.Tensor | None = None
+    baseline_scores: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
 
     def rows(self, idx: list[int]) -> Experience:
+        """The rows ``idx`` (a micro-batch), every per-row field indexed alike."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            out[f.name] = v[idx] if isinstance(v, torch.Tensor) else v
+            if isinstance(v, torch.Tensor):
+                v = v[idx]
+            elif isinstance(v, list):
+                v = [v[i] for i in idx]
+            out[f.name] = v
         return Experience(**out)
 
-
-@dataclass(frozen=True, eq=False)
-class Rollout:
-    """What :meth:`OnlineAlgorithm.estimate_advantages` receives (all on the CPU, float32).
-
-    Attributes:
-        prompt_ids: ``(N, P)`` left-padded prompts, already repeated ``samples_per_prompt`` times.
-        prompt_mask: ``(N, P)``.
-        meta: ``N`` per-row dicts for the reward function.
-        sequences: ``(N, P + R)`` prompts and sampled responses.
-        attention_mask: ``(N, P + R)``.
-        response_mask: ``(N, R)`` 1 up to and including the first EOS.
-        logprobs: ``(N, R)`` actor log-probs at sampling time (unmasked).
-        ref_logprobs: ``(N, R)`` reference log-probs (unmasked).
-        values: ``(N, R)`` critic values ``V(s_t)`` (zeros without a critic; unmasked).
-        scores: ``(N,)`` sequence scores after clipping and ``reward_norm``.
-    """
-
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    meta: list[dict]
-    sequences: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    scores: torch.Tensor
+    def with_estimate(self, est: AdvantageEstimate) -> Experience:
+        """A copy with ``rewards``, ``kl``, ``advantages`` and ``returns`` from an estimator's output."""
+        return replace(self, rewards=est.rewards, kl=est.kl, advantages=est.advantages, returns=est.returns)
 
 
 @dataclass(frozen=True, eq=False)
 class AdvantageEstimate:
-    """What :meth:`OnlineAlgorithm.estimate_advantages` returns; all ``(N, R)``, 0 on padding.
+    """What an advantage estimator returns (:mod:`rlhf_algos.advantages`); all ``(N, R)``, 0 on padding.
 
     Attributes:
         rewards: Per-token rewards (KL-shaped when ``kl_placement == "reward"``).

@@ -1,0 +1,131 @@
+"""Advantage estimators: how a scored rollout becomes per-token advantages.
+
+An online algorithm differs from another mainly in this one step, so it is a value the algorithm
+holds rather than a method it inherits: every :class:`~rlhf_algos.base.OnlineAlgorithm` declares
+an ``advantage_estimator`` (a class variable), and a user can pass another to its constructor
+(``GRPO(cfg, ..., advantage_estimator=my_estimator)``).
+
+An estimator is any callable ``(experience, config) -> AdvantageEstimate``: it reads the scored
+:class:`~rlhf_algos.rollout.Experience` (``train_scores``, ``logprobs``, ``ref_logprobs``, ``values``,
+``response_mask``, ...) and the algorithm's config, and returns per-token rewards, KL, advantages
+and returns, all ``(N, R)`` and 0 on padding. It runs under ``torch.no_grad()`` on CPU float32.
+
+The built-ins:
+
+=====================  ======================================================================
+``GAEEstimator()``     PPO: KL-shaped per-token rewards, GAE with the critic's values
+                       (``gamma``, ``lam``), whitened when ``whiten_advantages``
+``GROUP_NORMALIZED``   GRPO, Dr. GRPO: ``(r - mean_group) / (std_group + eps)`` (no std when
+                       ``scale_rewards`` is False)
+``LEAVE_ONE_OUT``      RLOO: ``r - mean of the other k - 1 samples`` of the prompt
+``BATCH_WHITENED``     REINFORCE++: ``r`` (no baseline); the returns whitened over the batch
+``GREEDY_BASELINE``    ReMax: ``r - r(greedy response to the same prompt)`` (``baseline_scores``)
+=====================  ======================================================================
+
+The last four are :class:`OutcomeEstimator` s (critic-free, outcome reward): one advantage per
+sequence, placed at the last response token; the per-token KL penalty ``-kl_coef * KL_t`` added on
+every token when ``kl_placement == "reward"``; the advantage of token ``t`` is the discounted
+reward-to-go (:func:`~rlhf_algos.functional.discounted_returns`, as OpenRLHF does). With the KL in
+the loss (GRPO's default) every token of a response simply gets its sequence advantage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from . import functional as F
+from .rollout import AdvantageEstimate, Experience
+
+__all__ = [
+    "BATCH_WHITENED",
+    "GAEEstimator",
+    "GREEDY_BASELINE",
+    "GROUP_NORMALIZED",
+    "LEAVE_ONE_OUT",
+    "AdvantageEstimator",
+    "OutcomeEstimator",
+]
+
+
+class AdvantageEstimator(Protocol):
+    """``(experience, config) -> AdvantageEstimate``; see the module docstring."""
+
+    def __call__(self, exp: Experience, config: Any) -> AdvantageEstimate: ...
+
+
+def _reward_kl_coef(config: Any) -> float:
+    """The KL coefficient *in the reward*: ``kl_coef``, or 0 when the KL is in the loss."""
+    return config.kl_coef if config.kl_placement == "reward" else 0.0
+
+
+def _shaped(exp: Experience, sequence_scores: torch.Tensor, config: Any) -> F.ShapedRewards:
+    # The scores were clipped (clip_reward) when the experience was scored; clamping twice would change nothing.
+    return F.kl_shaped_rewards(sequence_scores, exp.logprobs, exp.ref_logprobs, exp.response_mask,
+                               kl_coef=_reward_kl_coef(config), clip_reward=None, estimator=config.kl_estimator)
+
+
+@dataclass(frozen=True)
+class GAEEstimator:
+    """PPO's estimator (Schulman et al. 2016): KL-shaped rewards, then GAE with the critic's values.
+
+    Reads ``config.gamma``, ``config.lam`` and ``config.whiten_advantages``; the returns are the
+    value targets.
+    """
+
+    def __call__(self, exp: Experience, config: Any) -> AdvantageEstimate:
+        mask = exp.response_mask
+        shaped = _shaped(exp, exp.train_scores, config)
+        adv = F.gae(shaped.rewards, exp.values * mask, mask, gamma=config.gamma, lam=config.lam)
+        advantages = F.whiten(adv.advantages, mask) if config.whiten_advantages else adv.advantages
+        return AdvantageEstimate(rewards=shaped.rewards, kl=shaped.kl, advantages=advantages, returns=adv.returns)
+
+
+@dataclass(frozen=True)
+class OutcomeEstimator:
+    """A critic-free estimator from a sequence-level advantage (see the module docstring).
+
+    Attributes:
+        sequence_advantages: ``(experience, config) -> (N,)``, one advantage per row.
+        whiten_returns: Whiten the per-token returns over the batch's valid tokens (REINFORCE++).
+
+    The reward-to-go is discounted by ``config.gamma`` when the config has one, else by 1.
+    """
+
+    sequence_advantages: Callable[[Experience, Any], torch.Tensor]
+    whiten_returns: bool = False
+
+    def __call__(self, exp: Experience, config: Any) -> AdvantageEstimate:
+        mask = exp.response_mask
+        shaped = _shaped(exp, self.sequence_advantages(exp, config), config)  # (N, R)
+        returns = F.discounted_returns(shaped.rewards, mask, gamma=getattr(config, "gamma", 1.0))  # (N, R)
+        advantages = F.whiten(returns, mask) if self.whiten_returns else returns
+        return AdvantageEstimate(rewards=shaped.rewards, kl=shaped.kl, advantages=advantages, returns=returns)
+
+
+def _group_normalized(exp: Experience, c: Any) -> torch.Tensor:
+    return F.group_advantages(exp.train_scores, c.samples_per_prompt, scale=c.scale_rewards, eps=c.std_eps)
+
+
+def _leave_one_out(exp: Experience, c: Any) -> torch.Tensor:
+    return F.rloo_advantages(exp.train_scores, c.samples_per_prompt)
+
+
+def _no_baseline(exp: Experience, c: Any) -> torch.Tensor:
+    return exp.train_scores
+
+
+def _greedy_baseline(exp: Experience, c: Any) -> torch.Tensor:
+    if exp.baseline_scores is None:
+        raise ValueError("GREEDY_BASELINE: the experience has no baseline_scores (the algorithm must fill them "
+                         "while scoring, as ReMax's baseline_scores() does)")
+    return exp.train_scores - exp.baseline_scores
+
+
+GROUP_NORMALIZED = OutcomeEstimator(_group_normalized)
+LEAVE_ONE_OUT = OutcomeEstimator(_leave_one_out)
+BATCH_WHITENED = OutcomeEstimator(_no_baseline, whiten_returns=True)
+GREEDY_BASELINE = OutcomeEstimator(_greedy_baseline)
