@@ -32,10 +32,6 @@ app.add_typer(bench_app, name="bench")
 STAGE_CHOICES = ("sft", "rm", "all")  # or the name of a registered algorithm
 
 
-class UsageError(Exception):
-    pass
-
-
 def _fail(msg: str, code: int = 2) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
@@ -60,10 +56,7 @@ def _quiet_libraries() -> None:
 
 
 def _keys_help() -> str:
-    lines = []
-    for key, (t, default, doc) in all_keys().items():
-        lines.append(f"{key} ({t.__name__}, default {default!r}): {doc}")
-    return "\n".join(lines)
+    return "\n".join(f"{key} ({t.__name__}, default {default!r}): {doc}" for key, (t, default, doc) in all_keys().items())
 
 
 @app.command(
@@ -93,6 +86,8 @@ def run(
     zero_stage: int = typer.Option(None, "--zero-stage", help="DeepSpeed ZeRO stage 0-3."),
     nproc: int = typer.Option(None, "--nproc", help="Processes on this machine (>1 relaunches under torchrun)."),
     seed: int = typer.Option(None, "--seed", help="Global seed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete finished later stages trained from an output "
+                                   "this run replaces (else that is an error; see docs/pipeline.md, 'Run ledger')."),
 ) -> None:
     algo = _stage_algorithm(stage, algo)
     try:
@@ -113,7 +108,7 @@ def run(
     if cfg.deepspeed.nproc > 1 and "RANK" not in os.environ:
         _relaunch(cfg.deepspeed.nproc)
         return
-    _run_stages(cfg, stage)
+    _run_stages(cfg, stage, overwrite)
 
 
 def _stage_algorithm(stage: str, algo: str | None) -> str | None:
@@ -131,7 +126,7 @@ def _stage_algorithm(stage: str, algo: str | None) -> str | None:
     return stage
 
 
-def _run_stages(cfg, stage: str) -> None:
+def _run_stages(cfg, stage: str, overwrite: bool = False) -> None:
     """Run ``stage`` ("all", "sft", ...) of ``cfg`` in this process (one rank under torchrun)."""
     _quiet_libraries()
     from rlhf_hybrid import init_distributed
@@ -151,7 +146,7 @@ def _run_stages(cfg, stage: str) -> None:
     reporter.print(f"[bold]rlhf run[/] stages={','.join(stages)} out={cfg.out} world_size={info.world_size} "
                    f"zero_stage={cfg.deepspeed.zero_stage} device={info.device}")
     try:
-        summary = run_pipeline(cfg, stages, reporter, info.rank, info.world_size)
+        summary = run_pipeline(cfg, stages, reporter, info.rank, info.world_size, overwrite=overwrite)
     except (PipelineError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     reporter.summary_table(summary_rows(summary))

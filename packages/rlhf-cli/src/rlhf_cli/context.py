@@ -8,15 +8,17 @@ from __future__ import annotations
 import json
 import random
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from .config import RunConfig
+from .ledger import check_inputs, checkpoint_id, config_fingerprint, new_checkpoint_id
 from .report import Reporter
 
-__all__ = ["Context", "PipelineError", "engine_config", "load_data", "require_stage_output", "save_stage",
+__all__ = ["Context", "PipelineError", "engine_config", "load_data", "note_input", "require_stage_output", "save_stage",
            "seed_everything", "tokenized", "with_lora"]
 
 
@@ -34,6 +36,8 @@ class Context:
     world_size: int = 1
     summary: dict = field(default_factory=dict)
     data: object = None  # rlhf_data.StageData, loaded once per process by load_data()
+    # The checkpoint ids of the earlier stage outputs the running stage read (the ledger's "inputs").
+    inputs: dict = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -150,6 +154,17 @@ def require_stage_output(ctx: Context, stage: str, needed_by: str) -> Path:
             f"--stage {needed_by} needs the {stage} stage's output at {d} (no config.json there); "
             f"run `rlhf run --stage {stage}` first or use --stage all"
         )
+    return note_input(ctx, stage)
+
+
+def note_input(ctx: Context, stage: str) -> Path:
+    """``<out>/<stage>``, read by the running stage: checked against the ledger's reading rule
+    (:func:`rlhf_cli.ledger.check_inputs`) and recorded as one of its inputs."""
+    d = ctx.stage_dir(stage)
+    check_inputs(ctx.out, stage)
+    cid = checkpoint_id(d)
+    if cid is not None:
+        ctx.inputs[stage] = cid
     return d
 
 
@@ -170,12 +185,17 @@ def _run_card(ctx: Context, stage: str, metrics: dict) -> str:
         ds_version = deepspeed.__version__
     except Exception:  # pragma: no cover
         ds_version = None
+    config = asdict(ctx.cfg)
     card = {
         "stage": stage,
+        "checkpoint_id": new_checkpoint_id(),
+        "inputs": dict(ctx.inputs),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config_fingerprint": config_fingerprint(config),
         "command": " ".join(sys.argv),
         "seed": ctx.cfg.seed,
         "world_size": ctx.world_size,
-        "config": asdict(ctx.cfg),
+        "config": config,
         "metrics": metrics,
         "versions": {
             "python": platform.python_version(),

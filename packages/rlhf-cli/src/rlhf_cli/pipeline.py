@@ -14,9 +14,10 @@ import time
 
 from rlhf_algos import ModelReward, TextReward
 
-from .config import RunConfig
+from .config import RunConfig, to_dict
 from .context import Context, PipelineError, load_data
 from .evaluation import evaluate_policy
+from .ledger import remove_stale, write_ledger
 from .report import Reporter
 from .stages import run_offline, run_online, run_rm, run_sft
 
@@ -37,8 +38,14 @@ def stages_for(cfg: RunConfig, stage: str) -> list[str]:
     return ["sft", *(["rm"] if needs_rm else []), cls.name]
 
 
-def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: int = 0, world_size: int = 1) -> dict:
-    """Run ``stages`` in order and write ``<out>/summary.json`` (merged with an earlier one)."""
+def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: int = 0, world_size: int = 1,
+                 overwrite: bool = False) -> dict:
+    """Run ``stages`` in order; after each, rewrite ``<out>/summary.json`` (merged with an earlier one)
+    and ``<out>/ledger.json``.
+
+    Before anything trains, the ledger's re-running rule (:mod:`rlhf_cli.ledger`): finished later
+    stages trained from an output about to be replaced are an error, or deleted with ``overwrite``.
+    """
     from rlhf_hybrid import barrier, write_json_atomic
 
     ctx = Context(cfg, reporter, rank, world_size)
@@ -50,6 +57,13 @@ def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: in
         except json.JSONDecodeError:
             summary = {}
     summary.setdefault("wall_seconds", {})
+    # The error is the same on every rank (the same files); with --overwrite only rank 0 deletes.
+    if ctx.is_main or not overwrite:
+        removed = remove_stale(ctx.out, stages, summary, overwrite)
+        if removed:
+            reporter.print(f"--overwrite: deleted {', '.join(f'{ctx.out / s}/' for s in removed)} (trained from "
+                           f"the {', '.join(stages)} output this run replaces)")
+    barrier()
     data = load_data(ctx)  # load (and check) the data before any stage starts
     algo_cls = cfg.algorithm()
     if algo_cls.name in stages and algo_cls.kind == "online" and cfg.rl.reward == "verifier" and data.verifier is None:
@@ -60,10 +74,14 @@ def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: in
     t_all = time.perf_counter()
     for stage in stages:
         t0 = time.perf_counter()
+        ctx.inputs = {}  # filled as the stage reads earlier outputs (the ledger's inputs)
         result = runners[stage](ctx)
         result.pop("wall_seconds", None)
         summary[stage] = result
         summary["wall_seconds"][stage] = round(time.perf_counter() - t0, 2)
+        if ctx.is_main:  # a crash in a later stage keeps this one's summary
+            write_json_atomic(summary_path, summary)
+            write_ledger(ctx.out, to_dict(cfg))
         barrier()
     summary["wall_seconds"]["total"] = round(time.perf_counter() - t_all, 2)
     if ctx.is_main:

@@ -10,6 +10,7 @@ from ..context import (
     Context,
     engine_config,
     load_data,
+    note_input,
     require_stage_output,
     save_stage,
     seed_everything,
@@ -49,6 +50,8 @@ def _scorer(ctx: Context, data, tokenizer, frozen):
     if (rm_dir / "config.json").is_file():
         from rlhf_algos import ModelReward
         from rlhf_hybrid import HybridEngine, ValueModel
+
+        note_input(ctx, "rm")
 
         return "reward_model_score", ModelReward(
             HybridEngine(ValueModel.from_pretrained(str(rm_dir)), frozen, trainable=False))
