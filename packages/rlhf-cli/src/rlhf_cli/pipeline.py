@@ -16,6 +16,7 @@ from rlhf_algos import ModelReward, TextReward
 
 from .config import RunConfig
 from .context import Context, PipelineError, load_data
+from .data_report import check_stage_data
 from .evaluation import evaluate_policy
 from .report import Reporter
 from .stages import run_offline, run_online, run_rm, run_sft
@@ -52,6 +53,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: in
     summary.setdefault("wall_seconds", {})
     data = load_data(ctx)  # load (and check) the data before any stage starts
     algo_cls = cfg.algorithm()
+    check_stage_data(cfg, data, stages, algo_cls.kind)  # a stage without samples fails now, not after the others
     if algo_cls.name in stages and algo_cls.kind == "online" and cfg.rl.reward == "verifier" and data.verifier is None:
         raise PipelineError(f"rl.reward: 'verifier' needs data with a ground-truth verifier (the demo task); "
                             f"data.sources={cfg.data.sources!r} has none; use rl.reward=model or a registered "
