@@ -350,3 +350,23 @@ def test_demo_source_keeps_its_samples() -> None:
 DEMO_SIZES = {"sft": 3040, "rm": 4560, "rl": 2280}
 DEMO_SFT_HEAD = ('[["What is 13 + 88?", "101"], ["What is 41 + 48?", "89"], ["What is 24 + 85?", "109"], '
                  '["What is 62 + 29?", "81"], ["What is 85 + 94?", "179"]]')
+
+
+def test_streaming_a_dataset_directory_with_the_real_loader(tmp_path) -> None:
+    """streaming=true and max_rows through datasets.load_dataset itself (a local directory stands in
+    for a hub id: the same code path, offline)."""
+    from rlhf_data.stages import load_records
+
+    d = tmp_path / "pc-dir"
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(6)]
+    write_rows(d / "train.jsonl", rows[:4])
+    write_rows(d / "test.jsonl", rows[4:])
+    train, evals, report = load_records(parse_data_spec(f"trl:{d}[streaming=true,max_rows=3]")[0])
+    assert train == [SFTRecord(f"q{i}", f"a{i}") for i in range(3)]
+    assert evals == [SFTRecord("q4", "a4"), SFTRecord("q5", "a5")]
+    assert report.where == [f"{d}[train] (first 3 rows: max_rows)", f"{d}[test] (first 3 rows: max_rows)"]
+    # a directory with no test split: the eval part is held out of train instead, streaming or not
+    (d / "test.jsonl").unlink()
+    for opts in ("[streaming=true]", ""):
+        train, evals, _ = load_records(parse_data_spec(f"trl:{d}{opts}")[0])
+        assert len(train) == 4 and evals is None

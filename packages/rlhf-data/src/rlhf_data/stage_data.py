@@ -88,8 +88,9 @@ class StageData:
         for r in self.reports:
             cols = ", ".join(map(repr, r.columns)) or "-"
             why = "; ".join(f"{k}: {v}" for k, v in (r.unusable.get(set_name) or {}).items())
-            said.append(f"source {r.label!r} (format {r.format!r}, columns {cols}) has {r.parts.get(part, 0)} "
-                        f"records in its {part} part" + (f", none usable ({why})" if why else ""))
+            n = r.parts.get(part, 0)
+            said.append(f"source {r.label!r} (format {r.format!r}, columns {cols}) has {n} record{'s' * (n != 1)} "
+                        f"in its {part} part" + (f", none usable ({why})" if why else ""))
         return "; ".join(said) + f"; the {stage} stage needs {STAGE_NEEDS[stage]}"
 
     def require(self, set_name: str) -> list:
