@@ -293,6 +293,14 @@ def load_records(spec: SourceSpec, *, label: str | None = None, options: dict | 
     return train, evals, report
 
 
+class _BareReader(SourceAdapter):
+    """Reads a bare location before its format is known (splits "train"/"test" unless the spec says)."""
+
+    def __init__(self, location: str, options: dict[str, str]) -> None:
+        self.name = location  # type: ignore[misc]  # option errors name the location: there is no format yet
+        super().__init__(options)
+
+
 def _open_source(spec: SourceSpec, options: dict | None) -> tuple[SourceAdapter, SourceAdapter, tuple | None]:
     """``(adapter, reader, train rows or None)`` of a spec entry. A named source reads its own rows;
     a bare file, directory or hub id is read by a plain :class:`SourceAdapter` (splits "train" and
@@ -305,7 +313,7 @@ def _open_source(spec: SourceSpec, options: dict | None) -> tuple[SourceAdapter,
                             f"'{adapter.name}:./data.jsonl'")
         adapter.check_location(location)
         return adapter, adapter, None
-    reader = SourceAdapter({k: v for k, v in spec.options.items() if k in LOAD_OPTIONS})
+    reader = _BareReader(spec.location, {k: v for k, v in spec.options.items() if k in LOAD_OPTIONS})
     reader.check_location(spec.location)
     rows_train = reader.read(spec.location, reader.read_split)
     if rows_train is None:
