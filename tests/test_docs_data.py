@@ -10,7 +10,7 @@ import pytest
 from rlhf_data import ChatRecord, PreferenceRecord, SFTRecord, available_sources
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
-BUILTIN = {name: cls for name, cls in available_sources().items() if cls.__module__ == "rlhf_data.adapters"}
+BUILTIN = {name: cls for name, cls in available_sources().items() if cls.__module__.startswith("rlhf_data.")}
 OPTIONS = {"local": {"prompt": "question", "chosen": "good", "rejected": "bad"}}
 EXPECTED_KIND = {"sharegpt": ChatRecord, "messages": ChatRecord}
 
@@ -49,3 +49,26 @@ def test_rlhf_data_readme_examples_run() -> None:
     assert len(blocks) == 2
     for code in blocks:
         exec(compile(code, "packages/rlhf-data/README.md", "exec"), {})
+
+
+def test_load_option_examples_parse() -> None:
+    """The specs in docs/data.md's load-options examples are valid: the options reach the adapter."""
+    import re
+
+    from rlhf_data import parse_data_spec
+
+    specs = re.findall(r'^rlhf (?:data inspect|run --stage \w+ --data) "([^"]+)"', DOC, flags=re.M)
+    assert len(specs) == 2
+    for spec in specs:
+        (sp,) = parse_data_spec(spec)
+        assert sp.name == "" and "/" in sp.location and {"split", "eval_split"} <= set(sp.options)
+        available_sources()["trl"](sp.options)  # every option is accepted
+
+
+def test_trl_types_are_documented() -> None:
+    from rlhf_data.trl_formats import TYPES
+
+    section = DOC.split("### `trl`")[1].split("\n### ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    for name, columns in TYPES:
+        assert any(line.split("|")[2].strip() == ", ".join(f"`{c}`" for c in columns) for line in rows), name

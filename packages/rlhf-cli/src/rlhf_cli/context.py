@@ -75,6 +75,10 @@ def load_data(ctx: Context):
                 ctx.reporter.print(f"data: {r['label']} ({r['format']}): sft {r['used']['sft']}, rm {r['used']['rm']}, "
                                    f"rl {r['used']['rl']} samples" + (f"; {dropped} rows dropped "
                                    f"({json.dumps(r['dropped'])})" if dropped else ""))
+            from .data_report import unusable_lines
+
+            for line in unusable_lines(ctx.data):  # records a stage could not use (an SFT-only source's RM part)
+                ctx.reporter.print(f"data: {line}")
     return ctx.data
 
 
@@ -87,7 +91,10 @@ def tokenized(ctx: Context, tokenizer, records: list, stage: str, what: str, sta
 
     d = ctx.cfg.data
     if not records:
-        raise PipelineError(f"data: no {what} samples (data.sources={d.sources!r}, data.split={d.split!r}); "
+        sets = ("sft", "rm", "rl", "sft_eval", "rm_eval", "rl_valid", "rl_eval")
+        name = next((k for k in sets if getattr(ctx.data, k, None) is records), None)
+        why = f": {ctx.data.why_empty(name)}" if name else ""
+        raise PipelineError(f"data: no {what} samples (data.sources={d.sources!r}, data.split={d.split!r}){why}; "
                             f"`rlhf data inspect` shows what each source gives each stage")
     cache = (Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()) if d.cache else None
     out = tokenize_records(tokenizer, records, stage, tokenize_config(ctx.cfg), cache_dir=cache)

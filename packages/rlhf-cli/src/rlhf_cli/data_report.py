@@ -48,6 +48,43 @@ def load_stage_data(cfg: RunConfig):
                             source_options={"demo": d.demo_options()})
 
 
+# the sets of StageData each stage tokenizes (an RL algorithm's by its kind; it also evaluates on rl_valid/rl_eval)
+STAGE_SETS = {"sft": ("sft", "sft_eval"), "rm": ("rm", "rm_eval"), "online": ("rl", "rl_valid", "rl_eval"),
+              "offline": ("rm", "rl_valid", "rl_eval")}
+
+
+def check_stage_data(cfg: RunConfig, data, stages: list[str], algo_kind: str) -> None:
+    """Before any stage trains: every set a stage to run needs has samples.
+
+    Raises:
+        PipelineError: a set is empty; the message names every source, its columns, why its records
+            were unusable and the fields the stage looks for.
+    """
+    from rlhf_data import DataError
+
+    from .context import PipelineError
+
+    for stage in stages:
+        for name in STAGE_SETS.get(stage) or STAGE_SETS.get(algo_kind, ()):
+            try:
+                data.require(name)
+            except DataError as e:
+                raise PipelineError(f"data: stage {stage!r}: {e} (data.sources={cfg.data.sources!r}, "
+                                    f"data.split={cfg.data.split!r}; `rlhf data inspect` shows what each source "
+                                    f"gives each stage)") from None
+
+
+def unusable_lines(data) -> list[str]:
+    """One line per source and set whose part held records that set cannot use, with the reasons."""
+    lines = []
+    for r in data.reports:
+        for set_name, reasons in r.unusable.items():
+            if reasons:
+                lines.append(f"{r.label}: {set_name}: {sum(reasons.values())} records not usable ("
+                             + ", ".join(f"{k}: {v}" for k, v in reasons.items()) + ")")
+    return lines
+
+
 def tokenize_config(cfg: RunConfig):
     """The ``rlhf_data.TokenizeConfig`` of the ``data.*`` length keys."""
     from rlhf_data import TokenizeConfig
@@ -75,6 +112,8 @@ def inspect_data(cfg: RunConfig, tokenizer_name: str | None, examples: int = 3, 
                     str(r.parts.get("eval", 0)))
     console.print(src)
     console.print("sft/rm/rl columns: samples used by the blend / usable samples in the source's part")
+    for line in unusable_lines(data):
+        console.print(line, markup=False, highlight=False)
 
     with console.status("tokenizing every set ..."):
         rows = inspect_stage_data(data, tok, tc, examples=examples)

@@ -16,6 +16,7 @@ from rlhf_algos import ModelReward, TextReward
 
 from .config import RunConfig, to_dict
 from .context import Context, PipelineError, load_data
+from .data_report import check_stage_data
 from .evaluation import evaluate_policy
 from .ledger import remove_stale, write_ledger
 from .report import Reporter
@@ -66,6 +67,7 @@ def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: in
     barrier()
     data = load_data(ctx)  # load (and check) the data before any stage starts
     algo_cls = cfg.algorithm()
+    check_stage_data(cfg, data, stages, algo_cls.kind)  # a stage without samples fails now, not after the others
     if algo_cls.name in stages and algo_cls.kind == "online" and cfg.rl.reward == "verifier" and data.verifier is None:
         raise PipelineError(f"rl.reward: 'verifier' needs data with a ground-truth verifier (the demo task); "
                             f"data.sources={cfg.data.sources!r} has none; use rl.reward=model or a registered "

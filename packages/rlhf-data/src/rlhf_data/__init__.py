@@ -27,7 +27,8 @@ from .sources import (
     parse_data_spec,
     read_rows,
 )
-from .stages import SourceReport, StageData, StageSplit, blend, build_stage_data, split_groups
+from .stage_data import SourceReport, StageData
+from .stages import StageSplit, blend, build_stage_data, split_groups
 from .tokenization import (
     TokenizeConfig,
     TokenizedSet,
@@ -42,6 +43,7 @@ from .tokenization import (
     tokenize_records,
     train_demo_tokenizer,
 )
+from .trl_formats import TRLAdapter
 
 __all__ = [
     "IGNORE_INDEX",
@@ -60,6 +62,7 @@ __all__ = [
     "SourceSpec",
     "StageData",
     "StageSplit",
+    "TRLAdapter",
     "TokenizeConfig",
     "TokenizeStats",
     "TokenizedSet",

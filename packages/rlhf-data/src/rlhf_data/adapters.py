@@ -269,7 +269,9 @@ class UltraFeedbackAdapter(SourceAdapter):
 
     @classmethod
     def detect(cls, row: dict) -> bool:
-        return isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list)
+        # a conversational `prompt` (a list) is TRL's explicit-prompt preference format: `trl`
+        return isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list) and \
+            not isinstance(row.get("prompt"), list)
 
 
 class ShareGPTAdapter(SourceAdapter):
@@ -383,7 +385,9 @@ class LocalAdapter(SourceAdapter):
     @classmethod
     def detect(cls, row: dict) -> bool:
         prompt = row.get("prompt")
-        return isinstance(prompt, str) and not _looks_like_transcript(prompt) and not isinstance(row.get("chosen"), list)
+        # a `completion` column is TRL's prompt-completion / unpaired format: `trl`
+        return isinstance(prompt, str) and not _looks_like_transcript(prompt) and \
+            not isinstance(row.get("chosen"), list) and "completion" not in row
 
 
 class DemoSource(SourceAdapter):
@@ -399,6 +403,7 @@ class DemoSource(SourceAdapter):
     description = ("The built-in demo task: two-digit addition in chat form, generated in-process with a "
                    "ground-truth verifier (docs/demo-task.md).")
     example = '{"prompt": "What is 47 + 38?", "response": "85"}'
+    reads_data = False
     OPTIONS = {"num_eval": int, "num_valid": int, "sft_carry_error": float, "label_noise": float,
                "pairs_per_prompt": int, "stage_split": str}
 

@@ -59,7 +59,7 @@ def render_example(tokenizer, record, kind: str) -> str:
     """A record as the model sees it (rendered prompt + response(s))."""
     prompt = render_prompt(tokenizer, record.prompt)
     if kind == "sft":
-        return prompt + render_response(tokenizer, record.response)
+        return prompt + render_response(tokenizer, record.response, raw=record.prompt == "")
     if kind == "rm":
         return (f"{prompt}\n  [chosen]  {render_response(tokenizer, record.chosen).strip()}\n"
                 f"  [rejected] {render_response(tokenizer, record.rejected).strip()}")

@@ -10,6 +10,10 @@ commas (brackets may hold commas)::
     ./pairs.jsonl                        a local file; the format is detected from its columns
     local:./x.csv[prompt=question,chosen=good,rejected=bad]:0.2
                                          a generic local file with a column mapping
+    org/name[subset=en,revision=v1,split=train,streaming=true]
+                                         a hub dataset by id: the format is detected from its rows;
+                                         the options choose how datasets.load_dataset loads it
+    ./saved                              a Dataset/DatasetDict.save_to_disk directory
 
 Adapters are registered under the entry-point group ``rlhf.data.sources``; the built-ins are
 registered there exactly as a third party's are (see rlhf-data's pyproject.toml).
@@ -17,8 +21,6 @@ registered there exactly as a third party's are (see rlhf-data's pyproject.toml)
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import re
@@ -29,16 +31,24 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .errors import DataError
+from .readers import (
+    FILE_SUFFIXES,
+    HUB_OPTIONS,
+    HubOptions,
+    is_saved_dataset,
+    read_hub_rows,
+    read_rows,
+    read_saved_rows,
+)
 from .records import Record
 
 log = logging.getLogger(__name__)
 
 GROUP = "rlhf.data.sources"
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
-
-
-class DataError(ValueError):
-    """Bad data or a bad data spec; the message names the file, the row and the field."""
+# options every adapter that reads data accepts: which splits to read, and how load_dataset loads them
+LOAD_OPTIONS = ("split", "eval_split", *HUB_OPTIONS)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class RowError(ValueError):
@@ -75,6 +85,8 @@ class SourceAdapter:
             is held out from ``train_split`` (see :func:`rlhf_data.build_stage_data`).
         record_kind: what :meth:`convert` returns: "preference", "sft", "prompt", "chat" or "mixed".
         example: one raw row in the format, as JSON (used by the docs and the tests).
+        reads_data: whether the source reads rows (and so takes the load options: ``split``,
+            ``eval_split``, ``subset``, ``revision``, ``streaming``, ``max_rows``).
     """
 
     name: ClassVar[str] = ""
@@ -85,14 +97,22 @@ class SourceAdapter:
     record_kind: ClassVar[str] = "preference"
     example: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    reads_data: ClassVar[bool] = True
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         options = dict(options or {})
-        unknown = sorted(set(options) - set(self.option_names()))
+        allowed = self.option_names() + (LOAD_OPTIONS if self.reads_data else ())
+        unknown = sorted(set(options) - set(allowed))
         if unknown:
-            allowed = ", ".join(self.option_names()) or "none"
-            raise DataError(f"source {self.name!r}: unknown option(s) {', '.join(unknown)}; allowed: {allowed}")
-        self.options = options
+            raise DataError(f"source {self.name!r}: unknown option(s) {', '.join(unknown)}; allowed: "
+                            f"{', '.join(allowed) or 'none'}")
+        self.load_options = {k: str(v) for k, v in options.items() if k in LOAD_OPTIONS}
+        self.options = {k: v for k, v in options.items() if k not in LOAD_OPTIONS}
+        self.hub = HubOptions.from_options(self.load_options, self.name)
+        # the splits read: the spec's [split=..., eval_split=...] or the format's own; "none" = no eval split
+        self.read_split = self.load_options.get("split") or self.train_split
+        eval_split = self.load_options.get("eval_split", self.eval_split)
+        self.read_eval_split = None if eval_split in (None, "", "none") else eval_split
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -120,12 +140,31 @@ class SourceAdapter:
     def read(self, location: str, split: str | None) -> tuple[str, list[dict]] | None:
         """Raw rows of ``location`` (local file or hub id) for ``split``.
 
-        Returns ``(where, rows)`` or ``None`` when a hub dataset has no such split. A local file
-        holds only the train part (``split == train_split``); its eval part is held out from it.
+        Returns ``(where, rows)`` or ``None`` when the dataset has no such split. A local file (or a
+        ``save_to_disk`` directory of one ``Dataset``) holds only the train part (``split ==
+        self.read_split``); its eval part is held out from it.
         """
         if is_local(location):
-            return (location, read_rows(location)) if split == self.train_split else None
-        return read_hub_rows(location, split)
+            return (location, read_rows(location)) if split == self.read_split else None
+        if is_saved_dataset(location):
+            return read_saved_rows(location, split, whole=split == self.read_split)
+        return read_hub_rows(location, split, self.hub)
+
+    def check_location(self, location: str) -> None:
+        """Raise ``DataError`` for load options that do not apply to ``location`` (nothing is ignored)."""
+        if is_local(location):
+            bad = sorted(self.load_options)
+            what = "a local file"
+        elif is_saved_dataset(location):
+            bad = sorted(set(self.load_options) & set(HUB_OPTIONS))
+            what = "a save_to_disk directory (datasets.load_from_disk)"
+        else:
+            return
+        if bad:
+            raise DataError(f"source {self.name or location!r}: option(s) {', '.join(bad)} do not apply to {location!r}, "
+                            f"{what}; they apply to datasets loaded with datasets.load_dataset (hub ids, dataset "
+                            f"directories)" + ("; split/eval_split also to DatasetDict directories"
+                                               if what == "a local file" else ""))
 
 
 def text_field(row: dict, name: str, *, allow_empty: bool = False) -> str:
@@ -219,8 +258,8 @@ def get_source(name: str) -> type[SourceAdapter]:
     if name in by_hub:
         return by_hub[name]
     raise DataError(f"unknown data source {name!r}; available: {', '.join(sorted(sources))} "
-                    f"(or a local .jsonl/.json/.parquet/.csv file; adapters register under the entry-point group "
-                    f"{GROUP!r})")
+                    f"(or a local {'/'.join(FILE_SUFFIXES)} file, a dataset directory, or a hub dataset id 'org/name'; "
+                    f"adapters register under the entry-point group {GROUP!r})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,7 +292,8 @@ class SourceSpec:
 
 def is_local(location: str) -> bool:
     """A local file (or something meant to be one) rather than a hub id. A local *directory* is not:
-    it is loaded with ``datasets.load_dataset`` like a hub dataset (train/test files inside)."""
+    it is loaded with ``datasets.load_from_disk`` when ``save_to_disk`` wrote it, else with
+    ``datasets.load_dataset`` like a hub dataset (train/test files inside)."""
     p = Path(location).expanduser()
     if p.is_dir():
         return False
@@ -309,12 +349,21 @@ def parse_source(entry: str) -> SourceSpec:
             raise DataError(f"data spec {entry!r}: weight {raw} must be a positive number")
     head = parts[0].strip()
     location = ":".join(parts[1:]).strip()
-    if not location and is_local(head) and head not in available_sources():
-        name, location = "", head  # a bare file: detect the format
+    if not location and _is_bare_location(head):
+        name, location = "", head  # a bare file, directory or hub id: detect the format from its rows
     else:
         name = head
         get_source(name)  # unknown names fail here, listing the available ones
     return SourceSpec(name, location, weight, options)
+
+
+def _is_bare_location(head: str) -> bool:
+    """``head`` is data to read, not an adapter name: a local file or directory, or a hub id that is
+    no adapter's default dataset (those pick their adapter)."""
+    sources = available_sources()
+    if head in sources or any(cls.hub_id == head for cls in sources.values()):
+        return False
+    return is_local(head) or Path(head).expanduser().is_dir() or bool(_HUB_ID.match(head))
 
 
 def parse_data_spec(spec: str | list) -> list[SourceSpec]:
@@ -354,80 +403,6 @@ def parse_data_spec(spec: str | list) -> list[SourceSpec]:
     if dup:
         raise DataError(f"data spec: source {dup[0]!r} is listed twice; give it once with its total weight")
     return entries
-
-
-# ----------------------------------------------------------------------------------------------
-# raw rows
-# ----------------------------------------------------------------------------------------------
-def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a local .jsonl, .json (a list of objects, or ``{"data": [...]}``), .parquet or .csv file.
-
-    Raises:
-        DataError: missing, empty or unparsable file (with the line number), unknown extension.
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
-    suffix = p.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        with p.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {n} is not valid JSON: {e.msg}") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}: line {n} is a JSON {type(row).__name__}, expected an object")
-                rows.append(row)
-    elif suffix == ".json":
-        try:
-            data = json.loads(p.read_text(encoding="utf-8") or "[]")
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON at line {e.lineno}: {e.msg}") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise DataError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
-        rows = data
-    elif suffix == ".csv":
-        with p.open(encoding="utf-8", newline="") as f:
-            rows = [dict(r) for r in csv.DictReader(f)]
-    elif suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:  # pragma: no cover - datasets depends on pyarrow
-            raise ImportError("reading .parquet needs pyarrow: pip install pyarrow") from None
-        rows = pq.read_table(p).to_pylist()
-    else:
-        raise DataError(f"data file {str(path)!r}: unknown extension {p.suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
-    if not rows:
-        raise DataError(f"data file {str(path)!r} is empty (no rows)")
-    return rows
-
-
-def read_hub_rows(dataset: str, split: str) -> tuple[str, list[dict]] | None:
-    """Rows of a split of a dataset loaded with ``datasets.load_dataset`` (a hub id or a local
-    dataset directory). ``None`` if the dataset has no such split."""
-    import datasets
-
-    try:
-        builder = datasets.load_dataset_builder(dataset)
-        splits = set(builder.info.splits or {})
-    except Exception as e:
-        raise DataError(f"cannot load dataset {dataset!r} with the `datasets` library ({type(e).__name__}: {e}); "
-                        f"for a local file give its path (ending in {', '.join(FILE_SUFFIXES)})") from None
-    if splits and split not in splits:
-        return None
-    try:
-        ds = datasets.load_dataset(dataset, split=split)
-    except ValueError as e:
-        if "split" in str(e).lower():  # a local dataset directory without this split
-            return None
-        raise DataError(f"cannot load split {split!r} of dataset {dataset!r}: {e}") from None
-    return f"{dataset}[{split}]", [dict(r) for r in ds]
 
 
 def iter_records(adapter: SourceAdapter, rows: list[dict], where: str, dropped: Counter) -> Iterator[tuple[int, Record]]:

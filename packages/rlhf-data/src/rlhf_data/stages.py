@@ -19,8 +19,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from .records import (
     ChatRecord,
@@ -32,7 +31,18 @@ from .records import (
     simplify_prompt,
     split_conversation,
 )
-from .sources import DataError, SourceSpec, detect_source, get_source, is_local, iter_records, parse_data_spec
+from .sources import (
+    LOAD_OPTIONS,
+    DataError,
+    SourceAdapter,
+    SourceSpec,
+    detect_source,
+    get_source,
+    is_local,
+    iter_records,
+    parse_data_spec,
+)
+from .stage_data import SourceReport, StageData, StagedParts
 
 STAGE_NAMES = ("sft", "rm", "rl")
 
@@ -98,7 +108,10 @@ def cut(n: int, fractions: Sequence[float]) -> list[int]:
 
 
 def prompt_key(record: Record) -> str:
-    """Records with the same key share a prompt and must stay in the same part."""
+    """Records with the same key share a prompt and must stay in the same part (a language-modelling
+    text, which has no prompt, is its own group)."""
+    if isinstance(record, SFTRecord) and record.prompt == "":
+        return json.dumps(["text", record.response])
     if isinstance(record, ChatRecord):
         msgs = record.messages
         prompt = msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
@@ -130,9 +143,10 @@ def split_groups(records: Sequence[Record], fractions: Sequence[float], seed: in
 # what each stage consumes
 # ----------------------------------------------------------------------------------------------
 def to_sft(r: Record) -> SFTRecord | None:
-    """SFT demonstration of a record (a pair's chosen answer, a chat's last assistant turn)."""
+    """SFT demonstration of a record (a pair's chosen answer, a chat's last assistant turn); an unpaired
+    completion labelled undesirable (``meta["label"] is False``) is none."""
     if isinstance(r, SFTRecord):
-        return r
+        return None if r.meta.get("label") is False else r
     if isinstance(r, PreferenceRecord):
         return SFTRecord(r.prompt, r.chosen, r.meta)
     if isinstance(r, ChatRecord):
@@ -155,15 +169,38 @@ def to_prompt(r: Record) -> PromptRecord | None:
         msgs = r.messages
         prompt = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
         return PromptRecord(simplify_prompt(prompt), r.meta) if any(m["role"] == "user" for m in prompt) else None
-    return PromptRecord(r.prompt, r.meta)
+    return PromptRecord(r.prompt, r.meta) if r.prompt != "" else None  # "": language-modelling text
+
+
+def unusable_reason(r: Record, stage: str) -> str:
+    """Why ``stage`` cannot use ``r`` (its converter gave None): the reason counted in the report."""
+    if isinstance(r, SFTRecord) and r.prompt == "":
+        what = "language-modelling text (no prompt)"
+    elif isinstance(r, SFTRecord) and "label" in r.meta:
+        what = f"unpaired completion with label={str(r.meta['label']).lower()}"
+    else:
+        what = {SFTRecord: "prompt-response record", PromptRecord: "prompt-only record (no response)",
+                ChatRecord: "conversation", PreferenceRecord: "preference pair"}[type(r)]
+    if stage == "rm":
+        return f"{what}: not a chosen/rejected pair"
+    if isinstance(r, ChatRecord):
+        return f"{what}: no user turn" + (" before a final assistant answer" if stage == "sft" else "")
+    return what
 
 
 CONVERTERS: dict[str, Callable[[Record], Record | None]] = {"sft": to_sft, "rm": to_pair, "rl": to_prompt}
 
 
-def _convert_all(records: Sequence[Record], stage: str) -> list[Record]:
-    conv = CONVERTERS[stage]
-    return [x for x in (conv(r) for r in records) if x is not None]
+def _convert_all(records: Sequence[Record], stage: str, unusable: Counter | None = None) -> list[Record]:
+    """``records`` converted for ``stage``; those it cannot use are counted by reason in ``unusable``."""
+    conv, out = CONVERTERS[stage], []
+    for r in records:
+        x = conv(r)
+        if x is not None:
+            out.append(x)
+        elif unusable is not None:
+            unusable[unusable_reason(r, stage)] += 1
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,101 +251,29 @@ def blend(parts: dict[str, list], weights: dict[str, float], seed: int, size: in
 # ----------------------------------------------------------------------------------------------
 # loading a spec into per-stage datasets
 # ----------------------------------------------------------------------------------------------
-@dataclass
-class SourceReport:
-    """What one source contributed: rows read, drops by reason, records per part and per stage."""
-
-    label: str
-    format: str
-    where: list[str] = field(default_factory=list)
-    rows: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    records: int = 0
-    parts: dict[str, int] = field(default_factory=dict)  # sft/rm/rl/eval: records in the part
-    usable: dict[str, int] = field(default_factory=dict)  # stage: records the stage can use
-    used: dict[str, int] = field(default_factory=dict)  # stage: samples taken by the blend
-    weight: float = 1.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "format": self.format, "where": self.where, "rows": self.rows,
-                "dropped": dict(self.dropped), "records": self.records, "parts": self.parts,
-                "usable": self.usable, "used": self.used, "weight": self.weight}
-
-
-@dataclass
-class StageData:
-    """The datasets of one run.
-
-    Attributes:
-        sft / rm / rl: training samples of each stage (SFT records, preference pairs, prompts).
-        sft_eval / rm_eval: held-out SFT records and pairs (never trained on).
-        rl_valid / rl_eval: held-out prompts: ``rl_valid`` selects the RL checkpoint, ``rl_eval``
-            reports the final score; disjoint.
-        corpus: text for training an in-process tokenizer (tiny models without one).
-        verifier: ``verify(response, meta) -> float`` when the data has a ground truth (the demo).
-        reports: one :class:`SourceReport` per source.
-    """
-
-    sft: list[SFTRecord] = field(default_factory=list)
-    rm: list[PreferenceRecord] = field(default_factory=list)
-    rl: list[PromptRecord] = field(default_factory=list)
-    sft_eval: list[SFTRecord] = field(default_factory=list)
-    rm_eval: list[PreferenceRecord] = field(default_factory=list)
-    rl_valid: list[PromptRecord] = field(default_factory=list)
-    rl_eval: list[PromptRecord] = field(default_factory=list)
-    corpus: list[str] = field(default_factory=list)
-    verifier: Callable[[str, dict], float] | None = None
-    reports: list[SourceReport] = field(default_factory=list)
-
-    def report_dict(self) -> dict:
-        return {"sources": [r.to_dict() for r in self.reports],
-                "stages": {s: len(getattr(self, s)) for s in ("sft", "rm", "rl", "sft_eval", "rm_eval",
-                                                                "rl_valid", "rl_eval")}}
-
-
-@dataclass
-class StagedParts:
-    """What a source adapter with its own stage logic (the demo) returns from ``load_stages``."""
-
-    sft: list
-    rm: list
-    rl: list
-    sft_eval: list
-    rm_eval: list
-    rl_valid: list
-    rl_eval: list
-    corpus: list[str] = field(default_factory=list)
-    verifier: Callable[[str, dict], float] | None = None
-
-
 def load_records(spec: SourceSpec, *, label: str | None = None, options: dict | None = None
                  ) -> tuple[list[Record], list[Record] | None, SourceReport]:
     """The records of one source: ``(train records, eval records or None, report)``.
 
     ``None`` for eval means the source has no eval split of its own (it is held out from train).
     ``label`` (default ``spec.label``) names the source in ``meta["source"]`` and the report.
+
+    Raises:
+        DataError: a bad location, option, split or row, or no usable rows (named).
     """
     label = label or spec.label
-    rows_train = rows_eval = None
-    if spec.name:
-        cls = get_source(spec.name)
-    else:  # a bare local file: detect the format from its first row
-        from .sources import read_rows
-
-        rows_train = (spec.location, read_rows(spec.location))
-        cls = detect_source(rows_train[1], spec.location)
-    adapter = cls({**(options or {}), **spec.options})
-    location = spec.location or cls.hub_id
-    if not location:
-        raise DataError(f"source {cls.name!r} has no default dataset; give a file or dataset: "
-                        f"'{cls.name}:./data.jsonl'")
-    report = SourceReport(label, cls.name, weight=spec.weight)
+    adapter, reader, rows_train = _open_source(spec, options)
+    location = spec.location or adapter.hub_id or ""
+    report = SourceReport(label, adapter.name, weight=spec.weight)
     if rows_train is None:
-        rows_train = adapter.read(location, cls.train_split)
+        rows_train = reader.read(location, reader.read_split)
         if rows_train is None:
-            raise DataError(f"dataset {location!r} has no split {cls.train_split!r}")
-    if cls.eval_split and not is_local(location):
-        rows_eval = adapter.read(location, cls.eval_split)
+            raise DataError(f"dataset {location!r} has no split {reader.read_split!r}; choose one with "
+                            f"'{spec.name or location}[split=NAME]' (data.sources)")
+    rows_eval = None
+    if reader.read_eval_split and not is_local(location):
+        rows_eval = reader.read(location, reader.read_eval_split)
+    report.columns = list(rows_train[1][0]) if rows_train[1] else []
 
     def convert(where_rows) -> list[Record]:
         where, rows = where_rows
@@ -326,6 +291,36 @@ def load_records(spec: SourceSpec, *, label: str | None = None, options: dict | 
         reasons = ", ".join(f"{k}: {v}" for k, v in report.dropped.items())
         raise DataError(f"{report.where[0]}: no usable rows (all {report.rows} dropped: {reasons})")
     return train, evals, report
+
+
+class _BareReader(SourceAdapter):
+    """Reads a bare location before its format is known (splits "train"/"test" unless the spec says)."""
+
+    def __init__(self, location: str, options: dict[str, str]) -> None:
+        self.name = location  # type: ignore[misc]  # option errors name the location: there is no format yet
+        super().__init__(options)
+
+
+def _open_source(spec: SourceSpec, options: dict | None) -> tuple[SourceAdapter, SourceAdapter, tuple | None]:
+    """``(adapter, reader, train rows or None)`` of a spec entry. A named source reads its own rows;
+    a bare file, directory or hub id is read by a plain :class:`SourceAdapter` (splits "train" and
+    "test", or the spec's ``split``/``eval_split``) and its format detected from the first row."""
+    if spec.name:
+        adapter = get_source(spec.name)({**(options or {}), **spec.options})
+        location = spec.location or adapter.hub_id
+        if not location:
+            raise DataError(f"source {adapter.name!r} has no default dataset; give a file or dataset: "
+                            f"'{adapter.name}:./data.jsonl'")
+        adapter.check_location(location)
+        return adapter, adapter, None
+    reader = _BareReader(spec.location, {k: v for k, v in spec.options.items() if k in LOAD_OPTIONS})
+    reader.check_location(spec.location)
+    rows_train = reader.read(spec.location, reader.read_split)
+    if rows_train is None:
+        raise DataError(f"dataset {spec.location!r} has no split {reader.read_split!r}; choose one with "
+                        f"'{spec.location}[split=NAME]' (data.sources)")
+    cls = detect_source(rows_train[1], spec.location)
+    return cls({**(options or {}), **spec.options}), reader, rows_train
 
 
 DEFAULT_SPLIT = "2,4,4"  # DeepSpeed-Chat's default data_split
@@ -442,11 +437,13 @@ def _from_records(sp: SourceSpec, label: str, opts: dict, stage_split: StageSpli
     held = held[:]
     random.Random(_seed_for(seed, "eval", report.label)).shuffle(held)
     held = held[:max_eval] if max_eval else []
-    parts = {s: _convert_all(p, s) for s, p in zip(STAGE_NAMES, rest, strict=True)}
+    un = report.unusable = {k: Counter() for k in (*STAGE_NAMES, "sft_eval", "rm_eval", "rl_valid", "rl_eval")}
+    parts = {s: _convert_all(p, s, un[s]) for s, p in zip(STAGE_NAMES, rest, strict=True)}
     report.parts = {s: len(p) for s, p in zip(STAGE_NAMES, rest, strict=True)} | {"eval": len(held)}
     valid_half, eval_half = split_groups(held, [0.5, 0.5], seed, report.label + "/eval")
-    evals = {"sft_eval": _convert_all(held, "sft"), "rm_eval": _convert_all(held, "rm"),
-             "rl_valid": _convert_all(valid_half, "rl"), "rl_eval": _convert_all(eval_half, "rl")}
+    evals = {"sft_eval": _convert_all(held, "sft", un["sft_eval"]), "rm_eval": _convert_all(held, "rm", un["rm_eval"]),
+             "rl_valid": _convert_all(valid_half, "rl", un["rl_valid"]),
+             "rl_eval": _convert_all(eval_half, "rl", un["rl_eval"])}
     corpus = [_corpus_line(r) for r in parts["sft"] + parts["rm"]]
     return _SourceParts(report, parts, evals, corpus, None)
 
@@ -462,6 +459,8 @@ def _corpus_line(r: Record) -> str:
 
     if isinstance(r, ChatRecord):
         return render_plain(r.messages)
+    if isinstance(r, SFTRecord) and r.prompt == "":  # language-modelling text
+        return r.response
     s = to_sft(r)
     if s is None:
         return render_plain(prompt_messages(r.prompt))

@@ -8,7 +8,8 @@ A prompt is rendered with the tokenizer's chat template when it has one; otherwi
     Assistant: 85<eos>
 
 (multi-turn prompts repeat the ``Human:``/``Assistant:`` turns, separated by blank lines; a system
-message is its text alone, first).
+message is its text alone, first). An empty prompt (``""``: a language-modelling text) renders as
+nothing and its response as the raw text: no template, no ``Human:``, the tokenizer's BOS if it adds one.
 
 The prompt and the response are tokenized *separately* and concatenated, so the tokens the policy
 sees at training time are exactly the tokens it is conditioned on at generation time.
@@ -58,16 +59,19 @@ def render_plain(messages: Sequence[dict]) -> str:
 
 
 def render_prompt(tokenizer, prompt: Prompt) -> str:
-    """The text the model is conditioned on for ``prompt`` (chat template or plain format)."""
+    """The text the model is conditioned on for ``prompt`` (chat template or plain format; "" for "")."""
+    if prompt == "":
+        return ""
     messages = prompt_messages(prompt)
     if uses_chat_template(tokenizer):
         return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     return render_plain(messages)
 
 
-def render_response(tokenizer, response: str) -> str:
-    """The text of a response as it follows the rendered prompt (no EOS; that is a token)."""
-    return response if uses_chat_template(tokenizer) else " " + response.lstrip()
+def render_response(tokenizer, response: str, raw: bool = False) -> str:
+    """The text of a response as it follows the rendered prompt (no EOS; that is a token); ``raw``
+    (a language-modelling text, after the empty prompt): the text as it is."""
+    return response if raw or uses_chat_template(tokenizer) else " " + response.lstrip()
 
 
 @dataclass(frozen=True)
@@ -99,11 +103,11 @@ class TokenizeConfig:
 
 def _prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
     text = render_prompt(tokenizer, prompt)
-    return list(tokenizer(text, add_special_tokens=not uses_chat_template(tokenizer))["input_ids"])
+    return list(tokenizer(text, add_special_tokens=prompt == "" or not uses_chat_template(tokenizer))["input_ids"])
 
 
-def _response_ids(tokenizer, response: str, add_eos: bool = True) -> list[int]:
-    ids = list(tokenizer(render_response(tokenizer, response), add_special_tokens=False)["input_ids"])
+def _response_ids(tokenizer, response: str, add_eos: bool = True, raw: bool = False) -> list[int]:
+    ids = list(tokenizer(render_response(tokenizer, response, raw), add_special_tokens=False)["input_ids"])
     if add_eos:
         if tokenizer.eos_token_id is None:
             raise ValueError("tokenizer: has no eos_token; set one (tokenizer.eos_token = ...) before training")
@@ -117,16 +121,17 @@ def encode_prompt(tokenizer, prompt: Prompt, cfg: TokenizeConfig = TokenizeConfi
     return _prompt_ids(tokenizer, prompt)[-cfg.max_prompt_len :]
 
 
-def encode_response(tokenizer, response: str, cfg: TokenizeConfig = TokenizeConfig()) -> list[int]:
-    """Token ids of the response followed by EOS (EOS dropped if the response is truncated)."""
-    ids = _response_ids(tokenizer, response, cfg.add_eos)
+def encode_response(tokenizer, response: str, cfg: TokenizeConfig = TokenizeConfig(), raw: bool = False) -> list[int]:
+    """Token ids of the response followed by EOS (EOS dropped if the response is truncated); ``raw``:
+    the text as it is (after an empty prompt)."""
+    ids = _response_ids(tokenizer, response, cfg.add_eos, raw)
     return ids[: cfg.max_response_len] if len(ids) > cfg.max_response_len else ids
 
 
 def encode_pair(tokenizer, prompt: Prompt, response: str, cfg: TokenizeConfig = TokenizeConfig()) -> dict:
     """``{"input_ids": prompt + response + eos, "prompt_len": len(prompt ids)}``."""
     p = encode_prompt(tokenizer, prompt, cfg)
-    r = encode_response(tokenizer, response, cfg)
+    r = encode_response(tokenizer, response, cfg, raw=prompt == "")
     return {"input_ids": p + r, "prompt_len": len(p)}
 
 
@@ -212,7 +217,7 @@ def _tokenize(tokenizer, records: Sequence, stage: str, cfg: TokenizeConfig) -> 
     for r in records:
         p_full = _prompt_ids(tokenizer, r.prompt)
         st.prompt_lens.append(len(p_full))
-        responses = [_response_ids(tokenizer, getattr(r, f), cfg.add_eos) for f in STAGE_FIELDS[stage]]
+        responses = [_response_ids(tokenizer, getattr(r, f), cfg.add_eos, r.prompt == "") for f in STAGE_FIELDS[stage]]
         st.response_lens += [len(x) for x in responses]
         p = _fit_prompt(p_full, cfg, st)
         if p is None:
