@@ -103,3 +103,9 @@ def describe(proc: subprocess.CompletedProcess) -> str:
 @pytest.fixture(scope="session")
 def explain() -> Callable[[subprocess.CompletedProcess], str]:
     return describe
+
+
+@pytest.fixture(scope="session")
+def cli_tools():
+    """``(cli_env, descendants)`` for tests that drive CLI processes themselves (signals, kills)."""
+    return cli_env, _descendants

@@ -10,6 +10,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from rlhf_cli.ledger import LedgerError, check_inputs, remove_stale, stale_outputs, write_ledger
@@ -122,3 +125,18 @@ def test_stages_refuse_to_mix_and_overwrite_deletes_end_to_end(tmp_path, rlhf, e
     assert "rm" not in summary and "rm" not in summary["wall_seconds"]
     assert set(json.loads((out / "ledger.json").read_text())["stages"]) == {"sft"}
     assert card("sft")["checkpoint_id"] not in (sft_id, "0" * 32)
+
+
+def test_clean_orphans_removes_a_dead_savers_temp_dirs_and_puts_back_an_interrupted_swap(tmp_path) -> None:
+    from rlhf_cli.ledger import clean_orphans
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that is gone
+    (tmp_path / f"sft.tmp-{dead.pid}").mkdir()  # killed while writing sft
+    (tmp_path / f"rm.old-{dead.pid}").mkdir()  # killed between the two renames: rm/ is missing
+    (tmp_path / f"rm.old-{dead.pid}" / "config.json").write_text("{}")
+    (tmp_path / f"ppo.tmp-{os.getpid()}").mkdir()  # a live process's: left alone
+    done = clean_orphans(tmp_path)
+    assert len(done) == 2, done
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["rm", f"ppo.tmp-{os.getpid()}"])
+    assert (tmp_path / "rm" / "config.json").is_file()

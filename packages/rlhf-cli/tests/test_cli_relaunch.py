@@ -5,7 +5,7 @@ torchrun's own argument parser (which once rejected ``--nproc`` as an ambiguous 
 from __future__ import annotations
 
 import pytest
-from rlhf_cli.app import _child_args
+from rlhf_cli.launch import child_args as _child_args
 
 
 @pytest.mark.parametrize(

@@ -102,6 +102,13 @@ class Algorithm:
         """One learning step (offline, supervised, reward model) or phase (online); returns metrics as plain floats."""
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, Any]:
+        """The algorithm's own state beyond its engines' (which save themselves), for an exact resume; {} here."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
 
 def _class_estimator(cls: type) -> AdvantageEstimator:
     """The ``advantage_estimator`` declared by ``cls`` or its nearest base.
@@ -193,6 +200,13 @@ class OnlineAlgorithm(Algorithm):
         self.monitor_fn = monitor_fn
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self._rng = random.Random(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The micro-batch shuffling RNG's state (the engines and the global RNGs are saved by the caller)."""
+        return {"rng": self._rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._rng.setstate(state["rng"])
 
     # 1-4: rollout and scoring --------------------------------------------------------------
     @torch.no_grad()

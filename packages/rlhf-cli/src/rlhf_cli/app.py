@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import typer
 
 from .config import ConfigError, all_keys, load_config
+from .launch import relaunch
 
 app = typer.Typer(
     name="rlhf",
@@ -87,7 +87,9 @@ def run(
     nproc: int = typer.Option(None, "--nproc", help="Processes on this machine (>1 relaunches under torchrun)."),
     seed: int = typer.Option(None, "--seed", help="Global seed."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete finished later stages trained from an output "
-                                   "this run replaces (else that is an error; see docs/pipeline.md, 'Run ledger')."),
+                                   "this run replaces, and saved states (docs/pipeline.md, 'Run ledger')."),
+    resume: bool = typer.Option(False, "--resume", help="Skip finished stages; continue an unfinished one from its "
+                                "last saved state (docs/pipeline.md, 'Checkpoints and resume')."),
 ) -> None:
     algo = _stage_algorithm(stage, algo)
     try:
@@ -106,9 +108,9 @@ def run(
             except FileNotFoundError as e:
                 _fail(f"{key}: {e}")
     if cfg.deepspeed.nproc > 1 and "RANK" not in os.environ:
-        _relaunch(cfg.deepspeed.nproc)
+        relaunch(cfg.deepspeed.nproc)
         return
-    _run_stages(cfg, stage, overwrite)
+    _run_stages(cfg, stage, overwrite, resume)
 
 
 def _stage_algorithm(stage: str, algo: str | None) -> str | None:
@@ -126,7 +128,7 @@ def _stage_algorithm(stage: str, algo: str | None) -> str | None:
     return stage
 
 
-def _run_stages(cfg, stage: str, overwrite: bool = False) -> None:
+def _run_stages(cfg, stage: str, overwrite: bool = False, resume: bool = False) -> None:
     """Run ``stage`` ("all", "sft", ...) of ``cfg`` in this process (one rank under torchrun)."""
     _quiet_libraries()
     from rlhf_hybrid import init_distributed
@@ -145,8 +147,14 @@ def _run_stages(cfg, stage: str, overwrite: bool = False) -> None:
     reporter = Reporter(enabled=info.is_main)
     reporter.print(f"[bold]rlhf run[/] stages={','.join(stages)} out={cfg.out} world_size={info.world_size} "
                    f"zero_stage={cfg.deepspeed.zero_stage} device={info.device}")
+    from .resume import Stopped, install_stop_handlers
+
+    install_stop_handlers()  # SIGTERM/SIGINT: save the state at the next step, then stop (rlhf_cli.resume)
     try:
-        summary = run_pipeline(cfg, stages, reporter, info.rank, info.world_size, overwrite=overwrite)
+        summary = run_pipeline(cfg, stages, reporter, info.rank, info.world_size, overwrite=overwrite, resume=resume)
+    except Stopped as e:
+        reporter.print(str(e))
+        raise typer.Exit(0) from None
     except (PipelineError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     reporter.summary_table(summary_rows(summary))
@@ -155,35 +163,6 @@ def _run_stages(cfg, stage: str, overwrite: bool = False) -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _child_args(argv: list[str]) -> list[str]:
-    """``argv`` with ``--nproc N`` rewritten as the equivalent last override ``deepspeed.nproc=N``.
-
-    torchrun's argparse classifies every ``--x`` on its command line, even those after ``-m rlhf_cli``,
-    and rejects ``--nproc`` as an ambiguous abbreviation of its ``--nproc-per-node``/``--nproc_per_node``.
-    """
-    out: list[str] = []
-    nproc = None
-    it = iter(argv)
-    for a in it:
-        if a == "--nproc":
-            nproc = next(it, None)
-        elif a.startswith("--nproc="):
-            nproc = a.partition("=")[2]
-        else:
-            out.append(a)
-    return out + ([f"deepspeed.nproc={nproc}"] if nproc is not None else [])
-
-
-def _relaunch(nproc: int) -> None:
-    """Re-run this very command under torchrun with ``nproc`` local processes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "rlhf_cli", *_child_args(sys.argv[1:])]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    rc = subprocess.call(cmd, env=env)
-    if rc:
-        raise typer.Exit(rc)
 
 
 @app.command(help="Talk to a trained model: one answer with --prompt, or an interactive session without it.")

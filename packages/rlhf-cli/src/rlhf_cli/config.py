@@ -18,6 +18,7 @@ import yaml
 
 from .config_sections import (
     AlgoSection,
+    CheckpointSection,
     ConfigError,
     DataSection,
     DeepSpeedSection,
@@ -35,6 +36,7 @@ from .config_sections import (
 
 __all__ = [
     "AlgoSection",
+    "CheckpointSection",
     "ConfigError",
     "DataSection",
     "DeepSpeedSection",
@@ -71,6 +73,7 @@ class RunConfig:
     rl: RLSection = field(default_factory=RLSection)
     pref: PrefSection = field(default_factory=PrefSection)
     lora: LoRASection = field(default_factory=LoRASection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
 
     def __post_init__(self) -> None:
         rl, ds, lo = self.rl, self.deepspeed, self.lora

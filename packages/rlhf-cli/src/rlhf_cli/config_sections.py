@@ -196,6 +196,24 @@ class DeepSpeedSection(Section):
 
 
 @dataclass(frozen=True)
+class CheckpointSection(Section):
+    """Resumable training state (docs/pipeline.md, "Checkpoints and resume")."""
+
+    section: ClassVar[str] = "checkpoint"
+
+    every: int = option(200, "save the resumable state every this many training steps of sft, rm and the offline "
+                             "algorithms (0: only on SIGTERM/SIGINT).")
+    every_iterations: int = option(5, "... and every this many iterations of the online algorithms (0: only on "
+                                      "SIGTERM/SIGINT).")
+    keep: int = option(1, "how many saved states of a stage to keep (the newest); each holds the weights, the "
+                          "optimizer state and the RNG states.")
+
+    def __post_init__(self) -> None:
+        self._check_min(0, "every", "every_iterations")
+        self._check_min(1, "keep")
+
+
+@dataclass(frozen=True)
 class SFTSection(Section):
     """Stage 1, supervised fine-tuning."""
 

@@ -38,6 +38,7 @@ class Context:
     data: object = None  # rlhf_data.StageData, loaded once per process by load_data()
     # The checkpoint ids of the earlier stage outputs the running stage read (the ledger's "inputs").
     inputs: dict = field(default_factory=dict)
+    resume: bool = False  # --resume: continue an unfinished stage from its saved state (rlhf_cli.resume)
 
     @property
     def is_main(self) -> bool:

@@ -118,6 +118,18 @@ class KeepBest:
     def restore(self) -> None:
         self.policy.load_full_state_dict(self.state)
 
+    def state_dict(self) -> dict:
+        """What a resumed stage needs (``rlhf_cli.resume``): the best score, where it was, its weights."""
+        return {"score": self.score, "at": self.at, "state": self.state}
+
+    @classmethod
+    def resumed(cls, policy, enabled: bool, saved: dict) -> KeepBest:
+        """A :class:`KeepBest` as :meth:`state_dict` left it (no weights are read from ``policy``)."""
+        keep = cls.__new__(cls)
+        keep.policy, keep.enabled = policy, enabled
+        keep.score, keep.at, keep.state = saved["score"], saved["at"], saved["state"]
+        return keep
+
 
 def kept_message(name: str, unit: str, best: int, metric: str, score: float) -> str:
     """What ``select=best`` kept: the best ``unit`` (iteration / epoch), or the starting model when none beat it."""

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 import uuid
 from pathlib import Path
 
-__all__ = ["LedgerError", "checkpoint_id", "check_inputs", "config_fingerprint", "new_checkpoint_id",
+__all__ = ["LedgerError", "checkpoint_id", "check_inputs", "clean_orphans", "config_fingerprint", "new_checkpoint_id",
            "remove_stale", "stale_outputs", "write_ledger"]
 
 
@@ -123,3 +124,35 @@ def write_ledger(out: Path, config: dict) -> dict:
               "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": stages}
     write_json_atomic(out / "ledger.json", ledger)
     return ledger
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def clean_orphans(out: Path) -> list[str]:
+    """Remove what a process killed while saving a stage left in ``out`` (``rlhf_hybrid.atomic_dir``'s
+    ``<stage>.tmp-<pid>`` and ``<stage>.old-<pid>`` of a process that is gone). A crash between the two
+    renames of a save leaves no ``<stage>`` but its ``.old-<pid>``: that complete previous output is put
+    back. Returns what was done, one line each."""
+    done: list[str] = []
+    if not out.is_dir():
+        return done
+    for p in sorted(out.iterdir()):
+        name, sep, pid = p.name.rpartition(".tmp-") if ".tmp-" in p.name else p.name.rpartition(".old-")
+        if not sep or not pid.isdigit() or not p.is_dir() or _alive(int(pid)):
+            continue
+        final = out / name
+        if sep == ".old-" and not final.exists():
+            os.replace(p, final)
+            done.append(f"restored {final} from {p.name} (a save was interrupted between its two renames)")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p} (left by process {pid}, which was killed while saving)")
+    return done

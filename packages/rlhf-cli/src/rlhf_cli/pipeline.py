@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 
 from rlhf_algos import ModelReward, TextReward
@@ -18,7 +19,7 @@ from .config import RunConfig, to_dict
 from .context import Context, PipelineError, load_data
 from .data_report import check_stage_data
 from .evaluation import evaluate_policy
-from .ledger import remove_stale, write_ledger
+from .ledger import checkpoint_id, clean_orphans, remove_stale, write_ledger
 from .report import Reporter
 from .stages import run_offline, run_online, run_rm, run_sft
 
@@ -40,30 +41,20 @@ def stages_for(cfg: RunConfig, stage: str) -> list[str]:
 
 
 def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: int = 0, world_size: int = 1,
-                 overwrite: bool = False) -> dict:
+                 overwrite: bool = False, resume: bool = False) -> dict:
     """Run ``stages`` in order; after each, rewrite ``<out>/summary.json`` (merged with an earlier one)
     and ``<out>/ledger.json``.
 
-    Before anything trains, the ledger's re-running rule (:mod:`rlhf_cli.ledger`): finished later
-    stages trained from an output about to be replaced are an error, or deleted with ``overwrite``.
+    Before anything trains, :func:`_plan`: with ``resume``, finished stages are skipped and the
+    unfinished one continues from its saved state (:mod:`rlhf_cli.resume`); the ledger's re-running
+    rule (:mod:`rlhf_cli.ledger`): finished later stages trained from an output about to be replaced
+    are an error, or deleted with ``overwrite`` (which also discards saved states).
     """
     from rlhf_hybrid import barrier, write_json_atomic
 
-    ctx = Context(cfg, reporter, rank, world_size)
+    ctx = Context(cfg, reporter, rank, world_size, resume=resume)
     summary_path = ctx.out / "summary.json"
-    summary: dict = {}
-    if summary_path.is_file():
-        try:
-            summary = json.loads(summary_path.read_text())
-        except json.JSONDecodeError:
-            summary = {}
-    summary.setdefault("wall_seconds", {})
-    # The error is the same on every rank (the same files); with --overwrite only rank 0 deletes.
-    if ctx.is_main or not overwrite:
-        removed = remove_stale(ctx.out, stages, summary, overwrite)
-        if removed:
-            reporter.print(f"--overwrite: deleted {', '.join(f'{ctx.out / s}/' for s in removed)} (trained from "
-                           f"the {', '.join(stages)} output this run replaces)")
+    stages, summary = _plan(ctx, stages, overwrite)
     barrier()
     data = load_data(ctx)  # load (and check) the data before any stage starts
     algo_cls = cfg.algorithm()
@@ -89,6 +80,36 @@ def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: in
     if ctx.is_main:
         write_json_atomic(summary_path, summary)
     return summary
+
+
+def _plan(ctx: Context, stages: list[str], overwrite: bool) -> tuple[list[str], dict]:
+    """The stages to run and the summary so far (see :func:`run_pipeline`)."""
+    summary: dict = {}
+    if (ctx.out / "summary.json").is_file():
+        try:
+            summary = json.loads((ctx.out / "summary.json").read_text())
+        except json.JSONDecodeError:
+            summary = {}
+    summary.setdefault("wall_seconds", {})
+    if ctx.is_main:
+        for line in clean_orphans(ctx.out):
+            ctx.reporter.print(line)
+    if ctx.resume:  # a stage is finished when its output and summary are there and no saved state is left
+        done = [s for s in stages if s in summary and checkpoint_id(ctx.stage_dir(s)) is not None
+                and not (ctx.out / ".resume" / s).is_dir()]
+        if done:
+            ctx.reporter.print(f"--resume: {', '.join(done)} finished already (see summary.json); not run again")
+        stages = [s for s in stages if s not in done]
+    # The error is the same on every rank (the same files); with --overwrite only rank 0 deletes.
+    if ctx.is_main or not overwrite:
+        removed = remove_stale(ctx.out, stages, summary, overwrite)
+        if removed:
+            ctx.reporter.print(f"--overwrite: deleted {', '.join(f'{ctx.out / s}/' for s in removed)} (trained from "
+                               f"the {', '.join(stages)} output this run replaces)")
+    if overwrite and ctx.is_main:
+        for s in stages:
+            shutil.rmtree(ctx.out / ".resume" / s, ignore_errors=True)
+    return stages, summary
 
 
 def summary_rows(summary: dict) -> list[tuple[str, str, str, str, str]]:

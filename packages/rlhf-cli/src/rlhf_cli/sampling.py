@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from .context import Context, PipelineError
 
-__all__ = ["epoch_batches", "prompt_batches", "steps_per_epoch"]
+__all__ = ["epoch_batches", "prompt_batches", "resumed_prompt_batches", "resumable_epochs", "steps_per_epoch"]
 
 
 def steps_per_epoch(ctx: Context, n: int, batch: int, key: str, what: str) -> int:
@@ -47,3 +47,30 @@ def prompt_batches(ctx: Context, prompts: list[dict], per_rank: int, seed: int) 
             order += perm
         take, order = order[:need], order[need:]
         yield [prompts[j] for j in take[ctx.rank :: ctx.world_size]]
+
+
+def resumable_epochs(ctx: Context, items: list, batch: int, steps: int, epochs: int, rng: random.Random,
+                     done: int = 0) -> Iterator[tuple[int, int, list | None]]:
+    """``(epoch, step, batch)`` for every step after the first ``done``, then ``(epoch, step, None)`` at
+    the end of each epoch whose end-of-epoch evaluation was not done yet (it runs after its last step's save).
+
+    The skipped epochs' shuffles are drawn all the same, so a resumed stage sees the data in the order
+    the uninterrupted one does (a resumed state stores no data position: this replay is it).
+    """
+    step = 0
+    for epoch in range(epochs):
+        for chunk in epoch_batches(ctx, items, batch, steps, rng):
+            step += 1
+            if step > done:
+                yield epoch, step, chunk
+        if step >= done:
+            yield epoch, step, None
+
+
+def resumed_prompt_batches(ctx: Context, prompts: list[dict], per_rank: int, seed: int,
+                           done: int = 0) -> Iterator[list[dict]]:
+    """:func:`prompt_batches` after its first ``done`` batches (replayed: cheap index shuffles only)."""
+    batches = prompt_batches(ctx, prompts, per_rank, seed)
+    for _ in range(done):
+        next(batches)
+    return batches

@@ -361,6 +361,24 @@ class HybridEngine(GenerationMixin):
         if is_main:
             save_hf_checkpoint(plain_model(self.module), state, out_dir, tokenizer)
 
+    def save_training_state(self, directory: str) -> None:
+        """Everything training needs to continue exactly: the weights (this rank's shards under ZeRO-3),
+        the optimizer and LR-scheduler state and DeepSpeed's step counters, into ``directory``
+        (DeepSpeed's own checkpoint format, one tag ``state``). Collective: every rank calls it, each
+        writing its own files; the caller makes the directory atomic (``rlhf_cli.resume``)."""
+        if not self.trainable:
+            raise RuntimeError("save_training_state: this engine was built frozen (trainable=False)")
+        self.engine.save_checkpoint(directory, tag="state", save_latest=False)
+
+    def load_training_state(self, directory: str) -> None:
+        """Restore what :meth:`save_training_state` wrote (same world size and ZeRO stage). Collective."""
+        if not self.trainable:
+            raise RuntimeError("load_training_state: this engine was built frozen (trainable=False)")
+        path, _ = self.engine.load_checkpoint(directory, tag="state", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no training state under {directory} (tag 'state')")
+
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """The full state dict as a plain HF model has it: LoRA adapters (if any) fused into the
         weights. Collective under ZeRO-3."""

@@ -18,7 +18,8 @@ from ..context import (
     with_lora,
 )
 from ..evaluation import Evaluator, KeepBest, kept_message, verifier_reward
-from ..sampling import epoch_batches, steps_per_epoch
+from ..resume import StageState
+from ..sampling import resumable_epochs, steps_per_epoch
 
 __all__ = ["run_offline"]
 
@@ -78,25 +79,36 @@ def run_offline(ctx: Context) -> dict:
     metric, scorer = _scorer(ctx, data, tokenizer, frozen)
     ev = Evaluator(ctx, tokenizer, data, policy, reference, scorer, metric)
     data_stats |= ev.stats
-    before = ev.held_out("before")
-    keep = KeepBest(policy, scorer is not None and s.select == "best", ev.validate())
     rng = random.Random(cfg.seed + 3)
     pad = tokenizer.pad_token_id
+    jsonl = ctx.out / f".{name}.metrics.jsonl"
+    state = StageState(ctx, name, {"policy": policy}, cfg.checkpoint.every, jsonl)
+    selecting = scorer is not None and s.select == "best"
     t0 = time.perf_counter()
-    step = 0
-    with ctx.reporter.stage(name, total, ctx.out / f".{name}.metrics.jsonl") as rep:
-        rep.log({"stage": name, "step": 0, f"valid_{metric}": keep.score, **before})
-        for epoch in range(s.epochs):
-            for chunk in epoch_batches(ctx, train, s.batch_size, steps, rng):
-                m = algo.learn(collate_pairs(chunk, pad))
-                step += 1
-                rep.update(show={"epoch": epoch + 1, "loss": m["loss"], **({"acc": m["accuracy"]} if "accuracy" in m
-                                                                           else {})},
-                           log={"stage": name, "step": step, "epoch": epoch, **m})
-            valid = ev.validate()
-            rep.update(advance=0, show={"epoch": epoch + 1, "valid": valid},
-                       log={"stage": name, "step": step, "epoch": epoch, f"valid_{metric}": valid})
-            keep.offer(valid, epoch + 1)
+    with ctx.reporter.stage(name, total, jsonl) as rep:
+        saved = state.start(ctx.resume)  # restores the RNGs, the engine and the metrics rows
+        if saved:
+            before, keep, done = saved["before"], KeepBest.resumed(policy, selecting, saved["keep"]), saved["step"]
+            algo.load_state_dict(saved["algo"])
+            rep.update(advance=done)
+        else:
+            before, done = ev.held_out("before"), 0
+            keep = KeepBest(policy, selecting, ev.validate())
+            rep.log({"stage": name, "step": 0, f"valid_{metric}": keep.score, **before})
+        step = done
+        for epoch, step, chunk in resumable_epochs(ctx, train, s.batch_size, steps, s.epochs, rng, done):
+            if chunk is None:  # the end of an epoch: validate, keep the best
+                valid = ev.validate()
+                rep.update(advance=0, show={"epoch": epoch + 1, "valid": valid},
+                           log={"stage": name, "step": step, "epoch": epoch, f"valid_{metric}": valid})
+                keep.offer(valid, epoch + 1)
+                continue
+            m = algo.learn(collate_pairs(chunk, pad))
+            rep.update(show={"epoch": epoch + 1, "loss": m["loss"], **({"acc": m["accuracy"]} if "accuracy" in m
+                                                                       else {})},
+                       log={"stage": name, "step": step, "epoch": epoch, **m})
+            state.after_step(step, lambda: {"before": before, "keep": keep.state_dict(), "algo": algo.state_dict()},
+                             boundary=step % s.grad_accum == 0)
     wall = time.perf_counter() - t0
     if keep.enabled:
         keep.restore()
@@ -105,4 +117,5 @@ def run_offline(ctx: Context) -> dict:
     metrics = {**before, **after, "kl_to_ref": after["kl_to_ref_after"], "train_steps": step, "eval_metric": metric,
                "selected_epoch": keep.at if keep.enabled else s.epochs, "algo": name, "data": data_stats}
     save_stage(ctx, policy, name, tokenizer, metrics)
+    state.finish()
     return metrics | {"wall_seconds": wall}

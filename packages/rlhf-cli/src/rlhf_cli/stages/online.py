@@ -17,7 +17,8 @@ from ..context import (
     with_lora,
 )
 from ..evaluation import Evaluator, KeepBest, eval_metric, kept_message, verifier_reward
-from ..sampling import prompt_batches
+from ..resume import StageState
+from ..sampling import resumed_prompt_batches
 
 __all__ = ["build_online", "progress_line", "reward_function", "run_online"]
 
@@ -118,24 +119,35 @@ def run_online(ctx: Context) -> dict:
     tokenizer = load_tokenizer(str(sft_dir))
     # 3. The algorithm and its engines: actor, frozen reference, reward, critic (when it has one), monitor.
     algo, actor, reference, reward_fn = build_online(ctx, algo_cls, data, tokenizer, sft_dir, rm_dir)
-    # 4. Prompts: an endless, seeded stream of this rank's share of the RL prompts.
+    # 4. Prompts: an endless, seeded stream of this rank's share of the RL prompts (see step 6).
     data_stats: dict = {}
     rl_prompts = tokenized(ctx, tokenizer, data.rl, "rl", "rl", data_stats)
-    batches = prompt_batches(ctx, rl_prompts, p.rollout_batch_size, cfg.seed + 7)
-    # 5. Evaluation: the starting model's held-out scores; its validation score is the one to beat.
+    # 5. Evaluation, and the saved state when resuming (checkpoint.every_iterations, SIGTERM; rlhf_cli.resume).
     metric, scorer = eval_metric(data, reward_fn, p.reward)
     ev = Evaluator(ctx, tokenizer, data, actor, reference, scorer or verifier_reward(data, tokenizer), metric)
     data_stats |= ev.stats
-    before = ev.held_out("before")
-    keep = KeepBest(actor, p.select == "best", ev.validate())
-    health = HealthMonitor(p.health_thresholds())
-    # 6. Iterations: rollout -> learn -> validate every rl.eval_every (keep the best) -> health warnings.
+    jsonl = ctx.out / f".{name}.metrics.jsonl"
+    engines = {"actor": actor, **({"critic": algo.critic} if algo.critic is not None else {})}
+    state = StageState(ctx, name, engines, cfg.checkpoint.every_iterations, jsonl)
     t0 = time.perf_counter()
-    with ctx.reporter.stage(name, p.iterations, ctx.out / f".{name}.metrics.jsonl") as rep:
-        rep.log({"stage": name, "iteration": 0, f"valid_{metric}": keep.score, **before})
-        for it in range(1, p.iterations + 1):
+    with ctx.reporter.stage(name, p.iterations, jsonl) as rep:
+        saved = state.start(ctx.resume)  # restores the RNGs, the engines and the metrics rows
+        if saved:
+            before, done = saved["before"], saved["step"]
+            keep, health = KeepBest.resumed(actor, p.select == "best", saved["keep"]), saved["health"]
+            algo.load_state_dict(saved["algo"])
+            rep.update(advance=done)
+        else:  # the starting model's held-out scores; its validation score is the one to beat
+            before, done = ev.held_out("before"), 0
+            keep, health = KeepBest(actor, p.select == "best", ev.validate()), HealthMonitor(p.health_thresholds())
+            rep.log({"stage": name, "iteration": 0, f"valid_{metric}": keep.score, **before})
+        # 6. Iterations: rollout -> learn -> validate every rl.eval_every (keep the best) -> health warnings.
+        batches = resumed_prompt_batches(ctx, rl_prompts, p.rollout_batch_size, cfg.seed + 7, done)
+        for it in range(done + 1, p.iterations + 1):
             row = _iteration(ctx, it, algo, actor, next(batches), tokenizer.pad_token_id, ev, keep, health)
             rep.update(show=progress_line(row, row.get(f"valid_{metric}", keep.score)), log=row)
+            state.after_step(it, lambda: {"before": before, "keep": keep.state_dict(), "health": health,
+                                          "algo": algo.state_dict()})
     wall = time.perf_counter() - t0
     # 7. The kept weights (select=best) or the last ones, scored on the held-out prompts, then saved.
     if keep.enabled:
@@ -146,4 +158,5 @@ def run_online(ctx: Context) -> dict:
                "selected_iteration": keep.at if keep.enabled else p.iterations, "reward": p.reward,
                "eval_metric": metric, "algo": name, "data": data_stats}
     save_stage(ctx, actor, name, tokenizer, metrics)
+    state.finish()
     return metrics | {"wall_seconds": wall}

@@ -15,7 +15,8 @@ from ..context import (
     seed_everything,
     tokenized,
 )
-from ..sampling import epoch_batches, steps_per_epoch
+from ..resume import StageState
+from ..sampling import resumable_epochs, steps_per_epoch
 
 
 def run_rm(ctx: Context) -> dict:
@@ -47,26 +48,35 @@ def run_rm(ctx: Context) -> dict:
     rm_cls = get_algorithm("rm")
     rm = rm_cls(rm_cls.config_class(center_coef=s.center_coef), model=engine)
     pad = tokenizer.pad_token_id
-    before = rm.evaluate(heldout, pad)
     rng = random.Random(cfg.seed + 1)
+    jsonl = ctx.out / ".rm.metrics.jsonl"
+    state = StageState(ctx, "rm", {"model": engine}, cfg.checkpoint.every, jsonl)
     t0 = time.perf_counter()
-    step = 0
-    with ctx.reporter.stage("rm", total, ctx.out / ".rm.metrics.jsonl") as rep:
-        rep.log({"stage": "rm", "step": 0, **{f"heldout_{k}": v for k, v in before.items()}})
-        for epoch in range(s.epochs):
-            for chunk in epoch_batches(ctx, train, s.batch_size, steps, rng):
-                m = rm.learn(collate_pairs(chunk, pad))  # loss, train_accuracy, margin
-                step += 1
-                rep.update(show={"epoch": epoch + 1, "loss": m["loss"], "acc": m["train_accuracy"]},
-                           log={"stage": "rm", "step": step, **m})
-            acc = rm.evaluate(heldout, pad)
-            rep.update(advance=0, show={"epoch": epoch + 1, "heldout_acc": acc["accuracy"]},
-                       log={"stage": "rm", "step": step, **{f"heldout_{k}": v for k, v in acc.items()}})
+    with ctx.reporter.stage("rm", total, jsonl) as rep:
+        saved = state.start(ctx.resume)  # restores the RNGs, the engine and the metrics rows
+        if saved:
+            before, done = saved["before"], saved["step"]
+            rep.update(advance=done)
+        else:
+            before, done = rm.evaluate(heldout, pad), 0
+            rep.log({"stage": "rm", "step": 0, **{f"heldout_{k}": v for k, v in before.items()}})
+        step = done
+        for epoch, step, chunk in resumable_epochs(ctx, train, s.batch_size, steps, s.epochs, rng, done):
+            if chunk is None:  # the end of an epoch
+                acc = rm.evaluate(heldout, pad)
+                rep.update(advance=0, show={"epoch": epoch + 1, "heldout_acc": acc["accuracy"]},
+                           log={"stage": "rm", "step": step, **{f"heldout_{k}": v for k, v in acc.items()}})
+                continue
+            m = rm.learn(collate_pairs(chunk, pad))  # loss, train_accuracy, margin
+            rep.update(show={"epoch": epoch + 1, "loss": m["loss"], "acc": m["train_accuracy"]},
+                       log={"stage": "rm", "step": step, **m})
+            state.after_step(step, {"before": before}, boundary=step % s.grad_accum == 0)
     after = rm.evaluate(heldout, pad)
     wall = time.perf_counter() - t0
     metrics = {"heldout_accuracy": after["accuracy"], "heldout_accuracy_before": before["accuracy"],
                "heldout_accuracy_noisy_labels": after["accuracy_noisy_labels"], "train_steps": step,
                "data": data_stats}
     save_stage(ctx, engine, "rm", tokenizer, metrics)
+    state.finish()
     del engine, rm
     return metrics | {"wall_seconds": wall}

@@ -15,7 +15,8 @@ from ..context import (
     tokenized,
     with_lora,
 )
-from ..sampling import epoch_batches, steps_per_epoch
+from ..resume import StageState
+from ..sampling import resumable_epochs, steps_per_epoch
 
 
 def _starting_model(ctx: Context, data):
@@ -72,24 +73,33 @@ def run_sft(ctx: Context) -> dict:
     sft_cls = get_algorithm("sft")
     sft = sft_cls(sft_cls.config_class(mask_prompt=s.mask_prompt, packing=s.packing), policy=engine)
     pad = tokenizer.pad_token_id
-    loss_before = sft.evaluate(evals, pad)
+    jsonl = ctx.out / ".sft.metrics.jsonl"
+    state = StageState(ctx, "sft", {"policy": engine}, cfg.checkpoint.every, jsonl)
     t0 = time.perf_counter()
-    step = 0
-    with ctx.reporter.stage("sft", total, ctx.out / ".sft.metrics.jsonl") as rep:
-        rep.log({"stage": "sft", "step": 0, "eval_loss": loss_before})
-        for epoch in range(s.epochs):
-            for chunk in epoch_batches(ctx, train, s.batch_size, steps, rng):
-                loss = sft.learn(sft.collate(chunk, pad))["loss"]
-                step += 1
-                rep.update(show={"epoch": epoch + 1, "loss": loss},
-                           log={"stage": "sft", "step": step, "epoch": epoch, "loss": loss})
-            eval_loss = sft.evaluate(evals, pad)
-            rep.update(advance=0, show={"epoch": epoch + 1, "eval_loss": eval_loss},
-                       log={"stage": "sft", "step": step, "epoch": epoch, "eval_loss": eval_loss})
+    with ctx.reporter.stage("sft", total, jsonl) as rep:
+        saved = state.start(ctx.resume)  # restores the RNGs, the engine and the metrics rows
+        if saved:
+            loss_before, done = saved["loss_before"], saved["step"]
+            rep.update(advance=done)
+        else:
+            loss_before, done = sft.evaluate(evals, pad), 0
+            rep.log({"stage": "sft", "step": 0, "eval_loss": loss_before})
+        step = done
+        for epoch, step, chunk in resumable_epochs(ctx, train, s.batch_size, steps, s.epochs, rng, done):
+            if chunk is None:  # the end of an epoch
+                eval_loss = sft.evaluate(evals, pad)
+                rep.update(advance=0, show={"epoch": epoch + 1, "eval_loss": eval_loss},
+                           log={"stage": "sft", "step": step, "epoch": epoch, "eval_loss": eval_loss})
+                continue
+            loss = sft.learn(sft.collate(chunk, pad))["loss"]
+            rep.update(show={"epoch": epoch + 1, "loss": loss},
+                       log={"stage": "sft", "step": step, "epoch": epoch, "loss": loss})
+            state.after_step(step, {"loss_before": loss_before}, boundary=step % s.grad_accum == 0)
     loss_after = sft.evaluate(evals, pad)
     wall = time.perf_counter() - t0
     metrics = {"eval_loss_before": loss_before, "eval_loss_after": loss_after, "train_steps": step,
                "data": data_stats}
     save_stage(ctx, engine, "sft", tokenizer, metrics)
+    state.finish()
     del engine, sft
     return metrics | {"wall_seconds": wall}
