@@ -341,6 +341,9 @@ class RLSection(Section):
         "none", "with generation=fast and deepspeed.zero_stage=3, how the actor's shards travel when gathered for a "
         "rollout (one all-gather per layer): \"none\" (exact), \"int8\" or \"int4\" (blockwise quantized on the wire, "
         "ZeRO++ style; generation then samples from weights within half a quantization step of the trained ones).")
+    ema_beta: float = option(0.0, "keep an exponential moving average of the actor, updated after every optimizer step "
+                                  "(ema = beta * ema + (1 - beta) * weights; DeepSpeed-Chat's --enable_ema uses "
+                                  "0.992), saved as <out>/<algo>_ema and scored on the held-out prompts too; 0 = off.")
     health_window: int = option(15, "RL health warnings: iterations before \"reward flat while the KL rises\" is "
                                     "first judged, from then on over every iteration since the first (>= 2; "
                                     "docs/pipeline.md, rlhf_algos.HealthMonitor).")
@@ -378,6 +381,8 @@ class RLSection(Section):
         self._check_min(0, "actor_lr", "critic_lr", "temperature", strict=True)
         self._check_choice("select", ("best", "last"))
         self._check_choice("generation", ("hf", "fast"))
+        if not 0.0 <= self.ema_beta < 1.0:  # nan fails this comparison too
+            self._fail("ema_beta", f"must be in [0, 1) (0 = off), got {self.ema_beta!r}")
         self._check_choice("gather_quantization", ("none", "int8", "int4"))
         self.health_thresholds()
         if self.inference_tp_size > 1 and self.generation != "fast":

@@ -3,6 +3,7 @@
 from ._version import __version__
 from .checkpoint import atomic_dir, save_hf_checkpoint, write_json_atomic
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from .ema import ParamEMA
 from .engine import EngineConfig, HybridEngine, deepspeed_config
 from .models import (
     ValueModel,
@@ -18,6 +19,7 @@ __all__ = [
     "DistInfo",
     "EngineConfig",
     "HybridEngine",
+    "ParamEMA",
     "ValueModel",
     "__version__",
     "all_reduce_mean",

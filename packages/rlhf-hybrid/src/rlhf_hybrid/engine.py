@@ -189,6 +189,7 @@ class HybridEngine(GenerationMixin):
             torch.device("cpu"))
         self.timings: dict[str, float] = {"gather_s": 0.0, "generate_s": 0.0, "train_s": 0.0}
         self.generation_used: str | None = None  # "fast" or "hf": the path the last generate() took
+        self.ema = None  # rlhf_hybrid.ema.ParamEMA once enable_ema() is called
         self._graphs = None  # inference.DecodeGraphs of the fast path on CUDA (see _generate_fast)
         plain_model(module)  # a peft model whose adapters cannot be fused raises now, not at the first rollout
         if cfg.gather_quantization != "none" and has_lora(module):
@@ -346,8 +347,20 @@ class HybridEngine(GenerationMixin):
 
     def step(self) -> None:
         t0 = time.perf_counter()
+        boundary = self.engine.is_gradient_accumulation_boundary()  # before step(), which advances it
         self.engine.step()
+        if boundary and self.ema is not None:
+            self.ema.update()
         self.timings["train_s"] += time.perf_counter() - t0
+
+    def enable_ema(self, beta: float) -> None:
+        """Keep an exponential moving average of the weights, updated after every optimizer step
+        (:class:`~rlhf_hybrid.ema.ParamEMA`; ``with engine.ema.swapped():`` evaluates or saves it)."""
+        from .ema import ParamEMA
+
+        if not self.trainable:
+            raise RuntimeError("enable_ema: this engine was built frozen (trainable=False)")
+        self.ema = ParamEMA(self.module, beta)
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str, tokenizer=None, is_main: bool = True) -> None:

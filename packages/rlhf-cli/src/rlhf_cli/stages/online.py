@@ -119,6 +119,8 @@ def run_online(ctx: Context) -> dict:
     tokenizer = load_tokenizer(str(sft_dir))
     # 3. The algorithm and its engines: actor, frozen reference, reward, critic (when it has one), monitor.
     algo, actor, reference, reward_fn = build_online(ctx, algo_cls, data, tokenizer, sft_dir, rm_dir)
+    if p.ema_beta > 0:  # DeepSpeed-Chat's EMA actor: updated after every optimizer step, scored and saved in 7.
+        actor.enable_ema(p.ema_beta)
     # 4. Prompts: an endless, seeded stream of this rank's share of the RL prompts (see step 6).
     data_stats: dict = {}
     rl_prompts = tokenized(ctx, tokenizer, data.rl, "rl", "rl", data_stats)
@@ -136,6 +138,8 @@ def run_online(ctx: Context) -> dict:
             before, done = saved["before"], saved["step"]
             keep, health = KeepBest.resumed(actor, p.select == "best", saved["keep"]), saved["health"]
             algo.load_state_dict(saved["algo"])
+            if actor.ema is not None:
+                actor.ema.load_state_dict(saved["ema"])
             rep.update(advance=done)
         else:  # the starting model's held-out scores; its validation score is the one to beat
             before, done = ev.held_out("before"), 0
@@ -147,16 +151,31 @@ def run_online(ctx: Context) -> dict:
             row = _iteration(ctx, it, algo, actor, next(batches), tokenizer.pad_token_id, ev, keep, health)
             rep.update(show=progress_line(row, row.get(f"valid_{metric}", keep.score)), log=row)
             state.after_step(it, lambda: {"before": before, "keep": keep.state_dict(), "health": health,
-                                          "algo": algo.state_dict()})
+                                          "algo": algo.state_dict(),
+                                          "ema": actor.ema.state_dict() if actor.ema is not None else None})
     wall = time.perf_counter() - t0
     # 7. The kept weights (select=best) or the last ones, scored on the held-out prompts, then saved.
+    metrics = _finish(ctx, name, actor, keep, ev, before, tokenizer, data_stats)
+    state.finish()
+    return metrics | {"wall_seconds": wall}
+
+
+def _finish(ctx: Context, name: str, actor, keep: KeepBest, ev: Evaluator, before: dict, tokenizer,
+            data_stats: dict) -> dict:
+    """Step 7 of :func:`run_online`: restore the kept weights, score them on the held-out prompts and save
+    them (and the EMA actor, when there is one, beside them); returns the stage's metrics."""
+    p = ctx.cfg.rl
     if keep.enabled:
         keep.restore()
-        ctx.reporter.print(kept_message(name, "iteration", keep.at, metric, keep.score))
+        ctx.reporter.print(kept_message(name, "iteration", keep.at, ev.metric, keep.score))
     after = ev.held_out("after")
     metrics = {**before, **after, "kl_to_ref": after["kl_to_ref_after"],
                "selected_iteration": keep.at if keep.enabled else p.iterations, "reward": p.reward,
-               "eval_metric": metric, "algo": name, "data": data_stats}
+               "eval_metric": ev.metric, "algo": name, "data": data_stats}
     save_stage(ctx, actor, name, tokenizer, metrics)
-    state.finish()
-    return metrics | {"wall_seconds": wall}
+    if actor.ema is not None:  # the EMA actor: scored on the same held-out prompts, saved beside the actor
+        with actor.ema.swapped():
+            ema = ev.held_out("after")
+            metrics["ema"] = {"beta": p.ema_beta, **ema}
+            save_stage(ctx, actor, f"{name}_ema", tokenizer, {**before, **ema, "ema_beta": p.ema_beta})
+    return metrics
