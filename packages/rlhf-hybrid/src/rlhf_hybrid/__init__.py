@@ -4,6 +4,7 @@ from ._version import __version__
 from .checkpoint import atomic_dir, save_hf_checkpoint, write_json_atomic
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from .engine import EngineConfig, HybridEngine, deepspeed_config
+from .guards import NonFiniteError, NonFiniteWeightsError, check_finite_state
 from .models import (
     ValueModel,
     last_token_index,
@@ -18,11 +19,14 @@ __all__ = [
     "DistInfo",
     "EngineConfig",
     "HybridEngine",
+    "NonFiniteError",
+    "NonFiniteWeightsError",
     "ValueModel",
     "__version__",
     "all_reduce_mean",
     "atomic_dir",
     "barrier",
+    "check_finite_state",
     "deepspeed_config",
     "init_distributed",
     "last_token_index",
