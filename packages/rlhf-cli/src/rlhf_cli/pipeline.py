@@ -39,7 +39,9 @@ def stages_for(cfg: RunConfig, stage: str) -> list[str]:
 
 def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: int = 0, world_size: int = 1) -> dict:
     """Run ``stages`` in order and write ``<out>/summary.json`` (merged with an earlier one)."""
-    from rlhf_hybrid import barrier, write_json_atomic
+    from rlhf_hybrid import NonFiniteError, barrier, write_json_atomic
+
+    from .errors import nonfinite_message
 
     ctx = Context(cfg, reporter, rank, world_size)
     summary_path = ctx.out / "summary.json"
@@ -60,7 +62,10 @@ def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: in
     t_all = time.perf_counter()
     for stage in stages:
         t0 = time.perf_counter()
-        result = runners[stage](ctx)
+        try:
+            result = runners[stage](ctx)
+        except NonFiniteError as e:  # the engines' guard (rlhf_hybrid.guards): name the stage and the setting
+            raise PipelineError(nonfinite_message(cfg, stage, e)) from None
         result.pop("wall_seconds", None)
         summary[stage] = result
         summary["wall_seconds"][stage] = round(time.perf_counter() - t0, 2)

@@ -75,6 +75,7 @@ class SourceAdapter:
             is held out from ``train_split`` (see :func:`rlhf_data.build_stage_data`).
         record_kind: what :meth:`convert` returns: "preference", "sft", "prompt", "chat" or "mixed".
         example: one raw row in the format, as JSON (used by the docs and the tests).
+        takes_location: whether a spec may give a file or dataset (False: generated data, the demo).
     """
 
     name: ClassVar[str] = ""
@@ -85,6 +86,7 @@ class SourceAdapter:
     record_kind: ClassVar[str] = "preference"
     example: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    takes_location: ClassVar[bool] = True
 
     def __init__(self, options: dict[str, str] | None = None) -> None:
         options = dict(options or {})
@@ -313,7 +315,9 @@ def parse_source(entry: str) -> SourceSpec:
         name, location = "", head  # a bare file: detect the format
     else:
         name = head
-        get_source(name)  # unknown names fail here, listing the available ones
+        if location and not get_source(name).takes_location:  # unknown names fail here, listing the available ones
+            raise DataError(f"data spec {entry!r}: source {name!r} is generated in-process and takes no file or "
+                            f"dataset, got {location!r}; write {name!r} alone (with a weight: '{name}:0.5')")
     return SourceSpec(name, location, weight, options)
 
 
@@ -363,8 +367,21 @@ def read_rows(path: str | Path) -> list[dict]:
     """Rows of a local .jsonl, .json (a list of objects, or ``{"data": [...]}``), .parquet or .csv file.
 
     Raises:
-        DataError: missing, empty or unparsable file (with the line number), unknown extension.
+        DataError: missing, empty, unreadable or unparsable file (with the line number), not UTF-8
+            text (with the byte offset), unknown extension; every message names the file.
     """
+    try:
+        return _read_rows(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {str(path)!r} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                        f"convert it, e.g. iconv -f latin1 -t utf-8") from None
+    except csv.Error as e:
+        raise DataError(f"data file {str(path)!r}: not a readable CSV file: {e}") from None
+    except OSError as e:
+        raise DataError(f"data file {str(path)!r} cannot be read: {e.strerror or e}") from None
+
+
+def _read_rows(path: str | Path) -> list[dict]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
@@ -400,7 +417,10 @@ def read_rows(path: str | Path) -> list[dict]:
             import pyarrow.parquet as pq
         except ImportError:  # pragma: no cover - datasets depends on pyarrow
             raise ImportError("reading .parquet needs pyarrow: pip install pyarrow") from None
-        rows = pq.read_table(p).to_pylist()
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"data file {str(path)!r} is not a readable parquet file: {e}") from None
     else:
         raise DataError(f"data file {str(path)!r}: unknown extension {p.suffix!r}; allowed: {', '.join(FILE_SUFFIXES)}")
     if not rows:
@@ -449,6 +469,8 @@ def iter_records(adapter: SourceAdapter, rows: list[dict], where: str, dropped: 
             dropped[s.reason] += 1
         except RowError as e:
             raise DataError(f"{where}: row {n}: {e} (format {adapter.name!r})") from None
+        except DataError as e:  # a problem of the whole file found at its first row: name the file
+            raise DataError(f"{where}: {e}") from None
 
 
 def detect_source(rows: list[dict], where: str) -> type[SourceAdapter]:

@@ -62,6 +62,23 @@ def check_finite_state(state: Mapping[str, torch.Tensor], where: str) -> None:
                                         f"(nan/inf) of {t.numel()}")
 
 
+_GUARDED: dict[type, type] = {}
+
+
+def _guarded_class(cls: type) -> type:
+    """``cls`` (a torch optimizer class) with a ``step`` that goes through the instance's guard."""
+    if getattr(cls, "_is_nonfinite_guarded", False):
+        return cls
+    if cls not in _GUARDED:
+        def step(self, *args, **kwargs):
+            return self._nonfinite_guard.guarded_step(super(sub, self).step, *args, **kwargs)
+
+        sub = type(f"Guarded{cls.__name__}", (cls,), {"step": step, "_is_nonfinite_guarded": True,
+                                                       "__module__": cls.__module__})
+        _GUARDED[cls] = sub
+    return _GUARDED[cls]
+
+
 class NonFiniteGuard:
     """Skip optimizer steps with a non-finite loss or gradient; raise after ``max_consecutive`` in a row.
 
@@ -82,8 +99,10 @@ class NonFiniteGuard:
         self._loss_ok: torch.Tensor | None = None  # all losses of the accumulation window finite (device bool)
         self._last_bad_loss: float | None = None
         self._decision: bool | None = None  # this boundary's verdict once taken (ZeRO steps per param group)
-        self._inner_step = optimizer.step
-        optimizer.step = self._guarded_step  # instance attribute: DeepSpeed's wrappers call it as before
+        # the optimizer becomes an instance of a subclass whose step() asks this guard first; a subclass,
+        # not a patched instance attribute, because torch's LR schedulers re-bind ``step.__func__``
+        optimizer.__class__ = _guarded_class(type(optimizer))
+        optimizer._nonfinite_guard = self
         # ZeRO-0 fp32 hands the optimizer itself to the engine, which skips the LR scheduler (and
         # counts engine.skipped_steps) when the optimizer reports an overflow
         optimizer.overflow = False
@@ -116,12 +135,13 @@ class NonFiniteGuard:
             self._last_bad_loss = float(self._loss.float().mean())
         return ok
 
-    def _guarded_step(self, *args, **kwargs):
+    def guarded_step(self, inner_step, *args, **kwargs):
+        """The optimizer's ``step``: ``inner_step`` (the real one) only if this boundary may step."""
         if self._decision is None:
             self._decision = self._take_decision()
         self._optimizer.overflow = not self._decision
         if self._decision:
-            return self._inner_step(*args, **kwargs)
+            return inner_step(*args, **kwargs)
         return None
 
     def after_step(self, boundary: bool, engine_skipped: bool = False) -> None:
