@@ -490,3 +490,24 @@ def test_battery_has_at_least_150_cases() -> None:
     n = (len(MODEL_BREAKS) * 2 + 5 + 2 + len(FLAG_CASES) + 3 + len(CHAT_CASES) + 1 + 5 + len(CONFIG_CASES)
          + len(ISSUE_CONFIG_CASES) + len(YAML_CASES) + len(YAML_VALUE_CASES) + 4 + len(DATA_BREAKS) + 3 + 4)
     assert n >= 150, n
+
+
+def test_a_huge_row_does_not_hang_tokenizer_training(tmp_path: Path, caplog) -> None:
+    """Issue 13: one 8 MB JSONL line hung tokenizer training (400K characters already > 280 s; the time
+    grows with a text's length squared). Texts are cut to 16384 characters for training, with a count.
+    A 512 KiB row here (uncut: several minutes) must finish in well under a minute."""
+    import random
+    import time
+
+    rng = random.Random(0)
+    rows = [{"prompt": f"What is {i} + {i}?", "response": str(2 * i)} for i in range(12)]
+    rows.insert(2, {"prompt": "".join(rng.choice("abcdefgh ") for _ in range(512 * 1024)), "response": "x"})
+    f = tmp_path / "huge.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t0 = time.perf_counter()
+    with caplog.at_level("WARNING", logger="rlhf_data.tokenization"):
+        result = invoke(["data", "inspect", f"local:{f}", "--examples", "1", "data.split=1,0,0",
+                         "data.eval_fraction=0.0", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert result.exit_code == 0, result.output
+    assert time.perf_counter() - t0 < 120
+    assert "tokenizer training: 1 of 13 texts are longer than 16384 characters" in caplog.text, caplog.text
