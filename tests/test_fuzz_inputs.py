@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
+
 def bounded(n: int):
     """``n`` examples, no deadline, a fixed sequence (no flaky reruns; no example database)."""
     return settings(max_examples=n, deadline=None, derandomize=True, database=None,
