@@ -511,3 +511,20 @@ def test_a_huge_row_does_not_hang_tokenizer_training(tmp_path: Path, caplog) -> 
     assert result.exit_code == 0, result.output
     assert time.perf_counter() - t0 < 120
     assert "tokenizer training: 1 of 13 texts are longer than 16384 characters" in caplog.text, caplog.text
+
+
+def test_an_internal_error_shows_its_traceback_and_asks_for_a_report(monkeypatch, tmp_path: Path) -> None:
+    """The other side of the boundary: a bug (here a KeyError raised where no user input can cause
+    one) is not dressed up as a user error."""
+    from rlhf_cli import app as app_module
+
+    def broken(*args, **kwargs):
+        raise KeyError("internal invariant")
+
+    monkeypatch.setattr(app_module, "load_config", broken)
+    result = invoke(["run", "--out", tmp_path / "o"])
+    assert result.exit_code == 1, result.output
+    assert "Traceback (most recent call last)" in result.output
+    assert "KeyError: 'internal invariant'" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: internal error (KeyError): this is a bug in rlhf")
+    assert "report it" in result.output

@@ -7,7 +7,8 @@ Every command that reads user input (``rlhf run``, ``rlhf chat``, ``rlhf data ..
 data (``rlhf_data.DataError``), training that diverged (``rlhf_hybrid.NonFiniteError``), a file the
 system refuses (``OSError``: missing, permission denied, disk full) and ``ValueError`` (the libraries'
 checks of their arguments raise it, naming the field). Anything else is a bug of ours: its traceback
-is printed, then one line asking to report it, and the exit status is 1.
+is printed, then one line asking to report it, and the exit status is 1. ``RLHF_DEBUG=1`` prints the
+traceback of a user error too (before its line).
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ import traceback
 
 import typer
 
-__all__ = ["ISSUES_URL", "fail", "nonfinite_message", "one_line", "user_errors"]
-
-ISSUES_URL = "https://github.com/rlhf-project/rlhf/issues"
+__all__ = ["fail", "nonfinite_message", "one_line", "user_errors"]
 
 # the learning-rate key of the model each stage trains ("critic": the online algorithms' critic)
 _LR_KEYS = {"sft": "sft.lr", "rm": "rm.lr", "actor": "rl.actor_lr", "critic": "rl.critic_lr", "offline": "pref.lr"}
@@ -35,11 +34,10 @@ def fail(msg: str, code: int = 2):
 
 
 def one_line(e: BaseException) -> str:
-    """A user error as one line: its message, or for an OSError without a path in it, strerror and path."""
-    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in str(e):
-        return f"{e.filename}: {e.strerror or e}"
-    if isinstance(e, OSError) and e.strerror and e.filename is not None:
-        return f"{e.filename}: {e.strerror}" + (f" (and {e.filename2})" if e.filename2 else "")
+    """A user error as one line: an OSError as ``path: problem``, anything else its message (whitespace
+    collapsed: library messages may span lines)."""
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}" + (f" (and {e.filename2})" if e.filename2 else "")
     text = " ".join(str(e).split()) or type(e).__name__  # library messages may span lines
     return text if len(text) <= 2000 else text[:2000] + " ..."
 
@@ -81,16 +79,14 @@ def user_errors(fn):
         except (typer.Exit, typer.Abort, SystemExit, KeyboardInterrupt):
             raise
         except Exception as e:  # noqa: BLE001 - this is the boundary
-            if isinstance(e, _user_error_types()) and not _is_internal(e):
+            if isinstance(e, _user_error_types()):
+                if os.environ.get("RLHF_DEBUG") == "1":  # where a user error came from, for bug reports
+                    traceback.print_exc()
                 fail(one_line(e))
             traceback.print_exc()
-            typer.echo(f"error: internal error ({type(e).__name__}) - this is a bug in rlhf, not in your input; "
-                       f"please report it with the command and the traceback above: {ISSUES_URL}", err=True)
+            typer.echo(f"error: internal error ({type(e).__name__}): this is a bug in rlhf, not in your input; "
+                       f"please report it to the rlhf project's issue tracker with the command, the output of "
+                       f"`rlhf env` and the traceback above", err=True)
             raise typer.Exit(1) from None
 
     return wrapper
-
-
-def _is_internal(e: BaseException) -> bool:
-    """ValueErrors our own code raises as assertions of invariants (RLHF_DEBUG=1 shows every traceback)."""
-    return os.environ.get("RLHF_DEBUG") == "1"
