@@ -315,7 +315,8 @@ def parse_source(entry: str) -> SourceSpec:
         name, location = "", head  # a bare file: detect the format
     else:
         name = head
-        if location and not get_source(name).takes_location:  # unknown names fail here, listing the available ones
+        cls = get_source(name)  # unknown names fail here, listing the available ones
+        if location and not cls.takes_location:
             raise DataError(f"data spec {entry!r}: source {name!r} is generated in-process and takes no file or "
                             f"dataset, got {location!r}; write {name!r} alone (with a weight: '{name}:0.5')")
     return SourceSpec(name, location, weight, options)
