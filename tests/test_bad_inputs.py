@@ -170,6 +170,16 @@ def test_broken_reward_model_directory(kind: str, model_dir: Path, tmp_path: Pat
     check(["run", "--stage", "sft", "--reward-model", d, "--out", tmp_path / "o"], "--reward-model", str(d), needle)
 
 
+@pytest.mark.parametrize("kind", ["truncated_weights", "no_tokenizer", "invalid_config"])
+def test_broken_sft_output_of_an_earlier_run(kind: str, model_dir: Path, tmp_path: Path) -> None:
+    """--stage rm / ppo read <out>/sft: a damaged one is found before the stage starts."""
+    out = tmp_path / "o"
+    out.mkdir()
+    d, needle = broken_model(kind, model_dir, out.parent / "src")
+    d.rename(out / "sft")
+    check(["run", "--stage", "rm", "--out", out], "--stage rm input", str(out / "sft"), needle)
+
+
 @pytest.mark.parametrize("command", ["run", "chat"])
 def test_unreachable_hub_name_fails_at_once(command: str, tmp_path: Path) -> None:  # issue: 53 s, then a traceback
     name = "no-such-org/no-such-model-xyz"
@@ -487,7 +497,7 @@ def test_full_disk_fails_before_training(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_battery_has_at_least_150_cases() -> None:
-    n = (len(MODEL_BREAKS) * 2 + 5 + 2 + len(FLAG_CASES) + 3 + len(CHAT_CASES) + 1 + 5 + len(CONFIG_CASES)
+    n = (len(MODEL_BREAKS) * 2 + 5 + 3 + 2 + len(FLAG_CASES) + 3 + len(CHAT_CASES) + 1 + 5 + len(CONFIG_CASES)
          + len(ISSUE_CONFIG_CASES) + len(YAML_CASES) + len(YAML_VALUE_CASES) + 4 + len(DATA_BREAKS) + 3 + 4)
     assert n >= 150, n
 

@@ -211,6 +211,11 @@ def preflight_run(cfg, stages: list[str]) -> None:
     if cfg.model.reward_model:
         found, reward_params = check_model_dir("--reward-model (model.reward_model)", cfg.model.reward_model, tokenizer=False)
         problems += found
+    sft_dir = Path(cfg.out).expanduser() / "sft"
+    if not problems and "sft" not in stages and (sft_dir / "config.json").is_file():  # a later stage's input
+        found, sft_params = check_model_dir(f"--stage {stages[0]} input", str(sft_dir), tokenizer=True)
+        problems += found
+        actor_params = sft_params if actor_params is None else actor_params
     if not problems:
         need, how = estimate_checkpoint_bytes(cfg, stages, actor_params, reward_params)
         out = Path(cfg.out).expanduser()

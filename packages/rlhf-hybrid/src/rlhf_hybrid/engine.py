@@ -220,9 +220,9 @@ class HybridEngine(GenerationMixin):
                 if cfg.warmup_steps > 0 or cfg.decay_steps > 0:
                     kwargs["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(
                         opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.decay_steps))
-            if trainable:
-                self.guard = NonFiniteGuard(kwargs["optimizer"], cfg.max_nonfinite_steps, name)
             self.engine, *_ = ds.initialize(model=module, config=conf, **kwargs)
+            if trainable:  # after initialize: the guard wraps the step its LR scheduler wrapped (guards.py)
+                self.guard = NonFiniteGuard(kwargs["optimizer"], cfg.max_nonfinite_steps, name)
             self.module = self.engine.module
         else:
             self.engine = None

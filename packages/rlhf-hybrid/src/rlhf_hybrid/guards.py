@@ -62,29 +62,12 @@ def check_finite_state(state: Mapping[str, torch.Tensor], where: str) -> None:
                                         f"(nan/inf) of {t.numel()}")
 
 
-_GUARDED: dict[type, type] = {}
-
-
-def _guarded_class(cls: type) -> type:
-    """``cls`` (a torch optimizer class) with a ``step`` that goes through the instance's guard."""
-    if getattr(cls, "_is_nonfinite_guarded", False):
-        return cls
-    if cls not in _GUARDED:
-        def step(self, *args, **kwargs):
-            return self._nonfinite_guard.guarded_step(super(sub, self).step, *args, **kwargs)
-
-        sub = type(f"Guarded{cls.__name__}", (cls,), {"step": step, "_is_nonfinite_guarded": True,
-                                                       "__module__": cls.__module__})
-        _GUARDED[cls] = sub
-    return _GUARDED[cls]
-
-
 class NonFiniteGuard:
     """Skip optimizer steps with a non-finite loss or gradient; raise after ``max_consecutive`` in a row.
 
     Args:
-        optimizer: the torch optimizer DeepSpeed steps (the one given to ``deepspeed.initialize``);
-            its ``step`` is wrapped in place.
+        optimizer: the torch optimizer DeepSpeed steps (the one given to ``deepspeed.initialize``,
+            after that call); its ``step`` is wrapped in place.
         max_consecutive: skipped steps in a row that stop the run (>= 1).
         name: what the engine trains, for messages.
     """
@@ -99,10 +82,15 @@ class NonFiniteGuard:
         self._loss_ok: torch.Tensor | None = None  # all losses of the accumulation window finite (device bool)
         self._last_bad_loss: float | None = None
         self._decision: bool | None = None  # this boundary's verdict once taken (ZeRO steps per param group)
-        # the optimizer becomes an instance of a subclass whose step() asks this guard first; a subclass,
-        # not a patched instance attribute, because torch's LR schedulers re-bind ``step.__func__``
-        optimizer.__class__ = _guarded_class(type(optimizer))
-        optimizer._nonfinite_guard = self
+        # Wrap the instance's step (the class and its type stay: DeepSpeed checks ZeRO support by type).
+        # Built after deepspeed.initialize, so that this wraps the LR scheduler's own wrapper of step
+        # (torch schedulers re-bind ``step.__func__``, which a wrapper made before them would lose).
+        inner = optimizer.step
+
+        def step(*args, **kwargs):
+            return self.guarded_step(inner, *args, **kwargs)
+
+        optimizer.step = step
         # ZeRO-0 fp32 hands the optimizer itself to the engine, which skips the LR scheduler (and
         # counts engine.skipped_steps) when the optimizer reports an overflow
         optimizer.overflow = False
