@@ -80,6 +80,7 @@ class NonFiniteGuard:
         self.consecutive = 0  # skipped steps since the last applied one
         self.steps = 0  # optimizer steps (boundaries), skipped ones included
         self._loss_ok: torch.Tensor | None = None  # all losses of the accumulation window finite (device bool)
+        self._loss: torch.Tensor | None = None  # the window's last loss (for the message)
         self._last_bad_loss: float | None = None
         self._decision: bool | None = None  # this boundary's verdict once taken (ZeRO steps per param group)
         # Wrap the instance's step (the class and its type stay: DeepSpeed checks ZeRO support by type).
