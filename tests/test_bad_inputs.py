@@ -46,7 +46,7 @@ def no_training(monkeypatch):
     """Every case must fail before a stage starts: a stage that starts fails the case at once."""
     from rlhf_cli import pipeline
 
-    def started(ctx):
+    def started(*args, **kwargs):
         raise AssertionError("a stage started: the bad input was not caught before training")
 
     for name in ("run_sft", "run_rm", "run_online", "run_offline"):
