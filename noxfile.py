@@ -59,7 +59,8 @@ TRITON = ("triton==3.9.0", "numpy")
 # lock covers it; tests/test_lock.py reads this to check that it does).
 # peft: rlhf-hybrid fuses peft LoRA models' adapters (packages/rlhf-hybrid/tests/test_peft.py);
 # optional for users, installed here so that those tests run rather than skip.
-TEST_EXTRAS = ("pytest", "peft", *TRITON)
+# hypothesis: the property-based fuzz of config overrides and data rows (tests/test_fuzz_inputs.py).
+TEST_EXTRAS = ("pytest", "peft", "hypothesis", *TRITON)
 
 # OMP_NUM_THREADS=1 for the tests (a value already in the environment wins). Measured on the
 # 2-core CI-class machine with other work running on it (load average about 5): the kernels +

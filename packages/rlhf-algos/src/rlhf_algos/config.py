@@ -7,6 +7,7 @@ Re-exported by :mod:`rlhf_algos.base`, where the algorithm base classes that use
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -57,12 +58,12 @@ class AlgorithmConfig:
 
     def _check_min(self, name: str, low: float, *, strict: bool = False) -> None:
         v = getattr(self, name)
-        if v < low or (strict and v == low):
+        if not (v > low if strict else v >= low) or v == math.inf:  # nan fails the comparison
             self._fail(name, f"{'>' if strict else '>='} {low}")
 
     def _check_range(self, name: str, low: float, high: float, *, low_open: bool = False) -> None:
         v = getattr(self, name)
-        if not (low < v <= high if low_open else low <= v <= high):
+        if not (low < v <= high if low_open else low <= v <= high):  # nan fails both
             self._fail(name, f"{'(' if low_open else '['}{low}, {high}]")
 
 
@@ -98,8 +99,8 @@ class OnlineConfig(AlgorithmConfig):
         self._check_choice("kl_placement", KL_PLACEMENTS)
         self._check_choice("loss_agg", F.LOSS_AGG_MODES)
         self._check_choice("reward_norm", REWARD_NORMS)
-        for name in ("kl_coef", "clip_eps"):
-            self._check_min(name, 0.0)
+        self._check_min("kl_coef", 0.0)
+        self._check_min("clip_eps", 0.0, strict=True)  # 0 would freeze the policy: every ratio clipped to 1
         if self.clip_reward is not None:
             self._check_min("clip_reward", 0.0)
         for name in ("samples_per_prompt", "ppo_epochs", "micro_batch_size", "max_new_tokens"):

@@ -12,6 +12,8 @@ from pathlib import Path
 import typer
 
 from .config import ConfigError, all_keys, load_config
+from .errors import fail as _fail
+from .errors import user_errors
 from .launch import relaunch
 
 app = typer.Typer(
@@ -30,11 +32,6 @@ bench_app = typer.Typer(help="Benchmarks (docs/performance.md).", no_args_is_hel
 app.add_typer(bench_app, name="bench")
 
 STAGE_CHOICES = ("sft", "rm", "all")  # or the name of a registered algorithm
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
 
 
 def _quiet_libraries() -> None:
@@ -65,6 +62,7 @@ def _keys_help() -> str:
     "from --config (YAML), then KEY=VALUE overrides, then the explicit options. See `rlhf config-keys` for "
     "every key and `rlhf algos show NAME` for an algorithm's algo.* settings."
 )
+@user_errors
 def run(
     overrides: list[str] = typer.Argument(None, metavar="[KEY=VALUE]...",
                                           help="Config overrides with dotted keys, e.g. algo.kl_coef=0.05 sft.epochs=3."),
@@ -99,14 +97,10 @@ def run(
                              "algo.name": algo})
     except ConfigError as e:
         _fail(str(e))
-    for key, path in (("--actor-model", cfg.model.actor_model), ("--reward-model", cfg.model.reward_model)):
-        if path:
-            from rlhf_hybrid import resolve_model_path
+    from .pipeline import stages_for
+    from .preflight import preflight_run
 
-            try:
-                resolve_model_path(path)
-            except FileNotFoundError as e:
-                _fail(f"{key}: {e}")
+    preflight_run(cfg, stages_for(cfg, stage))  # before any model is built: out dir, free space, model dirs
     if cfg.deepspeed.nproc > 1 and "RANK" not in os.environ:
         relaunch(cfg.deepspeed.nproc)
         return
@@ -166,46 +160,17 @@ def _run_stages(cfg, stage: str, overwrite: bool = False, resume: bool = False) 
 
 
 @app.command(help="Talk to a trained model: one answer with --prompt, or an interactive session without it.")
+@user_errors
 def chat(
     model: Path = typer.Option(..., "--model", "-m", help="A model directory written by `rlhf run` (e.g. rlhf-out/ppo)."),
     prompt: str = typer.Option(None, "--prompt", "-p", help="Answer this one prompt and exit."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Answer length limit in tokens."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy decoding; > 0 samples."),
 ) -> None:
-    if not (model / "config.json").is_file():
-        _fail(f"--model: {str(model)!r} is not a model directory (no config.json)")
-    if max_new_tokens < 1:
-        _fail(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        _fail(f"--temperature: must be >= 0, got {temperature}")
     _quiet_libraries()
-    import torch
-    from rlhf_data import encode_prompt
-    from rlhf_hybrid import load_causal_lm, load_tokenizer
+    from .chat import chat as run_chat
 
-    tok = load_tokenizer(str(model))
-    lm = load_causal_lm(str(model)).eval()
-
-    def answer(text: str) -> str:
-        ids = torch.tensor([encode_prompt(tok, text)])
-        with torch.no_grad():
-            out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                              do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                              top_k=None, top_p=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-
-    if prompt is not None:
-        typer.echo(answer(prompt))
-        return
-    typer.echo("Interactive chat; an empty line or Ctrl-D ends it.")
-    while True:
-        try:
-            text = input("you> ").strip()
-        except EOFError:
-            break
-        if not text:
-            break
-        typer.echo(f"model> {answer(text)}")
+    run_chat(str(model), prompt, max_new_tokens, temperature)
 
 
 @app.command("config-keys", help="List every config key with its type, default and meaning.")
@@ -258,6 +223,7 @@ def algos_show(name: str = typer.Argument(..., help="A name from `rlhf algos lis
 
 
 @data_app.command("sources", help="Every data source registered under the entry-point group rlhf.data.sources.")
+@user_errors
 def data_sources() -> None:
     from rlhf_data import available_sources
 
@@ -272,6 +238,7 @@ def data_sources() -> None:
     "histograms in tokens, truncated/dropped counts, and three rendered examples. Data settings (split, "
     "length limits, truncation, ...) come from --config and KEY=VALUE overrides exactly as in `rlhf run`.",
 )
+@user_errors
 def data_inspect(
     spec: str = typer.Argument(None, metavar="[SPEC]",
                                help="Data spec, e.g. 'hh:./hh.jsonl:0.7,shp:0.3' (default: data.sources)."),

@@ -10,15 +10,16 @@ and what is allowed; nothing is silently rewritten.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from .config_runtime import CheckpointSection, TrainSection
 from .config_sections import (
     AlgoSection,
-    CheckpointSection,
     ConfigError,
     DataSection,
     DeepSpeedSection,
@@ -47,6 +48,7 @@ __all__ = [
     "RMSection",
     "RunConfig",
     "SFTSection",
+    "TrainSection",
     "all_keys",
     "build_config",
     "field_help",
@@ -74,9 +76,12 @@ class RunConfig:
     pref: PrefSection = field(default_factory=PrefSection)
     lora: LoRASection = field(default_factory=LoRASection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    train: TrainSection = field(default_factory=TrainSection)
 
     def __post_init__(self) -> None:
         rl, ds, lo = self.rl, self.deepspeed, self.lora
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed: {self.seed!r} is not allowed; allowed: 0..{2**32 - 1}")
         if rl.gather_quantization != "none" and (rl.generation != "fast" or ds.zero_stage != 3):
             raise ConfigError(f"rl.gather_quantization: {rl.gather_quantization!r} needs rl.generation=fast and "
                               f"deepspeed.zero_stage=3 (only ZeRO-3 gathers weights for generation); got "
@@ -120,6 +125,26 @@ def all_keys(cls=RunConfig, prefix: str = "") -> dict[str, tuple[type, object, s
     return out
 
 
+def _as_float(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond the float range
+        return math.inf
+
+
+def _check_all_finite(sections: dict[str, object]) -> None:
+    """Every float setting of the built ``sections`` is finite. Each section checks its ranges first (with
+    its own messages); this catches what a range check lets through (``inf > 0``) and keys without one,
+    before the cross-section rules (which build the algorithm's config) run."""
+    for name, section in sections.items():
+        items = [(f"{name}.{f.name}", getattr(section, f.name)) for f in dataclasses.fields(section)]
+        if name == "algo":
+            items += [(f"algo.{k}", v) for k, v in section.options]
+        for key, v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{key}: {v!r} is not allowed; allowed: a finite number")
+
+
 def _convert(key: str, t, value):
     args = typing.get_args(t)
     if type(None) in args:  # an optional setting: "none"/"null" (or YAML null) -> None
@@ -135,9 +160,10 @@ def _convert(key: str, t, value):
             raise ConfigError(str(e)) from None
     if isinstance(value, str) and t is float:
         try:
-            return float(value)  # YAML 1.1 reads "1e-3" as a string; a float key accepts it
+            number = float(value)  # YAML 1.1 reads "1e-3" as a string; a float key accepts it
         except ValueError:
             raise ConfigError(f"{key}: {value!r} is not a number") from None
+        return number
     if isinstance(value, str) and t is not str:
         try:
             value = yaml.safe_load(value)
@@ -154,7 +180,7 @@ def _convert(key: str, t, value):
     if t is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: {value!r} is not a number")
-        return float(value)
+        return _as_float(value)
     if t is str:
         if value is None:
             return ""
@@ -204,11 +230,36 @@ def build_config(values: dict[str, object]) -> RunConfig:
     hints = typing.get_type_hints(RunConfig)
     try:  # the sections in RunConfig's order, each checking its own fields, then the rules across them
         built = {name: hints[name](**sections[name]) for name in hints if name in sections}
+        _check_all_finite(built)
         return RunConfig(**top, **built)
     except ConfigError:
         raise
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error (PyYAML keeps the last
+    one silently: a section written twice would drop the first block)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first is not None:
+                raise _DuplicateKey(f"key {key!r} appears twice (line {first} and line {line}); "
+                                    f"give each key once (merge the two blocks)")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def load_config(path: str | None, overrides: list[str] | None = None, **cli_values) -> RunConfig:
@@ -219,7 +270,16 @@ def load_config(path: str | None, overrides: list[str] | None = None, **cli_valu
         if not p.is_file():
             raise ConfigError(f"config file {path!r} does not exist")
         try:
-            data = yaml.safe_load(p.read_text())
+            data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path!r} is not a UTF-8 text file (byte {e.start}: "
+                              f"{e.object[e.start:e.start + 1]!r})") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path!r} is a directory, not a YAML file") from None
+        except OSError as e:
+            raise ConfigError(f"config file {path!r} cannot be read: {e.strerror or e}") from None
+        except _DuplicateKey as e:
+            raise ConfigError(f"config file {path!r}: {e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

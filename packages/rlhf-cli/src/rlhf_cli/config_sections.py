@@ -95,8 +95,10 @@ class Section:
                 self._fail(name, f"must be {'>' if strict else '>='} {low}{note}, got {value!r}")
 
     def _check_loop(self) -> None:
-        """The optimiser-loop fields of the sft, rm and pref sections: epochs, batch_size, grad_accum >= 1, lr > 0."""
+        """The optimiser-loop fields of the sft, rm and pref sections: epochs, batch_size, grad_accum >= 1,
+        warmup_steps >= 0, lr > 0 (finiteness: every float key, rlhf_cli.config)."""
         self._check_min(1, "epochs", "batch_size", "grad_accum")
+        self._check_min(0, "warmup_steps")
         self._check_min(0, "lr", strict=True)
 
     def _check_finite(self, *names: str) -> None:
@@ -122,6 +124,18 @@ class ModelSection(Section):
     intermediate_size: int = option(1024, "tiny demo model: MLP width.")
     tokenizer_vocab_size: int = option(0, "tiny demo model: vocabulary of the byte-level BPE tokenizer trained on the "
                                           "data in-process; 0 = 320 for the demo task, 2048 for other data.")
+
+    # the byte-level BPE's 256 byte tokens plus its special tokens: the smallest vocabulary it can have
+    MIN_VOCAB: ClassVar[int] = 260
+
+    def __post_init__(self) -> None:
+        self._check_min(1, "hidden_size", "num_layers", "num_heads", "intermediate_size")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
+            self._fail("num_heads", f"{self.num_heads} is not allowed with model.hidden_size={self.hidden_size}; "
+                                    f"allowed: a divisor of hidden_size that leaves an even head size (rotary)")
+        if self.tokenizer_vocab_size != 0 and not self.MIN_VOCAB <= self.tokenizer_vocab_size <= 1_000_000:
+            self._fail("tokenizer_vocab_size", f"{self.tokenizer_vocab_size} is not allowed; allowed: 0 (auto) or "
+                                               f"{self.MIN_VOCAB}..1000000")
 
 
 @dataclass(frozen=True)
@@ -157,6 +171,10 @@ class DataSection(Section):
         self._check_choice("truncation", ("truncate", "drop"))
         self._check_min(1, "max_prompt_len", "max_response_len", "pairs_per_prompt")
         self._check_finite("sft_samples", "rm_samples", "rl_samples", "max_eval")
+        self._check_min(1, "num_eval", "num_valid")
+        for name in ("sft_carry_error", "label_noise"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                self._fail(name, f"must be in [0, 1], got {getattr(self, name)!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             self._fail("eval_fraction", f"must be in [0, 1), got {self.eval_fraction!r}")
         from rlhf_data import DataError, StageSplit, parse_data_spec
@@ -193,24 +211,6 @@ class DeepSpeedSection(Section):
         self._check_min(1, "nproc")
         if self.offload_optimizer and self.zero_stage == 0:
             self._fail("offload_optimizer", "needs deepspeed.zero_stage >= 1, got 0")
-
-
-@dataclass(frozen=True)
-class CheckpointSection(Section):
-    """Resumable training state (docs/pipeline.md, "Checkpoints and resume")."""
-
-    section: ClassVar[str] = "checkpoint"
-
-    every: int = option(200, "save the resumable state every this many training steps of sft, rm and the offline "
-                             "algorithms (0: only on SIGTERM/SIGINT).")
-    every_iterations: int = option(5, "... and every this many iterations of the online algorithms (0: only on "
-                                      "SIGTERM/SIGINT).")
-    keep: int = option(1, "how many saved states of a stage to keep (the newest); each holds the weights, the "
-                          "optimizer state and the RNG states.")
-
-    def __post_init__(self) -> None:
-        self._check_min(0, "every", "every_iterations")
-        self._check_min(1, "keep")
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,8 @@ def engine_config(cfg: RunConfig, *, lr: float, batch: int, grad_accum: int = 1,
                         decay_steps=decay, generation=cfg.rl.generation,
                         inference_tp_size=cfg.rl.inference_tp_size,
                         cuda_graphs=cfg.rl.cuda_graphs, keep_decode_cache=cfg.rl.keep_decode_cache,
-                        gather_quantization=cfg.rl.gather_quantization)
+                        gather_quantization=cfg.rl.gather_quantization,
+                        max_nonfinite_steps=cfg.train.max_nonfinite_steps)
 
 
 def with_lora(ctx: Context, model, stage: str):
@@ -225,6 +226,8 @@ def save_stage(ctx: Context, engine, stage: str, tokenizer, metrics: dict) -> No
     from rlhf_hybrid import save_hf_checkpoint
 
     state = engine.export_state_dict()
+    if getattr(engine, "nonfinite_skipped", 0):  # only when it happened: valid runs' summaries stay as they were
+        metrics["nonfinite_skipped_steps"] = engine.nonfinite_skipped
     if ctx.is_main:
         jsonl = ctx.out / f".{stage}.metrics.jsonl"
         extra = {"run_card.json": _run_card(ctx, stage, metrics)}

@@ -50,7 +50,9 @@ def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: in
     rule (:mod:`rlhf_cli.ledger`): finished later stages trained from an output about to be replaced
     are an error, or deleted with ``overwrite`` (which also discards saved states).
     """
-    from rlhf_hybrid import barrier, write_json_atomic
+    from rlhf_hybrid import NonFiniteError, barrier, write_json_atomic
+
+    from .errors import nonfinite_message
 
     ctx = Context(cfg, reporter, rank, world_size, resume=resume)
     summary_path = ctx.out / "summary.json"
@@ -68,7 +70,10 @@ def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: in
     for stage in stages:
         t0 = time.perf_counter()
         ctx.inputs = {}  # filled as the stage reads earlier outputs (the ledger's inputs)
-        result = runners[stage](ctx)
+        try:
+            result = runners[stage](ctx)
+        except NonFiniteError as e:  # the engines' guard (rlhf_hybrid.guards): name the stage and the setting
+            raise PipelineError(nonfinite_message(cfg, stage, e)) from None
         result.pop("wall_seconds", None)
         summary[stage] = result
         summary["wall_seconds"][stage] = round(time.perf_counter() - t0, 2)

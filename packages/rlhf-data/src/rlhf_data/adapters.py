@@ -361,11 +361,13 @@ class LocalAdapter(SourceAdapter):
         if "prompt" in has:
             return "prompt"
         mapping = ", ".join(f"{f}={c}" for f, c in self.col.items())
-        raise DataError(f"local file: columns {', '.join(map(repr, row))} match no record kind with the mapping "
+        raise DataError(f"columns {', '.join(map(repr, row))} match no record kind with the mapping "
                         f"[{mapping}]; need prompt+chosen+rejected, prompt+response, messages or prompt")
 
     def required_columns(self) -> tuple[str, ...]:
-        return ()  # decided from the first row in convert (a mapped-but-missing column is a row error)
+        # the columns the spec maps by name must exist (a missing one would silently change the record
+        # kind: pairs read as prompts); the kind itself is decided from the first row in convert
+        return tuple(self.options[f] for f in self.FIELDS if f in self.options)
 
     def convert(self, row: dict) -> Any:
         if self.kind is None:

@@ -73,8 +73,21 @@ def read_rows(path: str | Path) -> list[dict]:
     .arrow (a ``datasets`` arrow file) file.
 
     Raises:
-        DataError: missing, empty or unparsable file (with the line number), unknown extension.
+        DataError: missing, empty, unreadable or unparsable file (with the line number), not UTF-8
+            text (with the byte offset), unknown extension; every message names the file.
     """
+    try:
+        return _read_rows(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {str(path)!r} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+                        f"convert it, e.g. iconv -f latin1 -t utf-8") from None
+    except csv.Error as e:
+        raise DataError(f"data file {str(path)!r}: not a readable CSV file: {e}") from None
+    except OSError as e:
+        raise DataError(f"data file {str(path)!r} cannot be read: {e.strerror or e}") from None
+
+
+def _read_rows(path: str | Path) -> list[dict]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataError(f"data file {str(path)!r} does not exist")
@@ -97,7 +110,10 @@ def read_rows(path: str | Path) -> list[dict]:
     elif suffix == ".parquet":
         import pyarrow.parquet as pq  # a dependency of `datasets`
 
-        rows = pq.read_table(p).to_pylist()
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"data file {str(path)!r} is not a readable parquet file: {e}") from None
     elif suffix == ".arrow":
         rows = _read_arrow(p, path)
     else:

@@ -353,7 +353,10 @@ def parse_source(entry: str) -> SourceSpec:
         name, location = "", head  # a bare file, directory or hub id: detect the format from its rows
     else:
         name = head
-        get_source(name)  # unknown names fail here, listing the available ones
+        cls = get_source(name)  # unknown names fail here, listing the available ones
+        if location and not cls.reads_data:
+            raise DataError(f"data spec {entry!r}: source {name!r} is generated in-process and takes no file or "
+                            f"dataset, got {location!r}; write {name!r} alone (with a weight: '{name}:0.5')")
     return SourceSpec(name, location, weight, options)
 
 
@@ -424,6 +427,8 @@ def iter_records(adapter: SourceAdapter, rows: list[dict], where: str, dropped: 
             dropped[s.reason] += 1
         except RowError as e:
             raise DataError(f"{where}: row {n}: {e} (format {adapter.name!r})") from None
+        except DataError as e:  # a problem of the whole file found at its first row: name the file
+            raise DataError(f"{where}: {e}") from None
 
 
 def detect_source(rows: list[dict], where: str) -> type[SourceAdapter]:

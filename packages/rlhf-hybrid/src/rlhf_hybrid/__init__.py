@@ -5,6 +5,7 @@ from .checkpoint import atomic_dir, save_hf_checkpoint, write_json_atomic
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from .ema import ParamEMA
 from .engine import EngineConfig, HybridEngine, deepspeed_config
+from .guards import NonFiniteError, NonFiniteWeightsError, check_finite_state
 from .models import (
     ValueModel,
     last_token_index,
@@ -19,12 +20,15 @@ __all__ = [
     "DistInfo",
     "EngineConfig",
     "HybridEngine",
+    "NonFiniteError",
+    "NonFiniteWeightsError",
     "ParamEMA",
     "ValueModel",
     "__version__",
     "all_reduce_mean",
     "atomic_dir",
     "barrier",
+    "check_finite_state",
     "deepspeed_config",
     "init_distributed",
     "last_token_index",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .guards import check_finite_state
 from .models import VALUE_HEAD_FILE, ValueModel
 
 
@@ -49,9 +50,13 @@ def save_hf_checkpoint(module: torch.nn.Module, state: dict[str, torch.Tensor], 
 
     For a :class:`ValueModel` the causal LM goes in the usual files and the head in
     ``value_head.safetensors``.
+
+    Raises:
+        NonFiniteWeightsError: a weight of ``state`` is nan/inf (checked before anything is written).
     """
     from safetensors.torch import save_file
 
+    check_finite_state(state, str(out_dir))
     with atomic_dir(out_dir) as tmp:
         if isinstance(module, ValueModel):
             lm_state = {k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")}

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .generation import GenerationMixin
+from .guards import NonFiniteGuard
 from .lora import has_lora, merged_state_dict, plain_model
 from .models import ValueModel, last_token_index, position_ids_from_mask  # noqa: F401 (ValueModel: re-export)
 
@@ -67,6 +68,8 @@ class EngineConfig:
             gathered for a rollout (one all-gather per layer): "none" (exact), "int8" or "int4"
             (blockwise quantized on the wire, ZeRO++ qwZ style; the generation weights then differ
             from the trained ones by up to half a quantization step per 128-element block).
+        max_nonfinite_steps: optimizer steps in a row with a non-finite loss or gradient (each one
+            skipped, see :mod:`rlhf_hybrid.guards`) that stop training with ``NonFiniteError``.
     """
 
     zero_stage: int = 0
@@ -85,6 +88,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     keep_decode_cache: bool = False
     gather_quantization: str = "none"
+    max_nonfinite_steps: int = 3
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -102,6 +106,8 @@ class EngineConfig:
             raise ValueError(f"optimizer: {self.optimizer!r} is not allowed; allowed: 'adamw', 'sgd'")
         if self.generation not in ("hf", "fast"):
             raise ValueError(f"generation: {self.generation!r} is not allowed; allowed: 'hf', 'fast'")
+        if not isinstance(self.max_nonfinite_steps, int) or self.max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps: must be an integer >= 1, got {self.max_nonfinite_steps!r}")
         if self.inference_tp_size < 1:
             raise ValueError(f"inference_tp_size: must be >= 1, got {self.inference_tp_size}")
         if self.inference_tp_size > 1 and self.generation != "fast":
@@ -179,10 +185,11 @@ class HybridEngine(GenerationMixin):
     """
 
     def __init__(self, module: nn.Module, cfg: EngineConfig, *, trainable: bool = True,
-                 total_steps: int | None = None) -> None:
+                 total_steps: int | None = None, name: str = "model") -> None:
         import torch.distributed as dist
 
-        self.cfg = cfg
+        self.cfg, self.name = cfg, name
+        self.guard: NonFiniteGuard | None = None  # trainable engines: skips non-finite steps (guards.py)
         self.trainable = trainable
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else (
@@ -215,6 +222,8 @@ class HybridEngine(GenerationMixin):
                     kwargs["lr_scheduler"] = lambda opt: torch.optim.lr_scheduler.LambdaLR(
                         opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.decay_steps))
             self.engine, *_ = ds.initialize(model=module, config=conf, **kwargs)
+            if trainable:  # after initialize: the guard wraps the step its LR scheduler wrapped (guards.py)
+                self.guard = NonFiniteGuard(kwargs["optimizer"], cfg.max_nonfinite_steps, name)
             self.module = self.engine.module
         else:
             self.engine = None
@@ -342,16 +351,27 @@ class HybridEngine(GenerationMixin):
         if not self.trainable:
             raise RuntimeError("backward: this engine was built frozen (trainable=False)")
         t0 = time.perf_counter()
-        self.engine.backward(loss)
+        self.guard.record_loss(loss)
+        self.engine.backward(loss)  # always, even for a non-finite loss: DeepSpeed's collectives run in it
         self.timings["train_s"] += time.perf_counter() - t0
 
     def step(self) -> None:
+        """One micro-step; at an accumulation boundary the optimizer step, unless a loss or gradient of
+        the window was non-finite (then nothing changes and the guard counts it; ``NonFiniteError``
+        after ``cfg.max_nonfinite_steps`` in a row)."""
         t0 = time.perf_counter()
         boundary = self.engine.is_gradient_accumulation_boundary()  # before step(), which advances it
+        skipped_before = self.engine.skipped_steps
         self.engine.step()
         if boundary and self.ema is not None:
             self.ema.update()
         self.timings["train_s"] += time.perf_counter() - t0
+        self.guard.after_step(boundary, engine_skipped=self.engine.skipped_steps > skipped_before)
+
+    @property
+    def nonfinite_skipped(self) -> int:
+        """Optimizer steps skipped so far for a non-finite loss or gradient (0 for a frozen engine)."""
+        return self.guard.skipped if self.guard is not None else 0
 
     def enable_ema(self, beta: float) -> None:
         """Keep an exponential moving average of the weights, updated after every optimizer step

@@ -56,13 +56,13 @@ def build_online(ctx: Context, algo_cls, data, tokenizer, sft_dir: Path, rm_dir:
 
     cfg, p = ctx.cfg, ctx.cfg.rl
     engine = engine_config(cfg, lr=p.actor_lr, batch=p.micro_batch_size)
-    actor = HybridEngine(with_lora(ctx, load_causal_lm(str(sft_dir)), "rl"), engine)
+    actor = HybridEngine(with_lora(ctx, load_causal_lm(str(sft_dir)), "rl"), engine, name="actor")
     reference = HybridEngine(load_causal_lm(str(sft_dir)), engine, trainable=False)
     reward_fn = reward_function(ctx, data, tokenizer, rm_dir, p.micro_batch_size)
     critic = None
     if "critic" in algo_cls.required_models:
         critic = HybridEngine(ValueModel.from_pretrained(str(rm_dir or sft_dir)),
-                              engine_config(cfg, lr=p.critic_lr, batch=p.micro_batch_size))
+                              engine_config(cfg, lr=p.critic_lr, batch=p.micro_batch_size), name="critic")
     monitor_fn = _monitor_fn(ctx, data, tokenizer)
     algo = algo_cls(cfg.algorithm_config(), actor=actor, reference=reference, critic=critic, reward_fn=reward_fn,
                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,

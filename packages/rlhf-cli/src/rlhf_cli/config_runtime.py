@@ -1,0 +1,43 @@
+"""The sections about how a run is carried out rather than what it trains: ``checkpoint.*`` (resumable
+state, :mod:`rlhf_cli.resume`) and ``train.*`` (the guards around every optimizer step)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .config_sections import Section, option
+
+__all__ = ["CheckpointSection", "TrainSection"]
+
+
+@dataclass(frozen=True)
+class CheckpointSection(Section):
+    """Resumable training state (docs/pipeline.md, "Checkpoints and resume")."""
+
+    section: ClassVar[str] = "checkpoint"
+
+    every: int = option(200, "save the resumable state every this many training steps of sft, rm and the offline "
+                             "algorithms (0: only on SIGTERM/SIGINT).")
+    every_iterations: int = option(5, "... and every this many iterations of the online algorithms (0: only on "
+                                      "SIGTERM/SIGINT).")
+    keep: int = option(1, "how many saved states of a stage to keep (the newest); each holds the weights, the "
+                          "optimizer state and the RNG states.")
+
+    def __post_init__(self) -> None:
+        self._check_min(0, "every", "every_iterations")
+        self._check_min(1, "keep")
+
+
+@dataclass(frozen=True)
+class TrainSection(Section):
+    """Every trained model (SFT, reward model, stage 3): the guards around the optimizer step."""
+
+    section: ClassVar[str] = "train"
+
+    max_nonfinite_steps: int = option(3, "optimizer steps in a row with a non-finite (nan/inf) loss or gradient norm "
+                                         "that stop the run; each such step is skipped (no weight changes) and "
+                                         "counted (docs/pipeline.md, \"Guards\").")
+
+    def __post_init__(self) -> None:
+        self._check_min(1, "max_nonfinite_steps")
