@@ -5,6 +5,7 @@ from .checkpoint import atomic_dir, save_hf_checkpoint, write_json_atomic
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from .engine import EngineConfig, HybridEngine, deepspeed_config
 from .models import (
+    ModelNotAvailableError,
     ValueModel,
     last_token_index,
     load_causal_lm,
@@ -18,6 +19,7 @@ __all__ = [
     "DistInfo",
     "EngineConfig",
     "HybridEngine",
+    "ModelNotAvailableError",
     "ValueModel",
     "__version__",
     "all_reduce_mean",
