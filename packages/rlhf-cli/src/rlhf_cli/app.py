@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from .config import ConfigError, all_keys, load_config
+from .run_report import report_command
 
 app = typer.Typer(
     name="rlhf",
@@ -28,12 +29,9 @@ data_app = typer.Typer(help="Data sources, splits and blends (docs/data.md).", n
 app.add_typer(data_app, name="data")
 bench_app = typer.Typer(help="Benchmarks (docs/performance.md).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.command("report")(report_command)
 
 STAGE_CHOICES = ("sft", "rm", "all")  # or the name of a registered algorithm
-
-
-class UsageError(Exception):
-    pass
 
 
 def _fail(msg: str, code: int = 2) -> None:

@@ -14,13 +14,15 @@ import time
 
 from rlhf_algos import ModelReward, TextReward
 
-from .config import RunConfig
+from .config import RunConfig, resolved_settings, to_yaml
 from .context import Context, PipelineError, load_data
 from .evaluation import evaluate_policy
 from .report import Reporter
+from .run_report import write_report
+from .sinks import make_sinks
 from .stages import run_offline, run_online, run_rm, run_sft
 
-__all__ = ["STAGES", "Context", "PipelineError", "run_pipeline", "stages_for", "summary_rows",
+__all__ = ["STAGES", "Context", "PipelineError", "run_pipeline", "stages_for", "summary_rows", "write_run_config",
            # importable from here as before the split (now in rlhf_algos.rewards and rlhf_cli.evaluation)
            "ModelReward", "TextReward", "evaluate_policy"]
 
@@ -38,10 +40,23 @@ def stages_for(cfg: RunConfig, stage: str) -> list[str]:
 
 
 def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: int = 0, world_size: int = 1) -> dict:
-    """Run ``stages`` in order and write ``<out>/summary.json`` (merged with an earlier one)."""
+    """Run ``stages`` in order and write ``<out>/summary.json`` (merged with an earlier one), ``<out>/config.yaml``
+    and, with report.plots, the plots and ``<out>/report.md`` after each stage."""
+    cfg.report.check_installed()  # every rank, before any work: a missing sink package stops them all
+    ctx = Context(cfg, reporter, rank, world_size)
+    if ctx.is_main:
+        write_run_config(cfg, ctx.out)
+        reporter.sinks = make_sinks(cfg.report.sinks(), ctx.out, cfg.report.project, resolved_settings(cfg))
+    try:
+        return _run_stages(ctx, stages)
+    finally:
+        reporter.sinks = []
+
+
+def _run_stages(ctx: Context, stages: list[str]) -> dict:
     from rlhf_hybrid import barrier, write_json_atomic
 
-    ctx = Context(cfg, reporter, rank, world_size)
+    cfg, reporter = ctx.cfg, ctx.reporter
     summary_path = ctx.out / "summary.json"
     summary: dict = {}
     if summary_path.is_file():
@@ -64,11 +79,29 @@ def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: in
         result.pop("wall_seconds", None)
         summary[stage] = result
         summary["wall_seconds"][stage] = round(time.perf_counter() - t0, 2)
+        if ctx.is_main and cfg.report.plots:
+            write_report(ctx.out, summary, reporter.print)
         barrier()
     summary["wall_seconds"]["total"] = round(time.perf_counter() - t_all, 2)
     if ctx.is_main:
         write_json_atomic(summary_path, summary)
+        if cfg.report.plots:
+            path = write_report(ctx.out, summary, reporter.print)
+            reporter.print(f"report: {path}")
     return summary
+
+
+def write_run_config(cfg: RunConfig, out) -> None:
+    """``<out>/config.yaml``: every resolved setting; ``rlhf run --config <out>/config.yaml`` runs the same."""
+    import os
+    import sys
+
+    header = (f"Every resolved setting of the run written by:\n  {' '.join(sys.argv)}\n"
+              f"Reproduce it with: rlhf run --stage <stage> --config {out}/config.yaml [--out OTHER_DIR]")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"config.yaml.tmp-{os.getpid()}"
+    tmp.write_text(to_yaml(cfg, header))
+    os.replace(tmp, out / "config.yaml")
 
 
 def summary_rows(summary: dict) -> list[tuple[str, str, str, str, str]]:

@@ -18,6 +18,7 @@ from ..context import (
 )
 from ..evaluation import Evaluator, KeepBest, kept_message, verifier_reward
 from ..sampling import epoch_batches, steps_per_epoch
+from ..train_stats import StepTimer, example_tokens
 
 __all__ = ["run_offline"]
 
@@ -81,15 +82,18 @@ def run_offline(ctx: Context) -> dict:
     pad = tokenizer.pad_token_id
     t0 = time.perf_counter()
     step = 0
-    with ctx.reporter.stage(name, total, ctx.out / f".{name}.metrics.jsonl") as rep:
+    timer = StepTimer(policy, ctx.world_size)
+    with ctx.reporter.stage(name, total, ctx.metrics_file(name)) as rep:
         rep.log({"stage": name, "step": 0, f"valid_{metric}": keep.score, **before})
         for epoch in range(s.epochs):
             for chunk in epoch_batches(ctx, train, s.batch_size, steps, rng):
+                timer.start()
                 m = algo.learn(collate_pairs(chunk, pad))
                 step += 1
                 rep.update(show={"epoch": epoch + 1, "loss": m["loss"], **({"acc": m["accuracy"]} if "accuracy" in m
                                                                            else {})},
-                           log={"stage": name, "step": step, "epoch": epoch, **m})
+                           log={"stage": name, "step": step, "epoch": epoch, **m,
+                                **timer.stats(len(chunk), example_tokens(chunk))})
             valid = ev.validate()
             rep.update(advance=0, show={"epoch": epoch + 1, "valid": valid},
                        log={"stage": name, "step": step, "epoch": epoch, f"valid_{metric}": valid})

@@ -18,6 +18,7 @@ from ..context import (
 )
 from ..evaluation import Evaluator, KeepBest, eval_metric, kept_message, verifier_reward
 from ..sampling import prompt_batches
+from ..train_stats import StepTimer
 
 __all__ = ["build_online", "progress_line", "reward_function", "run_online"]
 
@@ -88,9 +89,11 @@ def _iteration(ctx: Context, it: int, algo, actor, prompts: list[dict], pad_id: 
     from rlhf_data import collate_prompts
 
     p, name = ctx.cfg.rl, algo.name
+    timer = StepTimer(actor, ctx.world_size)  # the whole iteration: rollout and learning
     b = collate_prompts(prompts, pad_id)
     exp = algo.generate_experience(b["input_ids"], b["attention_mask"], b["meta"])
     row = {"stage": name, "iteration": it, **algo.learn(exp), **actor.timings}
+    row |= timer.stats(exp.sequences.shape[0], int(exp.attention_mask.sum()))
     if it % p.eval_every == 0 or it == p.iterations:
         valid = ev.validate()
         row[f"valid_{ev.metric}"] = valid
@@ -131,7 +134,7 @@ def run_online(ctx: Context) -> dict:
     health = HealthMonitor(p.health_thresholds())
     # 6. Iterations: rollout -> learn -> validate every rl.eval_every (keep the best) -> health warnings.
     t0 = time.perf_counter()
-    with ctx.reporter.stage(name, p.iterations, ctx.out / f".{name}.metrics.jsonl") as rep:
+    with ctx.reporter.stage(name, p.iterations, ctx.metrics_file(name)) as rep:
         rep.log({"stage": name, "iteration": 0, f"valid_{metric}": keep.score, **before})
         for it in range(1, p.iterations + 1):
             row = _iteration(ctx, it, algo, actor, next(batches), tokenizer.pad_token_id, ev, keep, health)

@@ -16,6 +16,7 @@ from ..context import (
     tokenized,
 )
 from ..sampling import epoch_batches, steps_per_epoch
+from ..train_stats import StepTimer, example_tokens
 
 
 def run_rm(ctx: Context) -> dict:
@@ -51,14 +52,16 @@ def run_rm(ctx: Context) -> dict:
     rng = random.Random(cfg.seed + 1)
     t0 = time.perf_counter()
     step = 0
-    with ctx.reporter.stage("rm", total, ctx.out / ".rm.metrics.jsonl") as rep:
+    timer = StepTimer(engine, ctx.world_size)
+    with ctx.reporter.stage("rm", total, ctx.metrics_file("rm")) as rep:
         rep.log({"stage": "rm", "step": 0, **{f"heldout_{k}": v for k, v in before.items()}})
         for epoch in range(s.epochs):
             for chunk in epoch_batches(ctx, train, s.batch_size, steps, rng):
+                timer.start()
                 m = rm.learn(collate_pairs(chunk, pad))  # loss, train_accuracy, margin
                 step += 1
                 rep.update(show={"epoch": epoch + 1, "loss": m["loss"], "acc": m["train_accuracy"]},
-                           log={"stage": "rm", "step": step, **m})
+                           log={"stage": "rm", "step": step, **m, **timer.stats(len(chunk), example_tokens(chunk))})
             acc = rm.evaluate(heldout, pad)
             rep.update(advance=0, show={"epoch": epoch + 1, "heldout_acc": acc["accuracy"]},
                        log={"stage": "rm", "step": step, **{f"heldout_{k}": v for k, v in acc.items()}})

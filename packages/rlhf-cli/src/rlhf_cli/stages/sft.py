@@ -16,6 +16,7 @@ from ..context import (
     with_lora,
 )
 from ..sampling import epoch_batches, steps_per_epoch
+from ..train_stats import StepTimer, example_tokens
 
 
 def _starting_model(ctx: Context, data):
@@ -75,14 +76,17 @@ def run_sft(ctx: Context) -> dict:
     loss_before = sft.evaluate(evals, pad)
     t0 = time.perf_counter()
     step = 0
-    with ctx.reporter.stage("sft", total, ctx.out / ".sft.metrics.jsonl") as rep:
+    timer = StepTimer(engine, ctx.world_size)
+    with ctx.reporter.stage("sft", total, ctx.metrics_file("sft")) as rep:
         rep.log({"stage": "sft", "step": 0, "eval_loss": loss_before})
         for epoch in range(s.epochs):
             for chunk in epoch_batches(ctx, train, s.batch_size, steps, rng):
+                timer.start()
                 loss = sft.learn(sft.collate(chunk, pad))["loss"]
                 step += 1
                 rep.update(show={"epoch": epoch + 1, "loss": loss},
-                           log={"stage": "sft", "step": step, "epoch": epoch, "loss": loss})
+                           log={"stage": "sft", "step": step, "epoch": epoch, "loss": loss,
+                                **timer.stats(len(chunk), example_tokens(chunk))})
             eval_loss = sft.evaluate(evals, pad)
             rep.update(advance=0, show={"epoch": epoch + 1, "eval_loss": eval_loss},
                        log={"stage": "sft", "step": step, "epoch": epoch, "eval_loss": eval_loss})
