@@ -7,6 +7,7 @@ rows it was given are read back with the tracker's own reader and compared with 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import struct
@@ -127,13 +128,13 @@ def test_tensorboard_sink_event_files_hold_the_rows(tmp_path):
     assert got == expected
 
 
-def test_mlflow_sink_file_store_holds_the_rows(tmp_path, monkeypatch):
+def test_mlflow_sink_local_database_holds_the_rows(tmp_path, monkeypatch):
     pytest.importorskip("mlflow", reason="mlflow is not installed (pip install 'rlhf-cli[mlflow]')")
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     _log_stage(tmp_path, make_sinks(("mlflow",), tmp_path, "rlhf-test", {"sft.lr": 1e-3, "seed": 42}))
-    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("rlhf-test")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.run_name == f"{tmp_path.name}-sft" and run.info.status == "FINISHED"
@@ -143,43 +144,54 @@ def test_mlflow_sink_file_store_holds_the_rows(tmp_path, monkeypatch):
         assert hist == [(s, pytest.approx(v)) for s, v in pts], key
 
 
+def _wandb_records(path: Path) -> list:
+    """The protobuf records of an offline run's .wandb file: a 7-byte header (":W&B", magic, version), then
+    LevelDB-log-format chunks (crc32 u32, length u16, type u8: 1 full, 2 first, 3 middle, 4 last) in
+    32 KiB blocks."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    pos, block, buf, records = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        buf += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            records.append(rec)
+            buf = b""
+    return records
+
+
 def test_wandb_sink_offline_run_holds_the_rows(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is not installed (pip install 'rlhf-cli[wandb]')")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     _log_stage(tmp_path, make_sinks(("wandb",), tmp_path, "rlhf-test", {"seed": 42}))
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
-    summary = json.loads((run_dir / "files" / "wandb-summary.json").read_text())
-    last = {k: pts[-1][1] for k, pts in _logged().items()}
-    assert {k: summary[k] for k in last} == last
-    assert summary["_step"] == 2
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal.datastore import DataStore  # the offline .wandb file, read back record by record
-
     (store_file,) = run_dir.glob("*.wandb")
-    ds = DataStore()
-    ds.open_for_scan(str(store_file))
-    history = []
-    while (data := ds.scan_data()) is not None:
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
-        if rec.WhichOneof("record_type") == "history":
-            history.append({i.key: json.loads(i.value_json) for i in rec.history.item})
-    got = {k: [(h["_step"], h[k]) for h in history if k in h] for k in last}
+    history = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+               for rec in _wandb_records(store_file) if rec.WhichOneof("record_type") == "history"]
+    got = {k: [(h["_step"], h[k]) for h in history if k in h] for k in _logged()}
     assert got == _logged()
 
 
 def test_trackio_sink_local_run_holds_the_rows(tmp_path, monkeypatch):
-    pytest.importorskip("trackio", reason="trackio is not installed (pip install 'rlhf-cli[trackio]')")
-    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))
-    import importlib
+    if importlib.util.find_spec("trackio") is None:
+        pytest.skip("trackio is not installed (pip install 'rlhf-cli[trackio]')")
+    if "trackio" in sys.modules:
+        pytest.skip("trackio was imported before this test set TRACKIO_DIR (it reads it at import)")
+    monkeypatch.setenv("TRACKIO_DIR", str(tmp_path / "trackio"))  # never the user's trackio database
+    from trackio.sqlite_storage import SQLiteStorage
 
-    import trackio.sqlite_storage as storage
-
-    importlib.reload(importlib.import_module("trackio.utils"))  # TRACKIO_DIR is read at import
-    importlib.reload(storage)
     _log_stage(tmp_path, make_sinks(("trackio",), tmp_path, "rlhf-test", {"seed": 42}))
-    logs = storage.SQLiteStorage.get_logs("rlhf-test", f"{tmp_path.name}-sft")
+    assert SQLiteStorage.get_project_db_path("rlhf-test").is_relative_to(tmp_path)
+    logs = SQLiteStorage.get_logs("rlhf-test", f"{tmp_path.name}-sft")
     got = {k: [(r["step"], r[k]) for r in logs if k in r] for k in _logged()}
     assert got == _logged()
 

@@ -7,7 +7,8 @@ own step axis: SFT/RM optimizer steps, RL iterations). Sinks only read the numbe
 RNG, no tensor math, so a run's training numbers are the same with and without them.
 
 Where they write: TensorBoard ``<out>/tensorboard/<stage>``; wandb ``<out>/wandb`` (online, or offline
-with ``WANDB_MODE=offline``); mlflow ``$MLFLOW_TRACKING_URI``, else the file store ``<out>/mlruns``;
+with ``WANDB_MODE=offline``); mlflow ``$MLFLOW_TRACKING_URI``, else the SQLite file ``<out>/mlflow.db``
+(``mlflow ui --backend-store-uri sqlite:///<out>/mlflow.db``);
 trackio its local database (``$TRACKIO_DIR``, else trackio's default).
 """
 
@@ -96,13 +97,15 @@ class MLflowSink:
 
     def __init__(self, out: Path, project: str, config: dict, **_) -> None:
         self.out, self.project, self.config = Path(out), project, config
-        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or (self.out.resolve() / "mlruns").as_uri()
+        # MLflow 3 refuses a new file store (./mlruns) by default; a SQLite file is its local default
+        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.out.resolve() / 'mlflow.db'}"
         self._client = self._run_id = None
 
     def start(self, stage: str) -> None:
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
+        self.out.mkdir(parents=True, exist_ok=True)
         self._client = MlflowClient(tracking_uri=self.uri)
         exp = self._client.get_experiment_by_name(self.project)
         exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(self.project)
