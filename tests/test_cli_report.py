@@ -122,3 +122,12 @@ def test_an_unreachable_hub_model_is_one_line(tmp_path, rlhf, explain):
     (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert line.startswith(f"error: tokenizer of '{name}' is not a local directory and could not be loaded from the "
                            f"Hugging Face hub: ") and "HF_HUB_OFFLINE is set" in line, line
+
+
+def test_rlhf_report_on_a_directory_without_metrics_is_one_line(tmp_path, rlhf, explain):
+    proc = rlhf(["report", tmp_path], timeout=120)
+    assert proc.returncode == 2, explain(proc)
+    assert proc.stderr.strip() == (f"error: OUT: {str(tmp_path)!r} has no <stage>/metrics.jsonl; allowed: the --out "
+                                   f"directory of an `rlhf run` that has started a stage"), explain(proc)
+    proc = rlhf(["report", tmp_path / "nope"], timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: OUT: {str(tmp_path / 'nope')!r} is not a directory"
