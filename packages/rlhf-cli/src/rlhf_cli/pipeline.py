@@ -40,8 +40,8 @@ def stages_for(cfg: RunConfig, stage: str) -> list[str]:
 
 
 def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: int = 0, world_size: int = 1) -> dict:
-    """Run ``stages`` in order and write ``<out>/summary.json`` (merged with an earlier one), ``<out>/config.yaml``
-    and, with report.plots, the plots and ``<out>/report.md`` after each stage."""
+    """Run ``stages`` in order; write ``<out>/config.yaml`` first, then after each stage ``<out>/summary.json``
+    (merged with an earlier one) and, with report.plots, the plots and ``<out>/report.md``."""
     cfg.report.check_installed()  # every rank, before any work: a missing sink package stops them all
     ctx = Context(cfg, reporter, rank, world_size)
     if ctx.is_main:
@@ -79,8 +79,10 @@ def _run_stages(ctx: Context, stages: list[str]) -> dict:
         result.pop("wall_seconds", None)
         summary[stage] = result
         summary["wall_seconds"][stage] = round(time.perf_counter() - t0, 2)
-        if ctx.is_main and cfg.report.plots:
-            write_report(ctx.out, summary, reporter.print)
+        if ctx.is_main:  # after each stage, so that `rlhf report` shows the finished stages of a running run
+            write_json_atomic(summary_path, summary)
+            if cfg.report.plots:
+                write_report(ctx.out, summary, reporter.print)
         barrier()
     summary["wall_seconds"]["total"] = round(time.perf_counter() - t_all, 2)
     if ctx.is_main:

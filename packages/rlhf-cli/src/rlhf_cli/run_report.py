@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,7 +84,9 @@ def plot_stage(stage: str, rows: list[dict], path: Path) -> bool:
         ax.set_visible(False)
     fig.suptitle(f"{stage}: {len(rows)} rows", fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")  # `rlhf report` may run beside `rlhf run`
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
     return True
 
 
@@ -138,9 +141,9 @@ def write_report(out: Path, summary: dict | None = None, say: Callable[[str], No
         drawn = can_plot and plot_stage(stage, stage_rows, png)
         lines += _stage_section(out, stage, stage_rows, png if drawn else None)
     report = out / "report.md"
-    tmp = out / "report.md.tmp"
+    tmp = out / f"report.md.tmp-{os.getpid()}"
     tmp.write_text("\n".join(lines))
-    tmp.replace(report)
+    os.replace(tmp, report)
     return report
 
 
