@@ -218,7 +218,7 @@ def test_report_of_a_run_in_progress(tmp_path):
     assert list(read_metrics(tmp_path)) == ["sft", "rm"]
     report = write_report(tmp_path, say=pytest.fail)
     text = report.read_text()
-    assert "No stage has finished yet" in text
+    assert "No summary.json yet" in text
     assert "## sft\n\nin progress or stopped (no checkpoint); 3 metrics rows, last step 2." in text
     assert "## rm\n\nfinished (checkpoint saved); 1 metrics rows, last step 0." in text
     assert "![sft curves](plots/sft.png)" in text and "![rm curves](plots/rm.png)" in text

@@ -135,7 +135,7 @@ def write_report(out: Path, summary: dict | None = None, say: Callable[[str], No
         lines += ["| stage | metric | before | after | wall time |", "|---|---|---|---|---|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     else:
-        lines += ["No stage has finished yet (no summary).", ""]
+        lines += ["No summary.json yet (`rlhf run` writes it after each stage).", ""]
     for stage, stage_rows in metrics.items():
         png = out / "plots" / f"{stage}.png"
         drawn = can_plot and plot_stage(stage, stage_rows, png)
