@@ -60,7 +60,13 @@ TRITON = ("triton==3.9.0", "numpy")
 # peft: rlhf-hybrid fuses peft LoRA models' adapters (packages/rlhf-hybrid/tests/test_peft.py);
 # optional for users, installed here so that those tests run rather than skip.
 # hypothesis: the property-based fuzz of config overrides and data rows (tests/test_fuzz_inputs.py).
-TEST_EXTRAS = ("pytest", "peft", "hypothesis", *TRITON)
+# tensorboard, matplotlib: rlhf-cli's [tensorboard] and [plots] extras (report.to=tensorboard, the plots
+# of report.md; tests/test_cli_report.py reads the event files and PNGs back).
+TEST_EXTRAS = ("pytest", "peft", "hypothesis", *TRITON, "tensorboard", "matplotlib")
+# Optional extras that no locked session installs, so the lock does not pin them (tests/test_lock.py
+# checks every other extra is locked): rlhf-cli's tracker sinks, each a large dependency tree; their tests
+# skip, with the reason, where the package is absent.
+UNLOCKED_EXTRAS = {"rlhf-cli": ("wandb", "mlflow", "trackio")}
 
 # OMP_NUM_THREADS=1 for the tests (a value already in the environment wins). Measured on the
 # 2-core CI-class machine with other work running on it (load average about 5): the kernels +
@@ -163,7 +169,8 @@ def _demo(session: nox.Session, constraints: str, out: Path) -> None:
     """Install the packages with ``constraints`` (as users do, non-editable), print the versions
     that got installed and run the whole pipeline on the demo task into ``out``."""
     _install_torch(session, constraints)
-    _install_built(session, *PACKAGES, constraints=constraints)
+    # rlhf-cli's plots extra (matplotlib): the demo writes runs/demo/plots/*.png and report.md
+    _install_built(session, *PACKAGES, extra=("matplotlib",), constraints=constraints)
     session.log(f"installed with -c {Path(constraints).relative_to(ROOT)}:")
     # Under --install-only session.run runs nothing and returns None: stop here, before the
     # Python code below deletes `out` and reads a summary.json that no run wrote.

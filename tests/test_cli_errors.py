@@ -186,7 +186,7 @@ def test_chat_bad_generation_settings(rlhf, tmp_path, args: list[str], needle: s
 # help text
 # --------------------------------------------------------------------------------------------
 
-COMMANDS = [["run"], ["chat"], ["config-keys"], ["env"], ["algos", "list"], ["algos"], []]
+COMMANDS = [["run"], ["chat"], ["config-keys"], ["env"], ["algos", "list"], ["algos"], ["report"], []]
 
 
 def help_entries(text: str) -> dict[str, str]:

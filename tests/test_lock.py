@@ -73,11 +73,13 @@ def named_requirements() -> dict[str, list[Requirement]]:
     extras (the rlhf-* packages themselves excepted), and what the tests session installs
     besides the packages (a superset of the other locked sessions' extras)."""
     named: dict[str, list[Requirement]] = {}
+    unlocked = noxfile_constants("UNLOCKED_EXTRAS")["UNLOCKED_EXTRAS"]
     for pyproject in sorted(ROOT.glob("packages/*/pyproject.toml")):
         project = tomllib.loads(pyproject.read_text())["project"]
         deps = list(project.get("dependencies", []))
-        for extra in project.get("optional-dependencies", {}).values():
-            deps += extra
+        for name, extra in project.get("optional-dependencies", {}).items():
+            if name not in unlocked.get(project["name"], ()):
+                deps += extra
         named[str(pyproject.relative_to(ROOT))] = [
             r for r in _requirements(deps) if not canonicalize_name(r.name).startswith("rlhf-")
         ]
@@ -170,6 +172,19 @@ def test_the_checks_catch_a_broken_lock(lock):
 
     _, problems = parse_lock("# header\ntorch==2.13.0\ntorch>=2\nnumpy\nTorch==2.13.0\n")
     assert len(problems) == 3, problems
+
+
+def test_unlocked_extras_are_extras_that_exist():
+    # noxfile.py UNLOCKED_EXTRAS exempts extras from the lock; each must name a real extra (a typo would
+    # exempt nothing) and none of them may be something the tests session installs.
+    unlocked = noxfile_constants("UNLOCKED_EXTRAS")["UNLOCKED_EXTRAS"]
+    test_extras = {canonicalize_name(r.name) for r in named_requirements()["noxfile.py TEST_EXTRAS"]}
+    for package, extras in unlocked.items():
+        project = tomllib.loads((ROOT / "packages" / package / "pyproject.toml").read_text())["project"]
+        for extra in extras:
+            assert extra in project.get("optional-dependencies", {}), f"{package} has no extra {extra!r}"
+            for req in _requirements(project["optional-dependencies"][extra]):
+                assert canonicalize_name(req.name) not in test_extras, (package, extra, req)
 
 
 def test_a_public_pin_accepts_the_local_cpu_build():

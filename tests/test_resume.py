@@ -77,7 +77,7 @@ def _interrupted(out, args: list[str], stages: list[str], extra: list[str], sign
 
 
 def _rows(d) -> list[dict]:
-    skip = {"time", "gather_s", "generate_s", "train_s"}
+    skip = {"time", "gather_s", "generate_s", "train_s", "samples_per_s", "tokens_per_s"}
     return [{k: v for k, v in json.loads(line).items() if k not in skip and not k.endswith("_mib")}
             for line in (d / "metrics.jsonl").read_text().splitlines()]
 

@@ -114,6 +114,36 @@ def test_training_step_changes_weights_under_zero3() -> None:
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_step_stats_report_the_steps_lr_and_pre_clipping_grad_norm(zero_stage: int) -> None:
+    # Independent expectation: the same loss on a plain copy of the model, its gradient's global L2 norm
+    # from torch, before any clipping (max_grad_norm=1.0 clips here: the norm is far above 1).
+    model = tiny_llama(seed=5)
+    plain = copy.deepcopy(model).train()
+    ids, mask = ragged_prompts()
+    loss = -reference_logprobs_with_grad(plain, ids, mask).mean() * 100  # a norm well above the clip of 1.0
+    loss.backward()
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in plain.parameters()])).item()
+    assert expected > 1.0
+    engine = HybridEngine(model, EngineConfig(zero_stage=zero_stage, micro_batch_size=3, lr=1e-2, warmup_steps=4))
+    assert engine.step_stats() == {}  # before the first step
+    engine.train()
+    engine.backward(-engine.token_logprobs(ids, mask, 1).mean() * 100)
+    engine.step()
+    stats = engine.step_stats()
+    assert stats["lr"] == pytest.approx(1e-2 * 1 / 4)  # warm-up step 1 of 4: lr_factor = 1/4 (engine.lr_factor)
+    assert stats["grad_norm"] == pytest.approx(expected, rel=1e-4)
+    frozen = HybridEngine(tiny_llama(seed=5), EngineConfig(zero_stage=zero_stage, micro_batch_size=3), trainable=False)
+    assert frozen.step_stats() == {}
+
+
+def reference_logprobs_with_grad(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Log-probs of tokens 1.. (B, L - 1), with gradients (positions counted over real tokens)."""
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.float()  # (B, L, V)
+    return torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
 # --------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from .config_report import ReportSection
 from .config_runtime import CheckpointSection, TrainSection
 from .config_sections import (
     AlgoSection,
@@ -46,6 +47,7 @@ __all__ = [
     "PrefSection",
     "RLSection",
     "RMSection",
+    "ReportSection",
     "RunConfig",
     "SFTSection",
     "TrainSection",
@@ -54,7 +56,9 @@ __all__ = [
     "field_help",
     "load_config",
     "option",
+    "resolved_settings",
     "to_dict",
+    "to_yaml",
 ]
 
 
@@ -77,6 +81,7 @@ class RunConfig:
     lora: LoRASection = field(default_factory=LoRASection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     train: TrainSection = field(default_factory=TrainSection)
+    report: ReportSection = field(default_factory=ReportSection)
 
     def __post_init__(self) -> None:
         rl, ds, lo = self.rl, self.deepspeed, self.lora
@@ -301,3 +306,29 @@ def load_config(path: str | None, overrides: list[str] | None = None, **cli_valu
 
 def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def resolved_settings(cfg: RunConfig) -> dict[str, object]:
+    """Every setting of ``cfg`` as flat dotted keys: each section's fields, then every ``algo.<field>`` of
+    the chosen algorithm's resolved config (defaults included; the fields it takes from rl.* excepted)."""
+    flat: dict[str, object] = {}
+    for key in all_keys():
+        section, _, name = key.rpartition(".")
+        flat[key] = getattr(getattr(cfg, section) if section else cfg, name)
+    shared = RLSection.shared_with(cfg.algorithm())
+    algo_config = cfg.algorithm_config()
+    for f in dataclasses.fields(algo_config):
+        if f.name not in shared:
+            flat[f"algo.{f.name}"] = getattr(algo_config, f.name)
+    return flat
+
+
+def to_yaml(cfg: RunConfig, header: str = "") -> str:
+    """``cfg`` as a YAML config (every resolved setting, :func:`resolved_settings`) that :func:`load_config`
+    reads back to an equal :class:`RunConfig`; ``header`` is written first as comment lines."""
+    nested: dict[str, dict | object] = {}
+    for key, value in resolved_settings(cfg).items():
+        section, _, name = key.rpartition(".")
+        (nested.setdefault(section, {}) if section else nested)[name] = value
+    comments = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    return comments + yaml.safe_dump(nested, sort_keys=False, default_flow_style=False)

@@ -51,6 +51,10 @@ class Context:
     def stage_dir(self, stage: str) -> Path:
         return self.out / stage
 
+    def metrics_file(self, stage: str) -> Path:
+        """``<out>/<stage>/metrics.jsonl``, written row by row while the stage runs (see :func:`save_stage`)."""
+        return self.stage_dir(stage) / "metrics.jsonl"
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python's and torch's global RNGs (each stage does, with its own offset of ``seed``)."""
@@ -222,16 +226,20 @@ def _run_card(ctx: Context, stage: str, metrics: dict) -> str:
 
 
 def save_stage(ctx: Context, engine, stage: str, tokenizer, metrics: dict) -> None:
-    """Write ``<out>/<stage>`` atomically: model, tokenizer, run card (collective under ZeRO-3)."""
+    """Write ``<out>/<stage>`` atomically: model, tokenizer, run card (collective under ZeRO-3).
+
+    The stage's metrics.jsonl, written into ``<out>/<stage>`` as the stage ran (so that it can be read and
+    plotted meanwhile), is carried into the new directory, which then replaces the old one in one rename:
+    a stage stopped early never leaves a ``config.json`` that a later stage would take for a checkpoint.
+    """
     from rlhf_hybrid import save_hf_checkpoint
 
     state = engine.export_state_dict()
     if getattr(engine, "nonfinite_skipped", 0):  # only when it happened: valid runs' summaries stay as they were
         metrics["nonfinite_skipped_steps"] = engine.nonfinite_skipped
     if ctx.is_main:
-        jsonl = ctx.out / f".{stage}.metrics.jsonl"
+        jsonl = ctx.metrics_file(stage)
         extra = {"run_card.json": _run_card(ctx, stage, metrics)}
         if jsonl.exists():
             extra["metrics.jsonl"] = jsonl.read_text()
         save_hf_checkpoint(engine.module, state, str(ctx.stage_dir(stage)), tokenizer, extra_files=extra)
-        jsonl.unlink(missing_ok=True)

@@ -15,15 +15,17 @@ import time
 
 from rlhf_algos import ModelReward, TextReward
 
-from .config import RunConfig, to_dict
+from .config import RunConfig, resolved_settings, to_dict, to_yaml
 from .context import Context, PipelineError, load_data
 from .data_report import check_stage_data
 from .evaluation import evaluate_policy
 from .ledger import checkpoint_id, clean_orphans, remove_stale, write_ledger
 from .report import Reporter
+from .run_report import write_report
+from .sinks import make_sinks
 from .stages import run_offline, run_online, run_rm, run_sft
 
-__all__ = ["STAGES", "Context", "PipelineError", "run_pipeline", "stages_for", "summary_rows",
+__all__ = ["STAGES", "Context", "PipelineError", "run_pipeline", "stages_for", "summary_rows", "write_run_config",
            # importable from here as before the split (now in rlhf_algos.rewards and rlhf_cli.evaluation)
            "ModelReward", "TextReward", "evaluate_policy"]
 
@@ -42,19 +44,31 @@ def stages_for(cfg: RunConfig, stage: str) -> list[str]:
 
 def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: int = 0, world_size: int = 1,
                  overwrite: bool = False, resume: bool = False) -> dict:
-    """Run ``stages`` in order; after each, rewrite ``<out>/summary.json`` (merged with an earlier one)
-    and ``<out>/ledger.json``.
+    """Run ``stages`` in order; write ``<out>/config.yaml`` first, then after each stage ``<out>/summary.json``
+    (merged with an earlier one), ``<out>/ledger.json`` and, with report.plots, the plots and ``<out>/report.md``.
 
     Before anything trains, :func:`_plan`: with ``resume``, finished stages are skipped and the
     unfinished one continues from its saved state (:mod:`rlhf_cli.resume`); the ledger's re-running
     rule (:mod:`rlhf_cli.ledger`): finished later stages trained from an output about to be replaced
     are an error, or deleted with ``overwrite`` (which also discards saved states).
     """
+    cfg.report.check_installed()  # every rank, before any work: a missing sink package stops them all
+    ctx = Context(cfg, reporter, rank, world_size, resume=resume)
+    if ctx.is_main:
+        write_run_config(cfg, ctx.out)
+        reporter.sinks = make_sinks(cfg.report.sinks(), ctx.out, cfg.report.project, resolved_settings(cfg))
+    try:
+        return _run_stages(ctx, stages, overwrite)
+    finally:
+        reporter.sinks = []
+
+
+def _run_stages(ctx: Context, stages: list[str], overwrite: bool) -> dict:
     from rlhf_hybrid import NonFiniteError, barrier, write_json_atomic
 
     from .errors import nonfinite_message
 
-    ctx = Context(cfg, reporter, rank, world_size, resume=resume)
+    cfg, reporter = ctx.cfg, ctx.reporter
     summary_path = ctx.out / "summary.json"
     stages, summary = _plan(ctx, stages, overwrite)
     barrier()
@@ -77,13 +91,18 @@ def run_pipeline(cfg: RunConfig, stages: list[str], reporter: Reporter, rank: in
         result.pop("wall_seconds", None)
         summary[stage] = result
         summary["wall_seconds"][stage] = round(time.perf_counter() - t0, 2)
-        if ctx.is_main:  # a crash in a later stage keeps this one's summary
+        if ctx.is_main:  # after each stage: a crash in a later one keeps it; `rlhf report` shows it meanwhile
             write_json_atomic(summary_path, summary)
             write_ledger(ctx.out, to_dict(cfg))
+            if cfg.report.plots:
+                write_report(ctx.out, summary, reporter.print)
         barrier()
     summary["wall_seconds"]["total"] = round(time.perf_counter() - t_all, 2)
     if ctx.is_main:
         write_json_atomic(summary_path, summary)
+        if cfg.report.plots:
+            path = write_report(ctx.out, summary, reporter.print)
+            reporter.print(f"report: {path}")
     return summary
 
 
@@ -115,6 +134,17 @@ def _plan(ctx: Context, stages: list[str], overwrite: bool) -> tuple[list[str], 
         for s in stages:
             shutil.rmtree(ctx.out / ".resume" / s, ignore_errors=True)
     return stages, summary
+def write_run_config(cfg: RunConfig, out) -> None:
+    """``<out>/config.yaml``: every resolved setting; ``rlhf run --config <out>/config.yaml`` runs the same."""
+    import os
+    import sys
+
+    header = (f"Every resolved setting of the run written by:\n  {' '.join(sys.argv)}\n"
+              f"Reproduce it with: rlhf run --stage <stage> --config {out}/config.yaml [--out OTHER_DIR]")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"config.yaml.tmp-{os.getpid()}"
+    tmp.write_text(to_yaml(cfg, header))
+    os.replace(tmp, out / "config.yaml")
 
 
 def summary_rows(summary: dict) -> list[tuple[str, str, str, str, str]]:

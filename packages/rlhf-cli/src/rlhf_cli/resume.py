@@ -98,7 +98,8 @@ class StageState:
         stage: The stage's name (its directory under ``<out>/.resume``).
         engines: The trainable engines, by name (``{"policy": engine}``, PPO adds ``"critic"``).
         every: Save after every ``every`` steps (0: only when asked to stop).
-        jsonl: The stage's metrics file (its rows are saved with the state and restored on resume).
+        jsonl: The stage's metrics file, which the reporter writes (its rows are saved with the state and
+            written back through the reporter on resume: the stage must be inside ``reporter.stage``).
     """
 
     def __init__(self, ctx, stage: str, engines: dict, every: int, jsonl: Path) -> None:
@@ -151,9 +152,8 @@ class StageState:
             engine.load_training_state(str(path / f"engine-{name}"))
         extra = torch.load(path / f"rank-{self.ctx.rank}.pt", weights_only=False)
         _set_rng_state(extra.pop("_rng"))
-        if self.ctx.is_main and meta.get("metrics_rows") is not None:
-            self.jsonl.parent.mkdir(parents=True, exist_ok=True)
-            self.jsonl.write_text(meta["metrics_rows"])
+        if self.ctx.is_main and meta.get("metrics_rows"):
+            self.ctx.reporter.restore_rows(meta["metrics_rows"])  # into the metrics file the reporter has open
         self.ctx.reporter.print(f"{self.stage}: resuming after step {meta['step']} from {path}")
         return extra | {"step": meta["step"]}
 

@@ -7,6 +7,7 @@ from .ema import ParamEMA
 from .engine import EngineConfig, HybridEngine, deepspeed_config
 from .guards import NonFiniteError, NonFiniteWeightsError, check_finite_state
 from .models import (
+    ModelNotAvailableError,
     ValueModel,
     last_token_index,
     load_causal_lm,
@@ -23,6 +24,7 @@ __all__ = [
     "NonFiniteError",
     "NonFiniteWeightsError",
     "ParamEMA",
+    "ModelNotAvailableError",
     "ValueModel",
     "__version__",
     "all_reduce_mean",

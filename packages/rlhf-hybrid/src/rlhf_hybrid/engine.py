@@ -197,6 +197,8 @@ class HybridEngine(GenerationMixin):
         self.timings: dict[str, float] = {"gather_s": 0.0, "generate_s": 0.0, "train_s": 0.0}
         self.generation_used: str | None = None  # "fast" or "hf": the path the last generate() took
         self.ema = None  # rlhf_hybrid.ema.ParamEMA once enable_ema() is called
+        self._last_lr: float | None = None  # of the last optimizer step, for step_stats()
+        self._last_grad_norm: float | None = None
         self._graphs = None  # inference.DecodeGraphs of the fast path on CUDA (see _generate_fast)
         plain_model(module)  # a peft model whose adapters cannot be fused raises now, not at the first rollout
         if cfg.gather_quantization != "none" and has_lora(module):
@@ -362,6 +364,8 @@ class HybridEngine(GenerationMixin):
         t0 = time.perf_counter()
         boundary = self.engine.is_gradient_accumulation_boundary()  # before step(), which advances it
         skipped_before = self.engine.skipped_steps
+        if boundary:  # this call steps the optimizer
+            self._record_step_stats()
         self.engine.step()
         if boundary and self.ema is not None:
             self.ema.update()
@@ -381,6 +385,33 @@ class HybridEngine(GenerationMixin):
         if not self.trainable:
             raise RuntimeError("enable_ema: this engine was built frozen (trainable=False)")
         self.ema = ParamEMA(self.module, beta)
+
+    def _record_step_stats(self) -> None:
+        """Read (never modify) the learning rate and, where DeepSpeed will not keep it, the gradient norm of
+        the optimizer step about to be taken.
+
+        ZeRO-1/2/3 and the bf16/fp16 optimizers keep the pre-clipping global norm (``get_global_grad_norm``
+        after the step); ZeRO-0 in fp32 clips with ``torch.nn.utils.clip_grad_norm_`` and drops it, so it is
+        computed here from the (already all-reduced) gradients: extra reads, same training numbers.
+        """
+        self._last_lr = float(self.engine.get_lr()[0])
+        self._last_grad_norm = None
+        if self.cfg.zero_stage == 0 and not hasattr(self.engine.optimizer, "_global_grad_norm"):
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            if grads:
+                self._last_grad_norm = float(torch.nn.utils.get_total_norm(grads))  # a host-device sync
+
+    def step_stats(self) -> dict[str, float]:
+        """``lr`` and ``grad_norm`` (global L2 norm before clipping) of the last optimizer step, for logging.
+
+        Read-only; empty before the first step and for a frozen engine; ``grad_norm`` absent where it is not
+        known (ZeRO-1/2 with DeepSpeed's norm computation switched off).
+        """
+        if self.engine is None or not self.trainable or self._last_lr is None:
+            return {}
+        norm = self.engine.get_global_grad_norm()
+        norm = self._last_grad_norm if norm is None else norm
+        return {"lr": self._last_lr, **({"grad_norm": float(norm)} if norm is not None else {})}
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str, tokenizer=None, is_main: bool = True) -> None:

@@ -11,6 +11,7 @@ loads every output directory) plus ``value_head.safetensors``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -62,17 +63,40 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path  # a hub name: transformers downloads it (needs internet)
 
 
+class ModelNotAvailableError(FileNotFoundError):
+    """A model or tokenizer name that is no local checkpoint and cannot be loaded from the Hugging Face hub
+    (offline, unreachable, unknown or gated). The message is one line: the name, the hub's reason, a hint."""
+
+
+@contextlib.contextmanager
+def _hub_errors(what: str, name_or_path: str):
+    """Turn transformers' OSError for a hub name (a local directory is checked before) into one clear line."""
+    try:
+        yield
+    except OSError as e:
+        if Path(os.path.expanduser(name_or_path)).is_dir():
+            raise  # a local checkpoint's own problem (a corrupt file, ...): transformers' message stands
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        hint = ("HF_HUB_OFFLINE is set, so nothing is downloaded: unset it, or download the model first with `hf download NAME`"
+                if offline else "give a local directory, or check the name, the network and your hub login")
+        raise ModelNotAvailableError(f"{what} {name_or_path!r} is not a local directory and could not be loaded from "
+                                     f"the Hugging Face hub: {reason} ({hint})") from e
+
+
 def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
+    with _hub_errors("model", name_or_path):
+        return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=dtype)
 
 
 def load_tokenizer(name_or_path: str):
     """Load a tokenizer; a missing pad token becomes the EOS token (with a warning, as TRL does)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    with _hub_errors("tokenizer of", name_or_path):
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ValueError(f"tokenizer of {name_or_path!r}: has neither a pad nor an eos token")

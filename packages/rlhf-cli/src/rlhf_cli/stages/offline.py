@@ -20,6 +20,7 @@ from ..context import (
 from ..evaluation import Evaluator, KeepBest, kept_message, verifier_reward
 from ..resume import StageState
 from ..sampling import resumable_epochs, steps_per_epoch
+from ..train_stats import StepTimer, example_tokens
 
 __all__ = ["run_offline"]
 
@@ -79,12 +80,10 @@ def run_offline(ctx: Context) -> dict:
     metric, scorer = _scorer(ctx, data, tokenizer, frozen)
     ev = Evaluator(ctx, tokenizer, data, policy, reference, scorer, metric)
     data_stats |= ev.stats
-    rng = random.Random(cfg.seed + 3)
-    pad = tokenizer.pad_token_id
-    jsonl = ctx.out / f".{name}.metrics.jsonl"
+    rng, pad, jsonl = random.Random(cfg.seed + 3), tokenizer.pad_token_id, ctx.metrics_file(name)
     state = StageState(ctx, name, {"policy": policy}, cfg.checkpoint.every, jsonl)
     selecting = scorer is not None and s.select == "best"
-    t0 = time.perf_counter()
+    t0, timer = time.perf_counter(), StepTimer(policy, ctx.world_size)
     with ctx.reporter.stage(name, total, jsonl) as rep:
         saved = state.start(ctx.resume)  # restores the RNGs, the engine and the metrics rows
         if saved:
@@ -103,10 +102,12 @@ def run_offline(ctx: Context) -> dict:
                            log={"stage": name, "step": step, "epoch": epoch, f"valid_{metric}": valid})
                 keep.offer(valid, epoch + 1)
                 continue
+            timer.start()
             m = algo.learn(collate_pairs(chunk, pad))
             rep.update(show={"epoch": epoch + 1, "loss": m["loss"], **({"acc": m["accuracy"]} if "accuracy" in m
                                                                        else {})},
-                       log={"stage": name, "step": step, "epoch": epoch, **m})
+                       log={"stage": name, "step": step, "epoch": epoch, **m,
+                            **timer.stats(len(chunk), example_tokens(chunk))})
             state.after_step(step, lambda: {"before": before, "keep": keep.state_dict(), "algo": algo.state_dict()},
                              boundary=step % s.grad_accum == 0)
     wall = time.perf_counter() - t0

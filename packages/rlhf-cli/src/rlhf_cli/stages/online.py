@@ -19,6 +19,7 @@ from ..context import (
 from ..evaluation import Evaluator, KeepBest, eval_metric, kept_message, verifier_reward
 from ..resume import StageState
 from ..sampling import resumed_prompt_batches
+from ..train_stats import StepTimer
 
 __all__ = ["build_online", "progress_line", "reward_function", "run_online"]
 
@@ -89,9 +90,11 @@ def _iteration(ctx: Context, it: int, algo, actor, prompts: list[dict], pad_id: 
     from rlhf_data import collate_prompts
 
     p, name = ctx.cfg.rl, algo.name
+    timer = StepTimer(actor, ctx.world_size)  # the whole iteration: rollout and learning
     b = collate_prompts(prompts, pad_id)
     exp = algo.generate_experience(b["input_ids"], b["attention_mask"], b["meta"])
     row = {"stage": name, "iteration": it, **algo.learn(exp), **actor.timings}
+    row |= timer.stats(exp.sequences.shape[0], int(exp.attention_mask.sum()))
     if it % p.eval_every == 0 or it == p.iterations:
         valid = ev.validate()
         row[f"valid_{ev.metric}"] = valid
@@ -128,7 +131,7 @@ def run_online(ctx: Context) -> dict:
     metric, scorer = eval_metric(data, reward_fn, p.reward)
     ev = Evaluator(ctx, tokenizer, data, actor, reference, scorer or verifier_reward(data, tokenizer), metric)
     data_stats |= ev.stats
-    jsonl = ctx.out / f".{name}.metrics.jsonl"
+    jsonl = ctx.metrics_file(name)
     engines = {"actor": actor, **({"critic": algo.critic} if algo.critic is not None else {})}
     state = StageState(ctx, name, engines, cfg.checkpoint.every_iterations, jsonl)
     t0 = time.perf_counter()

@@ -17,6 +17,7 @@ from ..context import (
 )
 from ..resume import StageState
 from ..sampling import resumable_epochs, steps_per_epoch
+from ..train_stats import StepTimer, example_tokens
 
 
 def run_rm(ctx: Context) -> dict:
@@ -49,9 +50,10 @@ def run_rm(ctx: Context) -> dict:
     rm = rm_cls(rm_cls.config_class(center_coef=s.center_coef), model=engine)
     pad = tokenizer.pad_token_id
     rng = random.Random(cfg.seed + 1)
-    jsonl = ctx.out / ".rm.metrics.jsonl"
+    jsonl = ctx.metrics_file("rm")
     state = StageState(ctx, "rm", {"model": engine}, cfg.checkpoint.every, jsonl)
     t0 = time.perf_counter()
+    timer = StepTimer(engine, ctx.world_size)
     with ctx.reporter.stage("rm", total, jsonl) as rep:
         saved = state.start(ctx.resume)  # restores the RNGs, the engine and the metrics rows
         if saved:
@@ -67,9 +69,10 @@ def run_rm(ctx: Context) -> dict:
                 rep.update(advance=0, show={"epoch": epoch + 1, "heldout_acc": acc["accuracy"]},
                            log={"stage": "rm", "step": step, **{f"heldout_{k}": v for k, v in acc.items()}})
                 continue
+            timer.start()
             m = rm.learn(collate_pairs(chunk, pad))  # loss, train_accuracy, margin
             rep.update(show={"epoch": epoch + 1, "loss": m["loss"], "acc": m["train_accuracy"]},
-                       log={"stage": "rm", "step": step, **m})
+                       log={"stage": "rm", "step": step, **m, **timer.stats(len(chunk), example_tokens(chunk))})
             state.after_step(step, {"before": before}, boundary=step % s.grad_accum == 0)
     after = rm.evaluate(heldout, pad)
     wall = time.perf_counter() - t0

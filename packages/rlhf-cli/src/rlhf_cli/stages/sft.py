@@ -17,6 +17,7 @@ from ..context import (
 )
 from ..resume import StageState
 from ..sampling import resumable_epochs, steps_per_epoch
+from ..train_stats import StepTimer, example_tokens
 
 
 def _starting_model(ctx: Context, data):
@@ -73,9 +74,10 @@ def run_sft(ctx: Context) -> dict:
     sft_cls = get_algorithm("sft")
     sft = sft_cls(sft_cls.config_class(mask_prompt=s.mask_prompt, packing=s.packing), policy=engine)
     pad = tokenizer.pad_token_id
-    jsonl = ctx.out / ".sft.metrics.jsonl"
+    jsonl = ctx.metrics_file("sft")
     state = StageState(ctx, "sft", {"policy": engine}, cfg.checkpoint.every, jsonl)
     t0 = time.perf_counter()
+    timer = StepTimer(engine, ctx.world_size)
     with ctx.reporter.stage("sft", total, jsonl) as rep:
         saved = state.start(ctx.resume)  # restores the RNGs, the engine and the metrics rows
         if saved:
@@ -91,9 +93,11 @@ def run_sft(ctx: Context) -> dict:
                 rep.update(advance=0, show={"epoch": epoch + 1, "eval_loss": eval_loss},
                            log={"stage": "sft", "step": step, "epoch": epoch, "eval_loss": eval_loss})
                 continue
+            timer.start()
             loss = sft.learn(sft.collate(chunk, pad))["loss"]
             rep.update(show={"epoch": epoch + 1, "loss": loss},
-                       log={"stage": "sft", "step": step, "epoch": epoch, "loss": loss})
+                       log={"stage": "sft", "step": step, "epoch": epoch, "loss": loss,
+                            **timer.stats(len(chunk), example_tokens(chunk))})
             state.after_step(step, {"loss_before": loss_before}, boundary=step % s.grad_accum == 0)
     loss_after = sft.evaluate(evals, pad)
     wall = time.perf_counter() - t0
