@@ -19,8 +19,8 @@ from ..context import (
 )
 from ..evaluation import Evaluator, KeepBest, kept_message, verifier_reward
 from ..resume import StageState
-from ..sampling import resumable_epochs, steps_per_epoch
-from ..train_stats import StepTimer, example_tokens
+from ..sampling import steps_per_epoch
+from .epochs import train_epochs
 
 __all__ = ["run_offline"]
 
@@ -83,7 +83,7 @@ def run_offline(ctx: Context) -> dict:
     rng, pad, jsonl = random.Random(cfg.seed + 3), tokenizer.pad_token_id, ctx.metrics_file(name)
     state = StageState(ctx, name, {"policy": policy}, cfg.checkpoint.every, jsonl)
     selecting = scorer is not None and s.select == "best"
-    t0, timer = time.perf_counter(), StepTimer(policy, ctx.world_size)
+    t0 = time.perf_counter()
     with ctx.reporter.stage(name, total, jsonl) as rep:
         saved = state.start(ctx.resume)  # restores the RNGs, the engine and the metrics rows
         if saved:
@@ -94,22 +94,20 @@ def run_offline(ctx: Context) -> dict:
             before, done = ev.held_out("before"), 0
             keep = KeepBest(policy, selecting, ev.validate())
             rep.log({"stage": name, "step": 0, f"valid_{metric}": keep.score, **before})
-        step = done
-        for epoch, step, chunk in resumable_epochs(ctx, train, s.batch_size, steps, s.epochs, rng, done):
-            if chunk is None:  # the end of an epoch: validate, keep the best
-                valid = ev.validate()
-                rep.update(advance=0, show={"epoch": epoch + 1, "valid": valid},
-                           log={"stage": name, "step": step, "epoch": epoch, f"valid_{metric}": valid})
-                keep.offer(valid, epoch + 1)
-                continue
-            timer.start()
+
+        def learn(chunk):
             m = algo.learn(collate_pairs(chunk, pad))
-            rep.update(show={"epoch": epoch + 1, "loss": m["loss"], **({"acc": m["accuracy"]} if "accuracy" in m
-                                                                       else {})},
-                       log={"stage": name, "step": step, "epoch": epoch, **m,
-                            **timer.stats(len(chunk), example_tokens(chunk))})
-            state.after_step(step, lambda: {"before": before, "keep": keep.state_dict(), "algo": algo.state_dict()},
-                             boundary=step % s.grad_accum == 0)
+            return {"loss": m["loss"], **({"acc": m["accuracy"]} if "accuracy" in m else {})}, m
+
+        def end_of_epoch(epoch, step):  # validate, keep the best
+            valid = ev.validate()
+            rep.update(advance=0, show={"epoch": epoch + 1, "valid": valid},
+                       log={"stage": name, "step": step, "epoch": epoch, f"valid_{metric}": valid})
+            keep.offer(valid, epoch + 1)
+
+        step = train_epochs(ctx, name, policy, state, rep, train, batch=s.batch_size, steps=steps, epochs=s.epochs,
+                            rng=rng, done=done, grad_accum=s.grad_accum, learn=learn, end_of_epoch=end_of_epoch,
+                            extras=lambda: {"before": before, "keep": keep.state_dict(), "algo": algo.state_dict()})
     wall = time.perf_counter() - t0
     if keep.enabled:
         keep.restore()

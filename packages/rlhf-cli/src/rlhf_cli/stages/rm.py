@@ -16,8 +16,8 @@ from ..context import (
     tokenized,
 )
 from ..resume import StageState
-from ..sampling import resumable_epochs, steps_per_epoch
-from ..train_stats import StepTimer, example_tokens
+from ..sampling import steps_per_epoch
+from .epochs import train_epochs
 
 
 def run_rm(ctx: Context) -> dict:
@@ -53,7 +53,6 @@ def run_rm(ctx: Context) -> dict:
     jsonl = ctx.metrics_file("rm")
     state = StageState(ctx, "rm", {"model": engine}, cfg.checkpoint.every, jsonl)
     t0 = time.perf_counter()
-    timer = StepTimer(engine, ctx.world_size)
     with ctx.reporter.stage("rm", total, jsonl) as rep:
         saved = state.start(ctx.resume)  # restores the RNGs, the engine and the metrics rows
         if saved:
@@ -62,18 +61,19 @@ def run_rm(ctx: Context) -> dict:
         else:
             before, done = rm.evaluate(heldout, pad), 0
             rep.log({"stage": "rm", "step": 0, **{f"heldout_{k}": v for k, v in before.items()}})
-        step = done
-        for epoch, step, chunk in resumable_epochs(ctx, train, s.batch_size, steps, s.epochs, rng, done):
-            if chunk is None:  # the end of an epoch
-                acc = rm.evaluate(heldout, pad)
-                rep.update(advance=0, show={"epoch": epoch + 1, "heldout_acc": acc["accuracy"]},
-                           log={"stage": "rm", "step": step, **{f"heldout_{k}": v for k, v in acc.items()}})
-                continue
-            timer.start()
+
+        def learn(chunk):
             m = rm.learn(collate_pairs(chunk, pad))  # loss, train_accuracy, margin
-            rep.update(show={"epoch": epoch + 1, "loss": m["loss"], "acc": m["train_accuracy"]},
-                       log={"stage": "rm", "step": step, **m, **timer.stats(len(chunk), example_tokens(chunk))})
-            state.after_step(step, {"before": before}, boundary=step % s.grad_accum == 0)
+            return {"loss": m["loss"], "acc": m["train_accuracy"]}, m
+
+        def end_of_epoch(epoch, step):
+            acc = rm.evaluate(heldout, pad)
+            rep.update(advance=0, show={"epoch": epoch + 1, "heldout_acc": acc["accuracy"]},
+                       log={"stage": "rm", "step": step, **{f"heldout_{k}": v for k, v in acc.items()}})
+
+        step = train_epochs(ctx, "rm", engine, state, rep, train, batch=s.batch_size, steps=steps, epochs=s.epochs,
+                            rng=rng, done=done, grad_accum=s.grad_accum, learn=learn, end_of_epoch=end_of_epoch,
+                            extras={"before": before})
     after = rm.evaluate(heldout, pad)
     wall = time.perf_counter() - t0
     metrics = {"heldout_accuracy": after["accuracy"], "heldout_accuracy_before": before["accuracy"],
@@ -81,5 +81,4 @@ def run_rm(ctx: Context) -> dict:
                "data": data_stats}
     save_stage(ctx, engine, "rm", tokenizer, metrics)
     state.finish()
-    del engine, rm
     return metrics | {"wall_seconds": wall}

@@ -16,8 +16,8 @@ from ..context import (
     with_lora,
 )
 from ..resume import StageState
-from ..sampling import resumable_epochs, steps_per_epoch
-from ..train_stats import StepTimer, example_tokens
+from ..sampling import steps_per_epoch
+from .epochs import train_epochs
 
 
 def _starting_model(ctx: Context, data):
@@ -77,7 +77,6 @@ def run_sft(ctx: Context) -> dict:
     jsonl = ctx.metrics_file("sft")
     state = StageState(ctx, "sft", {"policy": engine}, cfg.checkpoint.every, jsonl)
     t0 = time.perf_counter()
-    timer = StepTimer(engine, ctx.world_size)
     with ctx.reporter.stage("sft", total, jsonl) as rep:
         saved = state.start(ctx.resume)  # restores the RNGs, the engine and the metrics rows
         if saved:
@@ -86,24 +85,23 @@ def run_sft(ctx: Context) -> dict:
         else:
             loss_before, done = sft.evaluate(evals, pad), 0
             rep.log({"stage": "sft", "step": 0, "eval_loss": loss_before})
-        step = done
-        for epoch, step, chunk in resumable_epochs(ctx, train, s.batch_size, steps, s.epochs, rng, done):
-            if chunk is None:  # the end of an epoch
-                eval_loss = sft.evaluate(evals, pad)
-                rep.update(advance=0, show={"epoch": epoch + 1, "eval_loss": eval_loss},
-                           log={"stage": "sft", "step": step, "epoch": epoch, "eval_loss": eval_loss})
-                continue
-            timer.start()
+
+        def learn(chunk):
             loss = sft.learn(sft.collate(chunk, pad))["loss"]
-            rep.update(show={"epoch": epoch + 1, "loss": loss},
-                       log={"stage": "sft", "step": step, "epoch": epoch, "loss": loss,
-                            **timer.stats(len(chunk), example_tokens(chunk))})
-            state.after_step(step, {"loss_before": loss_before}, boundary=step % s.grad_accum == 0)
+            return {"loss": loss}, {"loss": loss}
+
+        def end_of_epoch(epoch, step):
+            eval_loss = sft.evaluate(evals, pad)
+            rep.update(advance=0, show={"epoch": epoch + 1, "eval_loss": eval_loss},
+                       log={"stage": "sft", "step": step, "epoch": epoch, "eval_loss": eval_loss})
+
+        step = train_epochs(ctx, "sft", engine, state, rep, train, batch=s.batch_size, steps=steps, epochs=s.epochs,
+                            rng=rng, done=done, grad_accum=s.grad_accum, learn=learn, end_of_epoch=end_of_epoch,
+                            extras={"loss_before": loss_before})
     loss_after = sft.evaluate(evals, pad)
     wall = time.perf_counter() - t0
     metrics = {"eval_loss_before": loss_before, "eval_loss_after": loss_after, "train_steps": step,
                "data": data_stats}
     save_stage(ctx, engine, "sft", tokenizer, metrics)
     state.finish()
-    del engine, sft
     return metrics | {"wall_seconds": wall}
