@@ -109,3 +109,44 @@ def explain() -> Callable[[subprocess.CompletedProcess], str]:
 def cli_tools():
     """``(cli_env, descendants)`` for tests that drive CLI processes themselves (signals, kills)."""
     return cli_env, _descendants
+
+
+@pytest.fixture(scope="module")
+def in_process_world(tmp_path_factory):
+    """For tests that call ``rlhf`` in-process (typer's CliRunner): a world of one for init_distributed, a
+    tokenization cache of the module's own, the hub offline, DeepSpeed on the CPU; the environment is put
+    back afterwards."""
+    from rlhf_hybrid.testing import world_of_one
+
+    keys = ("RLHF_CACHE_DIR", "HF_HUB_OFFLINE", "DS_ACCELERATOR")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(RLHF_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    with world_of_one():
+        yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def save_tiny_demo_model(d: Path, *, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int) -> Path:
+    """A complete tiny Llama directory at ``d`` (config, safetensors weights, the demo's tokenizer); the
+    weights are drawn from torch's global RNG."""
+    from rlhf_data import AdditionTask, train_demo_tokenizer
+    from rlhf_hybrid import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    tok = train_demo_tokenizer(AdditionTask().corpus())
+    model = LlamaForCausalLM(tiny_llama_config(len(tok), hidden_size=hidden_size, num_layers=num_layers,
+                                               num_heads=num_heads, intermediate_size=intermediate_size,
+                                               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_model():
+    """:func:`save_tiny_demo_model`, for tests in other modules (conftest is not importable by name)."""
+    return save_tiny_demo_model

@@ -22,23 +22,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-pytestmark = pytest.mark.usefixtures("world")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """In-process ``rlhf run``: a world of one for init_distributed, the test cache, the hub offline."""
-    from rlhf_hybrid.testing import world_of_one
-
-    saved = {k: os.environ.get(k) for k in ("RLHF_CACHE_DIR", "HF_HUB_OFFLINE", "DS_ACCELERATOR")}
-    os.environ.update(RLHF_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
-    with world_of_one():
-        yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("in_process_world")  # conftest.py
 
 
 @pytest.fixture(autouse=True)
@@ -83,20 +67,10 @@ def check(args: list[str], *needles: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def model_dir(tmp_path_factory, tiny_demo_model) -> Path:
     """A complete tiny causal LM directory (config, safetensors weights, tokenizer)."""
-    from rlhf_data import AdditionTask, train_demo_tokenizer
-    from rlhf_hybrid import tiny_llama_config
-    from transformers import LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("models") / "good"
-    tok = train_demo_tokenizer(AdditionTask().corpus())
-    model = LlamaForCausalLM(tiny_llama_config(len(tok), hidden_size=16, num_layers=1, num_heads=2,
-                                               intermediate_size=32, pad_token_id=tok.pad_token_id,
-                                               eos_token_id=tok.eos_token_id))
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return tiny_demo_model(tmp_path_factory.mktemp("models") / "good", hidden_size=16, num_layers=1, num_heads=2,
+                           intermediate_size=32)
 
 
 def _copy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:

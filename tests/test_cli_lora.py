@@ -17,21 +17,11 @@ TINY = ["data.num_eval=40", "data.num_valid=20", "data.sft_samples=320", "sft.ep
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
+def base_dir(tmp_path_factory, tiny_demo_model):
     """A tiny random Llama with the demo's tokenizer, saved as an HF checkpoint."""
-    from rlhf_data import AdditionTask, train_demo_tokenizer
-    from rlhf_hybrid import tiny_llama_config
-    from transformers import LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("lora") / "base"
-    tok = train_demo_tokenizer(AdditionTask().corpus())
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(len(tok), hidden_size=32, num_layers=2, num_heads=4,
-                                               intermediate_size=64, pad_token_id=tok.pad_token_id,
-                                               eos_token_id=tok.eos_token_id))
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return tiny_demo_model(tmp_path_factory.mktemp("lora") / "base", hidden_size=32, num_layers=2, num_heads=4,
+                           intermediate_size=64)
 
 
 def test_sft_with_lora_trains_only_the_adapters_and_saves_a_plain_model(base_dir, tmp_path, rlhf, explain) -> None:

@@ -15,7 +15,6 @@ Bounded for the shared 2-core machine: 60 + 40 examples, no deadline (well under
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -33,19 +32,7 @@ def bounded(n: int):
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world():
-    from rlhf_hybrid.testing import world_of_one
-
-    saved = {k: os.environ.get(k) for k in ("RLHF_CACHE_DIR", "HF_HUB_OFFLINE")}
-    os.environ.update(RLHF_CACHE_DIR=tempfile.mkdtemp(prefix="rlhf-fuzz-cache-"), HF_HUB_OFFLINE="1")
-    with world_of_one():
-        yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+pytestmark = pytest.mark.usefixtures("in_process_world")  # conftest.py
 
 
 def assert_clean(result) -> None:

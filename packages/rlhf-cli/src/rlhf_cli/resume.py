@@ -135,6 +135,18 @@ class StageState:
                               f"add --resume to continue it, or --overwrite to discard it")
         return self._load(latest)
 
+    def begin(self, rep, fresh, first_row) -> dict:
+        """:meth:`start` inside the stage's ``reporter.stage``: the saved values (progress advanced to their
+        step) when resuming, else ``fresh()`` (e.g. the held-out scores before training), logged as the
+        stage's first row ``first_row(values)``, with step 0. Returns the values with ``"step"``."""
+        saved = self.start(self.ctx.resume)  # restores the RNGs, the engines and the metrics rows
+        if saved:
+            rep.update(advance=saved["step"])
+            return saved
+        values = fresh()
+        rep.log(first_row(values))
+        return values | {"step": 0}
+
     def _load(self, path: Path) -> dict:
         from .config import _flatten, to_dict
 

@@ -54,13 +54,9 @@ def run_rm(ctx: Context) -> dict:
     state = StageState(ctx, "rm", {"model": engine}, cfg.checkpoint.every, jsonl)
     t0 = time.perf_counter()
     with ctx.reporter.stage("rm", total, jsonl) as rep:
-        saved = state.start(ctx.resume)  # restores the RNGs, the engine and the metrics rows
-        if saved:
-            before, done = saved["before"], saved["step"]
-            rep.update(advance=done)
-        else:
-            before, done = rm.evaluate(heldout, pad), 0
-            rep.log({"stage": "rm", "step": 0, **{f"heldout_{k}": v for k, v in before.items()}})
+        start = state.begin(rep, lambda: {"before": rm.evaluate(heldout, pad)},
+                            lambda v: {"stage": "rm", "step": 0, **{f"heldout_{k}": x for k, x in v["before"].items()}})
+        before, done = start["before"], start["step"]
 
         def learn(chunk):
             m = rm.learn(collate_pairs(chunk, pad))  # loss, train_accuracy, margin

@@ -78,13 +78,9 @@ def run_sft(ctx: Context) -> dict:
     state = StageState(ctx, "sft", {"policy": engine}, cfg.checkpoint.every, jsonl)
     t0 = time.perf_counter()
     with ctx.reporter.stage("sft", total, jsonl) as rep:
-        saved = state.start(ctx.resume)  # restores the RNGs, the engine and the metrics rows
-        if saved:
-            loss_before, done = saved["loss_before"], saved["step"]
-            rep.update(advance=done)
-        else:
-            loss_before, done = sft.evaluate(evals, pad), 0
-            rep.log({"stage": "sft", "step": 0, "eval_loss": loss_before})
+        start = state.begin(rep, lambda: {"loss_before": sft.evaluate(evals, pad)},
+                            lambda v: {"stage": "sft", "step": 0, "eval_loss": v["loss_before"]})
+        loss_before, done = start["loss_before"], start["step"]
 
         def learn(chunk):
             loss = sft.learn(sft.collate(chunk, pad))["loss"]
