@@ -42,6 +42,7 @@ def test_diverging_sft_stops_naming_stage_step_and_setting_and_saves_nothing(rlh
         assert needle in line, (needle, line)
     # each skipped step was reported as it happened (the engine's guard logs them)
     assert proc.stderr.count("skipped optimizer step") == 2, proc.stderr
-    assert not (out / "sft").exists()
+    # no checkpoint: <out>/sft holds only the live metrics.jsonl (no config.json, no weights)
+    assert sorted(p.name for p in (out / "sft").iterdir()) == ["metrics.jsonl"]
     assert not list(out.glob("sft.tmp-*")) and not list(out.glob("sft.old-*"))
     assert not (out / "summary.json").exists()
