@@ -54,3 +54,14 @@ def test_other_settings_or_world_size_are_refused_but_checkpoint_keys_may_change
     _saved(ctx2, 4, to_dict(replace(ctx2.cfg, checkpoint=replace(ctx2.cfg.checkpoint, every=3))), world_size=2)
     with pytest.raises(ResumeError, match=r"written by 2 process\(es\), this run has 1; resume with --nproc 2"):
         StageState(ctx2, "sft", {}, 2, tmp_path / "m.jsonl").start(resume=True)
+
+
+def test_finish_removes_the_stage_states_and_the_empty_resume_dir(tmp_path) -> None:
+    ctx = _ctx(tmp_path)
+    _saved(ctx, 2)
+    other = tmp_path / ".resume" / "rm" / "step-00000004"
+    other.mkdir(parents=True)
+    StageState(ctx, "sft", {}, 2, tmp_path / "m.jsonl").finish()
+    assert not (tmp_path / ".resume" / "sft").exists() and other.is_dir()  # another stage's state stays
+    StageState(ctx, "rm", {}, 2, tmp_path / "m.jsonl").finish()
+    assert not (tmp_path / ".resume").exists()

@@ -20,6 +20,7 @@ step boundary (all ranks agree on it) and raise :class:`Stopped`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -221,6 +222,8 @@ class StageState:
         _barrier(dist)
         if self.ctx.is_main:
             shutil.rmtree(self.root, ignore_errors=True)
+            with contextlib.suppress(OSError):  # <out>/.resume itself, once no stage has a state left
+                self.root.parent.rmdir()
 
 
 def _barrier(dist) -> None:
