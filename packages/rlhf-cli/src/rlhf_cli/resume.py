@@ -71,7 +71,9 @@ def _stop_agreed() -> bool:
 
     flag = _STOP["signal"] is not None
     if dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([1.0 if flag else 0.0])
+        # NCCL reduces CUDA tensors only; gloo CPU ones
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         flag = bool(t.item() > 0)
         if flag and _STOP["signal"] is None:
