@@ -45,7 +45,11 @@ class EngineConfig:
         micro_batch_size: per-rank micro-batch size of one forward/backward.
         grad_accum: micro-batches accumulated per optimizer step.
         max_grad_norm: gradient clipping (0 disables).
-        offload_optimizer: keep optimizer state on the CPU (ZeRO-Offload; stage >= 1).
+        offload_optimizer: keep optimizer state on the CPU (ZeRO-Offload; stage >= 1). The optimizer step
+            runs there: DeepSpeedCPUAdam on CUDA machines (``optimizer="adamw"``), else the torch optimizer.
+        offload_param: ZeRO-3 parameter offload: the partitions live in CPU memory and are fetched to the
+            device for each forward (stage 3 only). For frozen engines (reference, reward model) this
+            is their offload to the CPU between uses.
         warmup_steps: linear learning-rate warm-up steps (0 = none).
         decay_steps: total optimizer steps of a cosine decay to 10% of ``lr`` after the warm-up
             (0 = constant learning rate after the warm-up).
@@ -80,6 +84,7 @@ class EngineConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0
     offload_optimizer: bool = False
+    offload_param: bool = False
     warmup_steps: int = 0
     decay_steps: int = 0
     optimizer: str = "adamw"
@@ -102,6 +107,9 @@ class EngineConfig:
             )
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer: needs zero_stage >= 1, got zero_stage=0")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError(f"offload_param: needs zero_stage=3 (only ZeRO-3 partitions parameters), got "
+                             f"zero_stage={self.zero_stage}")
         if self.optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer: {self.optimizer!r} is not allowed; allowed: 'adamw', 'sgd'")
         if self.generation not in ("hf", "fast"):
@@ -135,6 +143,8 @@ def deepspeed_config(cfg: EngineConfig, world_size: int, trainable: bool = True)
         zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=0)
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.offload_param:
+        zero["offload_param"] = {"device": "cpu"}
     conf = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -147,8 +157,17 @@ def deepspeed_config(cfg: EngineConfig, world_size: int, trainable: bool = True)
     }
     if trainable and cfg.max_grad_norm > 0:
         conf["gradient_clipping"] = cfg.max_grad_norm
+    if trainable and cfg.offload_optimizer and not _cpu_adam(cfg):
+        conf["zero_force_ds_cpu_optimizer"] = False  # our torch optimizer steps the CPU partitions (see _cpu_adam)
     conf.update(cfg.extra)
     return conf
+
+
+def _cpu_adam(cfg: EngineConfig) -> bool:
+    """Whether the optimizer of an offloaded engine is DeepSpeedCPUAdam: on CUDA machines with AdamW (its
+    vectorised CPU step is what makes ZeRO-Offload usable there; it JIT-compiles once, ~1 min). On a CPU-only
+    machine the torch optimizer, numerically the same AdamW, steps the CPU partitions (no compile)."""
+    return cfg.offload_optimizer and cfg.optimizer == "adamw" and torch.cuda.is_available()
 
 
 def lr_factor(step: int, warmup: int, decay: int) -> float:
@@ -204,7 +223,7 @@ class HybridEngine(GenerationMixin):
         if cfg.gather_quantization != "none" and has_lora(module):
             raise ValueError(f"gather_quantization: {cfg.gather_quantization!r} is not supported with LoRA "
                              "(the adapters are fused into exactly gathered weights); use 'none'")
-        module = module.to(cfg.torch_dtype)
+        module = self._to_dtype(module)
         fused = self._share_storage(module)
         if trainable or cfg.zero_stage == 3:
             ds = _import_deepspeed()
@@ -217,6 +236,11 @@ class HybridEngine(GenerationMixin):
                 params = order_for_fusion(((n, p) for n, p in module.named_parameters() if p.requires_grad), fused)
                 if cfg.optimizer == "sgd":
                     kwargs["optimizer"] = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+                elif _cpu_adam(cfg):  # not run here: no CUDA machine was available
+                    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+                    kwargs["optimizer"] = DeepSpeedCPUAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                           betas=(0.9, 0.95), adamw_mode=True)
                 else:
                     kwargs["optimizer"] = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                                             betas=(0.9, 0.95))
@@ -234,6 +258,18 @@ class HybridEngine(GenerationMixin):
             self.module.eval()
             for p in self.module.parameters():
                 p.requires_grad_(False)
+
+    def _to_dtype(self, module: nn.Module) -> nn.Module:
+        """``module`` in the engine's dtype. One built partitioned (``rlhf_hybrid.zero_init``) stays partitioned:
+        ``module.to`` would not cast its partitions, only their placeholders."""
+        from .zero_init import cast_partitioned_, is_partitioned
+
+        if not is_partitioned(module):
+            return module.to(self.cfg.torch_dtype)
+        if self.cfg.zero_stage != 3:
+            raise ValueError(f"zero_stage: {self.name} was built ZeRO-3 partitioned; its engine needs zero_stage=3, "
+                             f"got {self.cfg.zero_stage}")
+        return cast_partitioned_(module, self.cfg.torch_dtype)
 
     def _share_storage(self, module: nn.Module) -> list[tuple[str, ...]]:
         """Lets the fast path's inference layout be views of the training weights (ZeRO-0/1/2).

@@ -1,0 +1,200 @@
+"""Models built partitioned under ZeRO-3 from the first byte: no rank ever holds the whole model.
+
+``HybridEngine`` under ZeRO-3 shards the parameters when it is created; a model built whole first
+(``load_causal_lm``, ``LlamaForCausalLM(config)``) has by then cost every rank the full model's
+memory. The builders here construct it inside DeepSpeed's ZeRO-3 init instead, with the DeepSpeed
+config the engine will use (:func:`~rlhf_hybrid.engine.deepspeed_config`), so that each parameter is
+partitioned as soon as its module is built:
+
+* from a checkpoint (:func:`build_causal_lm` with a path, :func:`build_value_model`): transformers'
+  ``HfDeepSpeedConfig`` integration. ``from_pretrained`` builds the model under
+  ``deepspeed.zero.Init``; rank 0 reads the checkpoint and copies it in one module at a time (each
+  module's parameters gathered, written, re-partitioned), the other ranks read only its key names.
+  Peak memory: one module's whole parameters per rank, plus the checkpoint file on rank 0 (memory-
+  mapped for safetensors).
+* from a config (random weights): the model is built under ``deepspeed.zero.Init`` without
+  initialisation, then every module is initialised by the model's own ``_init_weights`` with its
+  parameters gathered (one module at a time), the RNG re-seeded per module from ``seed`` and the
+  module's name. :func:`seeded_init_` does the same on a whole model, so a model built whole
+  (``partition=False``) and one built partitioned hold the same weights for the same seed, whatever
+  order the constructor drew random numbers in. (transformers' own ZeRO-3 init draws in another order
+  than its whole-model init, so the two would differ.)
+
+Outside ZeRO-3 the builders return the whole model. The ``HfDeepSpeedConfig`` is alive only while a
+builder runs: transformers reads it globally (``is_deepspeed_zero3_enabled``), and a later
+``generate`` on a plain copy must not think it is under ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .engine import EngineConfig, _import_deepspeed, deepspeed_config
+from .models import ValueModel, load_causal_lm
+
+
+def is_partitioned(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are ZeRO-3 partitioned (built under ``zero.Init`` or already wrapped)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def local_numel(module: nn.Module) -> tuple[int, int]:
+    """``(elements this rank holds, elements of the whole model)`` over ``module``'s parameters (each
+    shared parameter counted once). A whole model holds all of them."""
+    local = total = 0
+    for p in module.parameters():
+        if hasattr(p, "ds_tensor"):
+            local += p.ds_tensor.numel()
+            total += p.ds_numel
+        else:
+            local += p.numel()
+            total += p.numel()
+    return local, total
+
+
+@contextlib.contextmanager
+def zero3_init(cfg: EngineConfig, *, trainable: bool = True) -> Iterator[dict]:
+    """Inside the block, transformers builds (``from_pretrained``, ``from_config``) models partitioned
+    under ZeRO-3 with the DeepSpeed config of an engine of ``cfg``; yields that config. Collective:
+    every rank of the default process group enters it.
+
+    Raises:
+        ValueError: ``cfg.zero_stage`` is not 3.
+    """
+    import torch.distributed as dist
+
+    if cfg.zero_stage != 3:
+        raise ValueError(f"zero_stage: partitioned construction needs zero_stage=3, got {cfg.zero_stage}")
+    ds = _import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # zero.Init reads the world size from deepspeed.comm, which deepspeed.initialize would set up later:
+    # wrap our process group now, exactly as it will (the same call, a no-op the second time).
+    ds.comm.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    conf = deepspeed_config(cfg, dist.get_world_size() if dist.is_initialized() else 1, trainable)
+    hf_conf = HfDeepSpeedConfig(conf)  # transformers keeps only a weak reference: hold it while building
+    try:
+        yield conf
+    finally:
+        unset_hf_deepspeed_config()
+        del hf_conf
+
+
+def seeded_init_(model: nn.Module, seed: int) -> nn.Module:
+    """Initialise every parameter of ``model`` with its own ``_init_weights`` (transformers' scheme), the
+    RNG seeded per module from ``seed`` and the module's name; in place, whole or ZeRO-3 partitioned
+    (then one module's parameters at a time are gathered on every rank, set on rank 0 and re-partitioned;
+    collective). The caller's RNG state is left as it was.
+
+    Returns:
+        ``model``.
+    """
+    import torch.distributed as dist
+
+    init_fn = model._init_weights  # a transformers PreTrainedModel's per-module initialiser
+    partitioned = is_partitioned(model)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for name, module in model.named_modules():
+            params = list(module.parameters(recurse=False))
+            if not params and not list(module.buffers(recurse=False)):
+                continue
+            gather = contextlib.nullcontext()
+            if partitioned and params:
+                import deepspeed
+
+                gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+            with gather:
+                if not partitioned or rank == 0 or not params:
+                    torch.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                    init_fn(module)
+    return model
+
+
+def cast_partitioned_(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """What ``module.to(dtype)`` does, for a module whose parameters are (partly) ZeRO-3 partitioned:
+    whole parameters and floating-point buffers are cast; partitions are left where they are, and must
+    already be in ``dtype`` (``.to`` would only replace their empty placeholders).
+
+    Raises:
+        ValueError: a partitioned parameter of another dtype (built with another engine config).
+    """
+    for name, p in module.named_parameters():
+        if hasattr(p, "ds_tensor"):
+            if p.ds_tensor.dtype != dtype:
+                raise ValueError(f"dtype: parameter {name!r} was partitioned in {p.ds_tensor.dtype}, the engine trains in "
+                                 f"{dtype}; build the model with the engine's config (rlhf_hybrid.zero_init)")
+        elif p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    for mod in module.modules():
+        for key, buf in mod._buffers.items():
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype:
+                mod._buffers[key] = buf.to(dtype)
+    return module
+
+
+def build_causal_lm(source, cfg: EngineConfig, *, trainable: bool = True, seed: int = 0,
+                    partition: bool | None = None) -> nn.Module:
+    """A causal LM for an engine of ``cfg``, partitioned from the first byte under ZeRO-3.
+
+    Args:
+        source: A checkpoint directory or hub name (``from_pretrained``, weights loaded exactly), or a
+            transformers ``PretrainedConfig`` (random weights, :func:`seeded_init_` with ``seed``).
+        cfg: The engine's config: its ``zero_stage``, ``dtype`` and offload settings shape the
+            DeepSpeed config the model is built with.
+        trainable: Whether the engine will train it (the DeepSpeed config differs: clipping).
+        seed: Random init only.
+        partition: Build partitioned (default: when ``cfg.zero_stage == 3``). ``False`` builds whole
+            (today's path, the reference the tests compare with).
+
+    Returns:
+        The model in ``cfg``'s dtype; under ZeRO-3 each rank holds its partition of every parameter.
+        Collective when partitioned.
+    """
+    partition = cfg.zero_stage == 3 if partition is None else partition
+    ctx = zero3_init(cfg, trainable=trainable) if partition else contextlib.nullcontext()
+    with ctx:
+        if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+            return load_causal_lm(str(source), cfg.torch_dtype)
+        return _from_config(source, cfg.torch_dtype, seed, partition)
+
+
+def _from_config(config, dtype: torch.dtype, seed: int, partition: bool) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    # The caller's RNG is left alone: transformers' ZeRO-3 init draws on rank 0 only (the ranks' RNGs would
+    # part), and its draws are redone by seeded_init_ anyway.
+    with torch.random.fork_rng(devices=[]):
+        if partition:  # under HfDeepSpeedConfig, from_config builds under zero.Init (and initialises: redone below)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        else:
+            with no_init_weights():
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    seeded_init_(model, seed)
+    model.tie_weights()
+    return model
+
+
+def build_value_model(source, cfg: EngineConfig, *, trainable: bool = True, seed: int = 0,
+                      partition: bool | None = None) -> ValueModel:
+    """A value model (reward model, critic) for an engine of ``cfg``, partitioned from the first byte
+    under ZeRO-3: its causal-LM backbone as :func:`build_causal_lm` builds it; from a checkpoint
+    directory, ``ValueModel.from_pretrained`` (with its value head) built inside ZeRO-3's init. The
+    value head (hidden_size x 1) is built whole and partitioned when the engine is created."""
+    partition = cfg.zero_stage == 3 if partition is None else partition
+    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+        ctx = zero3_init(cfg, trainable=trainable) if partition else contextlib.nullcontext()
+        with ctx:
+            return ValueModel.from_pretrained(str(source), cfg.torch_dtype)
+    return ValueModel(build_causal_lm(source, cfg, trainable=trainable, seed=seed, partition=partition))
+
+
+__all__ = ["build_causal_lm", "cast_partitioned_", "build_value_model", "is_partitioned", "local_numel", "seeded_init_", "zero3_init"]
