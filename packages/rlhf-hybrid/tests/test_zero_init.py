@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from rlhf_hybrid import EngineConfig, HybridEngine, deepspeed_config
 
 pytestmark = pytest.mark.usefixtures("world_of_one", "one_thread")
@@ -67,9 +66,8 @@ def test_offloaded_optimizer_takes_the_same_step() -> None:
 
 
 def test_partitioned_model_is_refused_by_a_non_zero3_engine_and_a_wrong_dtype() -> None:
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
     from rlhf_hybrid.zero_init import build_causal_lm, is_partitioned
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     model = build_causal_lm(_config(), EngineConfig(zero_stage=3), seed=0)
     assert is_partitioned(model)

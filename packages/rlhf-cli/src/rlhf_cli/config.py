@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .config_report import ReportSection
-from .config_runtime import CheckpointSection, TrainSection
+from .config_runtime import CheckpointSection, OffloadSection, TrainSection
 from .config_sections import (
     AlgoSection,
     ConfigError,
@@ -44,6 +44,7 @@ __all__ = [
     "DeepSpeedSection",
     "LoRASection",
     "ModelSection",
+    "OffloadSection",
     "PrefSection",
     "RLSection",
     "RMSection",
@@ -81,6 +82,7 @@ class RunConfig:
     lora: LoRASection = field(default_factory=LoRASection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     train: TrainSection = field(default_factory=TrainSection)
+    offload: OffloadSection = field(default_factory=OffloadSection)
     report: ReportSection = field(default_factory=ReportSection)
 
     def __post_init__(self) -> None:
@@ -91,6 +93,9 @@ class RunConfig:
             raise ConfigError(f"rl.gather_quantization: {rl.gather_quantization!r} needs rl.generation=fast and "
                               f"deepspeed.zero_stage=3 (only ZeRO-3 gathers weights for generation); got "
                               f"rl.generation={rl.generation!r}, deepspeed.zero_stage={ds.zero_stage}")
+        if self.offload.roles() and ds.zero_stage != 3:
+            raise ConfigError(f"offload.{self.offload.roles()[0]}: needs deepspeed.zero_stage=3 (only ZeRO-3 partitions "
+                              f"parameters), got deepspeed.zero_stage={ds.zero_stage}")
         if ds.nproc % rl.inference_tp_size:
             raise ConfigError(f"rl.inference_tp_size: {rl.inference_tp_size} must divide deepspeed.nproc={ds.nproc}")
         if lo.applies_to("rl") and rl.gather_quantization != "none":

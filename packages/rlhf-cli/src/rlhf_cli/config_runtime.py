@@ -1,5 +1,6 @@
 """The sections about how a run is carried out rather than what it trains: ``checkpoint.*`` (resumable
-state, :mod:`rlhf_cli.resume`) and ``train.*`` (the guards around every optimizer step)."""
+state, :mod:`rlhf_cli.resume`), ``train.*`` (the guards around every optimizer step) and ``offload.*``
+(which models' parameters live on the CPU under ZeRO-3)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import ClassVar
 
 from .config_sections import Section, option
 
-__all__ = ["CheckpointSection", "TrainSection"]
+__all__ = ["CheckpointSection", "OffloadSection", "TrainSection"]
 
 
 @dataclass(frozen=True)
@@ -41,3 +42,24 @@ class TrainSection(Section):
 
     def __post_init__(self) -> None:
         self._check_min(1, "max_nonfinite_steps")
+
+
+@dataclass(frozen=True)
+class OffloadSection(Section):
+    """ZeRO-3 parameter offload (``offload_param`` to the CPU, as DeepSpeed-Chat and OpenRLHF do): the
+    model's partitions stay in CPU memory and are fetched to the device for each forward, freeing the
+    accelerator between uses. Needs deepspeed.zero_stage=3; a CPU-only run has nothing to free (the
+    partitions are in CPU memory anyway)."""
+
+    section: ClassVar[str] = "offload"
+
+    reference: bool = option(False, "the frozen reference policy's parameters on the CPU (DeepSpeed-Chat "
+                                    "--offload_reference_model).")
+    reward: bool = option(False, "the frozen reward model's parameters on the CPU (stage 3's reward and the "
+                                 "preference stage's evaluation scorer).")
+    params: bool = option(False, "the trained models' parameters on the CPU too (with deepspeed.offload_optimizer, "
+                                 "their optimizer state as well: ZeRO-Infinity's CPU offload).")
+
+    def roles(self) -> list[str]:
+        """The ``offload.*`` keys that are on."""
+        return [k for k in ("reference", "reward", "params") if getattr(self, k)]

@@ -18,7 +18,7 @@ from .config import RunConfig
 from .ledger import check_inputs, checkpoint_id, config_fingerprint, new_checkpoint_id
 from .report import Reporter
 
-__all__ = ["Context", "PipelineError", "engine_config", "load_data", "note_input", "require_stage_output", "save_stage",
+__all__ = ["Context", "PipelineError", "engine_config", "frozen_config", "load_data", "load_model", "note_input", "require_stage_output", "save_stage",
            "seed_everything", "tokenized", "with_lora"]
 
 
@@ -128,7 +128,27 @@ def engine_config(cfg: RunConfig, *, lr: float, batch: int, grad_accum: int = 1,
                         inference_tp_size=cfg.rl.inference_tp_size,
                         cuda_graphs=cfg.rl.cuda_graphs, keep_decode_cache=cfg.rl.keep_decode_cache,
                         gather_quantization=cfg.rl.gather_quantization,
-                        max_nonfinite_steps=cfg.train.max_nonfinite_steps)
+                        max_nonfinite_steps=cfg.train.max_nonfinite_steps, offload_param=cfg.offload.params)
+
+
+def frozen_config(cfg: RunConfig, engine, role: str):
+    """The engine config of a frozen model (``role``: "reference" or "reward"): ``engine``'s, its parameter offload
+    as ``offload.<role>`` says."""
+    import dataclasses
+
+    return dataclasses.replace(engine, offload_param=getattr(cfg.offload, role))
+
+
+def load_model(ctx: Context, path: str, engine, *, value: bool = False, trainable: bool = True, lora_stage: str = ""):
+    """The causal LM (``value``: the value model) at ``path`` for an engine of config ``engine``: under
+    deepspeed.zero_stage=3 built partitioned from the first byte (``rlhf_hybrid.zero_init``; collective), else
+    whole. A policy that gets LoRA adapters in ``lora_stage`` is built whole: the adapters are added before
+    the engine partitions it."""
+    from rlhf_hybrid.zero_init import build_causal_lm, build_value_model
+
+    partition = engine.zero_stage == 3 and not (lora_stage and ctx.cfg.lora.applies_to(lora_stage))
+    build = build_value_model if value else build_causal_lm
+    return build(path, engine, trainable=trainable, partition=partition)
 
 
 def with_lora(ctx: Context, model, stage: str):

@@ -9,7 +9,9 @@ import time
 from ..context import (
     Context,
     engine_config,
+    frozen_config,
     load_data,
+    load_model,
     note_input,
     require_stage_output,
     save_stage,
@@ -28,14 +30,15 @@ __all__ = ["run_offline"]
 def _build_offline(ctx: Context, algo_cls, data, sft_dir, total: int):
     """The policy (from the SFT model), the frozen reference (when the algorithm or the evaluation's KL needs
     one) and the algorithm. Returns ``(algo, policy, reference, frozen engine config)``."""
-    from rlhf_hybrid import HybridEngine, all_reduce_mean, load_causal_lm
+    from rlhf_hybrid import HybridEngine, all_reduce_mean
 
     cfg, s = ctx.cfg, ctx.cfg.pref
-    policy = HybridEngine(with_lora(ctx, load_causal_lm(str(sft_dir)), "pref"),
-                          engine_config(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
-                                        warmup=s.warmup_steps, decay=total // s.grad_accum))
+    train = engine_config(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum, warmup=s.warmup_steps,
+                          decay=total // s.grad_accum)
+    policy = HybridEngine(with_lora(ctx, load_model(ctx, str(sft_dir), train, lora_stage="pref"), "pref"), train)
     frozen = engine_config(cfg, lr=s.lr, batch=s.batch_size)
-    reference = HybridEngine(load_causal_lm(str(sft_dir)), frozen, trainable=False) if (
+    ref_cfg = frozen_config(cfg, frozen, "reference")
+    reference = HybridEngine(load_model(ctx, str(sft_dir), ref_cfg, trainable=False), ref_cfg, trainable=False) if (
         "reference" in algo_cls.required_models or data.verifier is not None) else None
     algo = algo_cls(cfg.algorithm_config(), policy=policy,
                     reference=reference if "reference" in algo_cls.required_models else None,
@@ -51,12 +54,12 @@ def _scorer(ctx: Context, data, tokenizer, frozen):
         return "verifier_score", verifier_reward(data, tokenizer)
     if (rm_dir / "config.json").is_file():
         from rlhf_algos import ModelReward
-        from rlhf_hybrid import HybridEngine, ValueModel
+        from rlhf_hybrid import HybridEngine
 
         note_input(ctx, "rm")
-
+        rm_cfg = frozen_config(ctx.cfg, frozen, "reward")
         return "reward_model_score", ModelReward(
-            HybridEngine(ValueModel.from_pretrained(str(rm_dir)), frozen, trainable=False))
+            HybridEngine(load_model(ctx, str(rm_dir), rm_cfg, value=True, trainable=False), rm_cfg, trainable=False))
     return "none", None
 
 

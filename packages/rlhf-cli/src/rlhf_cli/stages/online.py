@@ -9,7 +9,9 @@ from pathlib import Path
 from ..context import (
     Context,
     engine_config,
+    frozen_config,
     load_data,
+    load_model,
     require_stage_output,
     save_stage,
     seed_everything,
@@ -27,12 +29,13 @@ __all__ = ["build_online", "progress_line", "reward_function", "run_online"]
 def reward_function(ctx: Context, data, tokenizer, rm_dir: Path | None, batch: int):
     """The stage-3 reward: the frozen reward model, the data's verifier, or a registered function."""
     from rlhf_algos import ModelReward, TextReward, get_reward
-    from rlhf_hybrid import HybridEngine, ValueModel
+    from rlhf_hybrid import HybridEngine
 
     r = ctx.cfg.rl.reward
     if r == "model":
-        return ModelReward(HybridEngine(ValueModel.from_pretrained(str(rm_dir)),
-                                        engine_config(ctx.cfg, lr=ctx.cfg.rl.critic_lr, batch=batch), trainable=False))
+        frozen = frozen_config(ctx.cfg, engine_config(ctx.cfg, lr=ctx.cfg.rl.critic_lr, batch=batch), "reward")
+        return ModelReward(HybridEngine(load_model(ctx, str(rm_dir), frozen, value=True, trainable=False), frozen,
+                                        trainable=False))
     if r == "verifier":
         return verifier_reward(data, tokenizer)
     return TextReward(get_reward(r), tokenizer)
@@ -53,17 +56,19 @@ def build_online(ctx: Context, algo_cls, data, tokenizer, sft_dir: Path, rm_dir:
     Returns:
         ``(algo, actor, reference, reward_fn)``.
     """
-    from rlhf_hybrid import HybridEngine, ValueModel, all_reduce_mean, load_causal_lm
+    from rlhf_hybrid import HybridEngine, all_reduce_mean
 
     cfg, p = ctx.cfg, ctx.cfg.rl
     engine = engine_config(cfg, lr=p.actor_lr, batch=p.micro_batch_size)
-    actor = HybridEngine(with_lora(ctx, load_causal_lm(str(sft_dir)), "rl"), engine, name="actor")
-    reference = HybridEngine(load_causal_lm(str(sft_dir)), engine, trainable=False)
+    actor = HybridEngine(with_lora(ctx, load_model(ctx, str(sft_dir), engine, lora_stage="rl"), "rl"), engine,
+                         name="actor")
+    frozen = frozen_config(cfg, engine, "reference")
+    reference = HybridEngine(load_model(ctx, str(sft_dir), frozen, trainable=False), frozen, trainable=False)
     reward_fn = reward_function(ctx, data, tokenizer, rm_dir, p.micro_batch_size)
     critic = None
     if "critic" in algo_cls.required_models:
-        critic = HybridEngine(ValueModel.from_pretrained(str(rm_dir or sft_dir)),
-                              engine_config(cfg, lr=p.critic_lr, batch=p.micro_batch_size), name="critic")
+        critic_cfg = engine_config(cfg, lr=p.critic_lr, batch=p.micro_batch_size)
+        critic = HybridEngine(load_model(ctx, str(rm_dir or sft_dir), critic_cfg, value=True), critic_cfg, name="critic")
     monitor_fn = _monitor_fn(ctx, data, tokenizer)
     algo = algo_cls(cfg.algorithm_config(), actor=actor, reference=reference, critic=critic, reward_fn=reward_fn,
                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,

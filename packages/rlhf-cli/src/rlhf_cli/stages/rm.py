@@ -10,6 +10,7 @@ from ..context import (
     PipelineError,
     engine_config,
     load_data,
+    load_model,
     require_stage_output,
     save_stage,
     seed_everything,
@@ -27,7 +28,7 @@ def run_rm(ctx: Context) -> dict:
     """
     from rlhf_algos import get_algorithm
     from rlhf_data import collate_pairs
-    from rlhf_hybrid import HybridEngine, ValueModel, load_tokenizer
+    from rlhf_hybrid import HybridEngine, load_tokenizer
 
     cfg, s = ctx.cfg, ctx.cfg.rm
     seed_everything(cfg.seed + 1)
@@ -35,7 +36,7 @@ def run_rm(ctx: Context) -> dict:
     sft_dir = require_stage_output(ctx, "sft", "rm")
     tokenizer = load_tokenizer(str(sft_dir))
     base = cfg.model.reward_model or str(sft_dir)
-    model = ValueModel.from_pretrained(base)
+    model = load_model(ctx, base, engine_config(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum), value=True)
     if len(tokenizer) > model.config.vocab_size:
         raise PipelineError(f"model.reward_model: {base!r} has vocab_size {model.config.vocab_size} but the actor's "
                             f"tokenizer has {len(tokenizer)} tokens; the reward model must share the actor's tokenizer")

@@ -10,6 +10,7 @@ from ..context import (
     PipelineError,
     engine_config,
     load_data,
+    load_model,
     save_stage,
     seed_everything,
     tokenized,
@@ -24,12 +25,13 @@ def _starting_model(ctx: Context, data):
     """The tokenizer and causal LM SFT starts from: model.actor_model, else the demo's tiny Llama with a
     tokenizer trained on the data (its weights are drawn from the seeded global RNG)."""
     from rlhf_data import train_demo_tokenizer
-    from rlhf_hybrid import load_causal_lm, load_tokenizer, tiny_llama_config
+    from rlhf_hybrid import load_tokenizer, tiny_llama_config
 
-    cfg = ctx.cfg
+    cfg, s = ctx.cfg, ctx.cfg.sft
     if cfg.model.actor_model:
         tokenizer = load_tokenizer(cfg.model.actor_model)
-        model = load_causal_lm(cfg.model.actor_model)
+        model = load_model(ctx, cfg.model.actor_model, engine_config(cfg, lr=s.lr, batch=s.batch_size,
+                                                                     grad_accum=s.grad_accum), lora_stage="sft")
     else:
         from transformers import LlamaForCausalLM
 
