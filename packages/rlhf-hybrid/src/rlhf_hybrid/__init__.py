@@ -16,6 +16,7 @@ from .models import (
     resolve_model_path,
     tiny_llama_config,
 )
+from .zero_init import build_causal_lm, build_value_model
 
 __all__ = [
     "DistInfo",
@@ -30,6 +31,8 @@ __all__ = [
     "all_reduce_mean",
     "atomic_dir",
     "barrier",
+    "build_causal_lm",
+    "build_value_model",
     "check_finite_state",
     "deepspeed_config",
     "init_distributed",

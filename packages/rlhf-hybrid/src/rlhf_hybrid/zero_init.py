@@ -168,7 +168,11 @@ def build_causal_lm(source, cfg: EngineConfig, *, trainable: bool = True, seed: 
 
 def _from_config(config, dtype: torch.dtype, seed: int, partition: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
 
     # The caller's RNG is left alone: transformers' ZeRO-3 init draws on rank 0 only (the ranks' RNGs would
     # part), and its draws are redone by seeded_init_ anyway.
