@@ -66,25 +66,31 @@ def zero3_init(cfg: EngineConfig, *, trainable: bool = True) -> Iterator[dict]:
     Raises:
         ValueError: ``cfg.zero_stage`` is not 3.
     """
-    import torch.distributed as dist
-
-    if cfg.zero_stage != 3:
-        raise ValueError(f"zero_stage: partitioned construction needs zero_stage=3, got {cfg.zero_stage}")
-    ds = _import_deepspeed()
-    from deepspeed.accelerator import get_accelerator
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    # zero.Init reads the world size from deepspeed.comm, which deepspeed.initialize would set up later:
-    # wrap our process group now, exactly as it will (the same call, a no-op the second time).
-    ds.comm.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-    conf = deepspeed_config(cfg, dist.get_world_size() if dist.is_initialized() else 1, trainable)
+    conf = _zero3_config(cfg, trainable)
     hf_conf = HfDeepSpeedConfig(conf)  # transformers keeps only a weak reference: hold it while building
     try:
         yield conf
     finally:
         unset_hf_deepspeed_config()
         del hf_conf
+
+
+def _zero3_config(cfg: EngineConfig, trainable: bool) -> dict:
+    """The DeepSpeed config of an engine of ``cfg``, with deepspeed.comm set up for ``zero.Init``."""
+    import torch.distributed as dist
+
+    if cfg.zero_stage != 3:
+        raise ValueError(f"zero_stage: partitioned construction needs zero_stage=3, got {cfg.zero_stage}")
+    ds = _import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
+
+    # zero.Init reads the world size from deepspeed.comm, which deepspeed.initialize would set up later:
+    # wrap our process group now, exactly as it will (the same call, a no-op the second time).
+    ds.comm.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    return deepspeed_config(cfg, dist.get_world_size() if dist.is_initialized() else 1, trainable)
 
 
 def seeded_init_(model: nn.Module, seed: int) -> nn.Module:
@@ -159,14 +165,16 @@ def build_causal_lm(source, cfg: EngineConfig, *, trainable: bool = True, seed: 
         Collective when partitioned.
     """
     partition = cfg.zero_stage == 3 if partition is None else partition
-    ctx = zero3_init(cfg, trainable=trainable) if partition else contextlib.nullcontext()
-    with ctx:
-        if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+        with zero3_init(cfg, trainable=trainable) if partition else contextlib.nullcontext():
             return load_causal_lm(str(source), cfg.torch_dtype)
-        return _from_config(source, cfg.torch_dtype, seed, partition)
+    return _from_config(source, cfg.torch_dtype, seed, _zero3_config(cfg, trainable) if partition else None)
 
 
-def _from_config(config, dtype: torch.dtype, seed: int, partition: bool) -> nn.Module:
+def _from_config(config, dtype: torch.dtype, seed: int, ds_config: dict | None) -> nn.Module:
+    """A random model of ``config``: built under ``zero.Init(ds_config)`` (partitioned) or whole, without
+    transformers' initialisation (its ZeRO-3 one would gather every module once more), then
+    :func:`seeded_init_`."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -174,14 +182,19 @@ def _from_config(config, dtype: torch.dtype, seed: int, partition: bool) -> nn.M
     except ImportError:  # transformers 4
         from transformers.modeling_utils import no_init_weights
 
-    # The caller's RNG is left alone: transformers' ZeRO-3 init draws on rank 0 only (the ranks' RNGs would
-    # part), and its draws are redone by seeded_init_ anyway.
-    with torch.random.fork_rng(devices=[]):
-        if partition:  # under HfDeepSpeedConfig, from_config builds under zero.Init (and initialises: redone below)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        else:
-            with no_init_weights():
-                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    contexts = [torch.random.fork_rng(devices=[]), no_init_weights()]  # the caller's RNG is left alone
+    if ds_config is not None:
+        import deepspeed
+
+        with contextlib.suppress(ImportError):  # transformers 5: keeps rotary tables out of zero.Init's dtype cast
+            from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+            contexts.append(prevent_arange_dtype_change())
+        contexts.append(deepspeed.zero.Init(config_dict_or_path=ds_config))
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     seeded_init_(model, seed)
     model.tie_weights()
     return model
