@@ -62,8 +62,9 @@ def _config(a):
                        pad_token_id=PAD, eos_token_id=None, bos_token_id=None)
 
 
-def _engines(a, mode: str):
-    """actor, reference, critic, reward: built as ``mode`` says, each wrapped in its ZeRO-3 engine."""
+def _engines(a, mode: str, phases: list):
+    """actor, reference, critic, reward: built as ``mode`` says, each wrapped in its ZeRO-3 engine; appends
+    ``(what, RSS MiB, peak RSS MiB)`` to ``phases`` after each build and each engine."""
     from rlhf_hybrid import EngineConfig, HybridEngine
     from rlhf_hybrid.zero_init import build_causal_lm, build_value_model
 
@@ -74,13 +75,17 @@ def _engines(a, mode: str):
                          offload_optimizer=offload_all)
     frozen = EngineConfig(zero_stage=3, micro_batch_size=a.batch, offload_param=offload_frozen)
     config = _config(a)
-    actor = HybridEngine(build_causal_lm(config, train, seed=0, partition=partition), train, name="actor")
-    reference = HybridEngine(build_causal_lm(config, frozen, trainable=False, seed=0, partition=partition), frozen,
-                             trainable=False, name="reference")
-    critic = HybridEngine(build_value_model(config, train, seed=1, partition=partition), train, name="critic")
-    reward = HybridEngine(build_value_model(config, frozen, trainable=False, seed=2, partition=partition), frozen,
-                          trainable=False, name="reward")
-    return actor, reference, critic, reward
+    engines = []
+    for name, build, cfg, trainable in (("actor", build_causal_lm, train, True),
+                                        ("reference", build_causal_lm, frozen, False),
+                                        ("critic", build_value_model, train, True),
+                                        ("reward", build_value_model, frozen, False)):
+        model = build(config, cfg, trainable=trainable, seed=len(engines), partition=partition)
+        phases.append((f"{name} built", _rss_mib(), _maxrss_mib()))
+        engines.append(HybridEngine(model, cfg, trainable=trainable, name=name))
+        del model
+        phases.append((f"{name} engine", _rss_mib(), _maxrss_mib()))
+    return engines
 
 
 def _worker(rank: int, world: int, port: int, mode: str, a, out: str) -> None:
@@ -97,7 +102,8 @@ def _worker(rank: int, world: int, port: int, mode: str, a, out: str) -> None:
     _import_deepspeed()
     before = _rss_mib()
     t0 = time.perf_counter()
-    actor, reference, critic, reward = _engines(a, mode)
+    phases: list = []
+    actor, reference, critic, reward = _engines(a, mode, phases)
     load_s = time.perf_counter() - t0
     load_peak, after_load = _maxrss_mib(), _rss_mib()
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in actor.module.parameters())
@@ -110,7 +116,7 @@ def _worker(rank: int, world: int, port: int, mode: str, a, out: str) -> None:
     iter_s = time.perf_counter() - t0
     row = {"mode": mode, "rank": rank, "params_per_model": params, "fp32_model_mib": params * 4 / 2**20,
            "rss_before_load_mib": before, "peak_load_mib": load_peak, "rss_after_load_mib": after_load,
-           "peak_iteration_mib": _maxrss_mib(), "load_s": load_s, "iteration_s": iter_s}
+           "peak_iteration_mib": _maxrss_mib(), "load_s": load_s, "iteration_s": iter_s, "phases": phases}
     Path(out, f"{mode}-rank{rank}.json").write_text(json.dumps(row))
     import torch.distributed as dist
 
