@@ -95,33 +95,49 @@ def _zero3_config(cfg: EngineConfig, trainable: bool) -> dict:
 
 def seeded_init_(model: nn.Module, seed: int) -> nn.Module:
     """Initialise every parameter of ``model`` with its own ``_init_weights`` (transformers' scheme), the
-    RNG seeded per module from ``seed`` and the module's name; in place, whole or ZeRO-3 partitioned
-    (then one module's parameters at a time are gathered on every rank, set on rank 0 and re-partitioned;
-    collective). The caller's RNG state is left as it was.
+    RNG seeded per module from ``seed`` and the module's name; in place, whole or ZeRO-3 partitioned.
+    Partitioned, every rank draws one module's whole parameters at a time (the same numbers on every
+    rank: the same seed) and keeps its own partition of them; no collective. The caller's RNG state is
+    left as it was.
 
     Returns:
         ``model``.
     """
-    import torch.distributed as dist
-
     init_fn = model._init_weights  # a transformers PreTrainedModel's per-module initialiser
     partitioned = is_partitioned(model)
-    rank = dist.get_rank() if dist.is_initialized() else 0
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         for name, module in model.named_modules():
             params = list(module.parameters(recurse=False))
             if not params and not list(module.buffers(recurse=False)):
                 continue
-            gather = contextlib.nullcontext()
-            if partitioned and params:
-                import deepspeed
-
-                gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-            with gather:
-                if not partitioned or rank == 0 or not params:
-                    torch.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                    init_fn(module)
+            with _whole_here(params) if partitioned else contextlib.nullcontext():
+                torch.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                init_fn(module)
     return model
+
+
+@contextlib.contextmanager
+def _whole_here(params: list[nn.Parameter]) -> Iterator[None]:
+    """Inside, each ZeRO-3 partitioned parameter of ``params`` is a whole (zero) tensor of its shape on this
+    rank alone; on exit the rank copies its own partition of what was written into ``ds_tensor`` and the
+    parameter is the empty placeholder again. DeepSpeed's layout (as rlhf_hybrid.gather reads it): rank r
+    of the parameter's group holds elements ``[r*n, (r+1)*n)`` of the flattened tensor, n =
+    ``ds_tensor.numel()``, the last rank's tail zero-padded."""
+    import torch.distributed as dist
+
+    placeholders = [p.data for p in params]
+    for p in params:
+        p.data = torch.zeros(p.ds_shape, dtype=p.ds_tensor.dtype, device=p.ds_tensor.device)
+    try:
+        yield
+    finally:
+        for p, placeholder in zip(params, placeholders, strict=True):
+            n = p.ds_tensor.numel()
+            start = dist.get_rank(group=p.ds_process_group) * n
+            mine = p.data.reshape(-1)[start : start + n]
+            p.ds_tensor.zero_()
+            p.ds_tensor[: mine.numel()].copy_(mine)
+            p.data = placeholder
 
 
 def cast_partitioned_(module: nn.Module, dtype: torch.dtype) -> nn.Module:
