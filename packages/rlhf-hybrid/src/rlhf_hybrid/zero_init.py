@@ -13,9 +13,10 @@ partitioned as soon as its module is built:
   Peak memory: one module's whole parameters per rank, plus the checkpoint file on rank 0 (memory-
   mapped for safetensors).
 * from a config (random weights): the model is built under ``deepspeed.zero.Init`` without
-  initialisation, then every module is initialised by the model's own ``_init_weights`` with its
-  parameters gathered (one module at a time), the RNG re-seeded per module from ``seed`` and the
-  module's name. :func:`seeded_init_` does the same on a whole model, so a model built whole
+  initialisation, then every module is initialised by the model's own ``_init_weights``, the RNG
+  re-seeded per module from ``seed`` and the module's name: each rank draws that module's whole
+  weights locally (the same numbers on every rank) and keeps its partition, so no collective runs and
+  the peak is one module's weights. :func:`seeded_init_` does the same on a whole model, so a model built whole
   (``partition=False``) and one built partitioned hold the same weights for the same seed, whatever
   order the constructor drew random numbers in. (transformers' own ZeRO-3 init draws in another order
   than its whole-model init, so the two would differ.)
