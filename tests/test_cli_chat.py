@@ -237,21 +237,15 @@ def test_one_answer_equals_hf_generate(system, letters_model, in_process_world) 
     assert repr(plain(Q1, system=system)) in result.stderr
 
 
-def test_piped_session_keeps_history_and_obeys_commands(letters_model, replies, rlhf, explain) -> None:
+def test_piped_session_keeps_history_and_obeys_commands(letters_model, replies, cli_tools) -> None:
     d = letters_model[0]
     proc = subprocess.run([sys.executable, "-m", "rlhf_cli", "chat", "--model", str(d), "--max-new-tokens", str(N_NEW)],
                           input=f"{Q1}\n\n{Q2}\n/reset\n/nonsense\n{Q2}\n/exit\n{Q1}\n", capture_output=True, text=True,
-                          env=_env(), timeout=300)
+                          env=cli_tools[0](), timeout=300)
     assert proc.returncode == 0, proc.stderr
     answers = re.findall(r"model> (.*)", proc.stdout)
     assert answers == [replies["r1"], replies["r2"], replies["r2_alone"]], proc.stdout
     assert "(history cleared)" in proc.stderr and "unknown command '/nonsense'" in proc.stderr
-
-
-def _env() -> dict[str, str]:
-    from conftest import cli_env  # tests/ is on sys.path (rootdir conftest)
-
-    return cli_env()
 
 
 def _wait_for(pane, pattern: str, timeout: float = 240) -> str:
@@ -267,17 +261,20 @@ def _wait_for(pane, pattern: str, timeout: float = 240) -> str:
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed: the terminal session test "
                     "drives `rlhf chat` through tmux (apt-get install tmux)")
-def test_terminal_session_through_tmux(letters_model, replies, tmp_path) -> None:
+def test_terminal_session_through_tmux(letters_model, replies, tmp_path, cli_tools) -> None:
     d = letters_model[0]
     script = tmp_path / "chat.sh"
-    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in _env().items() if re.fullmatch(r"\w+", k))
+    exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in cli_tools[0]().items() if re.fullmatch(r"\w+", k))
     cmd = shlex.join([sys.executable, "-m", "rlhf_cli", "chat", "--model", str(d), "--max-new-tokens", str(N_NEW),
                       "--show-prompt"])
     script.write_text(f"{exports}{cmd}\necho CHAT-EXITED-$?\nsleep 600\n")
     tmux = ["tmux", "-S", str(tmp_path / "tmux.sock")]
     subprocess.run([*tmux, "new-session", "-d", "-x", "220", "-y", "60", "-s", "chat", f"bash {script}"], check=True)
-    pane = lambda: subprocess.run([*tmux, "capture-pane", "-p", "-J", "-S", "-500", "-t", "chat"],  # noqa: E731
-                                  capture_output=True, text=True, check=True).stdout
+
+    def pane() -> str:  # the screen and its scroll-back, wrapped lines joined, blank ends trimmed
+        shown = subprocess.run([*tmux, "capture-pane", "-p", "-J", "-S", "-500", "-t", "chat"],
+                               capture_output=True, text=True, check=True).stdout
+        return "\n".join(line.rstrip() for line in shown.splitlines()).strip()
 
     def say(text: str | None) -> None:
         if text is None:
@@ -287,16 +284,16 @@ def test_terminal_session_through_tmux(letters_model, replies, tmp_path) -> None
             subprocess.run([*tmux, "send-keys", "-t", "chat", "Enter"], check=True)
 
     try:
-        _wait_for(pane, r"you> $")
+        _wait_for(pane, r"you>$")
         say(Q1)
-        _wait_for(pane, rf"model> {replies['r1']}\n.*you> $")
+        _wait_for(pane, rf"model> {replies['r1']}\nyou>$")
         say(Q2)
-        text = _wait_for(pane, rf"model> {replies['r2']}\n.*you> $")
+        text = _wait_for(pane, rf"model> {replies['r2']}\nyou>$")
         assert repr(plain(Q1, replies["r1"], Q2)) in text, text  # --show-prompt: the history is in the prompt
         say("/reset")
-        _wait_for(pane, r"\(history cleared\)\n.*you> $")
+        _wait_for(pane, r"\(history cleared\)\nyou>$")
         say(Q2)
-        text = _wait_for(pane, rf"(.*model> ){{3}}{replies['r2_alone']}\n.*you> $")
+        text = _wait_for(pane, rf"(.*model> ){{3}}{replies['r2_alone']}\nyou>$")
         assert text.count(repr(plain(Q2))) == 1, text
         say(None)  # Ctrl-D: end of input
         _wait_for(pane, r"CHAT-EXITED-0")
