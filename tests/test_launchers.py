@@ -78,7 +78,8 @@ def _processes(commands: list[tuple[list[str], dict[str, str]]], cli_tools, time
                 except ProcessLookupError:
                     pass
     outs = [p.communicate()[0] for p in procs]
-    tail = "\n".join(f"--- process {i} (exit {p.returncode}) ---\n{o[-4000:]}" for i, (p, o) in enumerate(zip(procs, outs)))
+    tail = "\n".join(f"--- process {i} (exit {p.returncode}) ---\n{o[-4000:]}"
+                     for i, (p, o) in enumerate(zip(procs, outs, strict=True)))
     assert not hung, f"did not finish within {timeout} s (killed)\n{tail}"
     assert all(p.returncode == 0 for p in procs), tail
     return outs

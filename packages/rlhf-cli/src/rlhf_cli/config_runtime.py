@@ -4,8 +4,8 @@ state, :mod:`rlhf_cli.resume`), ``train.*`` (the guards around every optimizer s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from typing import ClassVar
 
 from .config_sections import Section, option

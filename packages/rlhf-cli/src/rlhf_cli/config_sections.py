@@ -347,7 +347,7 @@ class RLSection(Section):
     ptx_coef: float = option(0.0, "weight of the ptx term: the SFT loss (as stage 1's, sft.mask_prompt) on a batch of "
                                   "rl.micro_batch_size demonstrations from the SFT split, drawn for every actor step "
                                   "and added to its loss (InstructGPT's PPO-ptx, DeepSpeed-Chat's unsupervised loss; "
-                                  "docs/algorithms.md); 0 = off.")
+                                  "docs/pipeline.md, \"The ptx term\"); 0 = off.")
     health_window: int = option(15, "RL health warnings: iterations before \"reward flat while the KL rises\" is "
                                     "first judged, from then on over every iteration since the first (>= 2; "
                                     "docs/pipeline.md, rlhf_algos.HealthMonitor).")
