@@ -38,7 +38,7 @@ TINY = ["--seed", "5", "--zero-stage", "3", "data.num_eval=16", "data.num_valid=
         "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=4", "sft.epochs=1", "sft.batch_size=16",
         "sft.warmup_steps=2", "rm.epochs=1", "rm.batch_size=16", "rm.warmup_steps=2", "rl.iterations=2",
         "rl.rollout_batch_size=8", "rl.micro_batch_size=8", "rl.eval_every=2", "rl.max_new_tokens=4",
-        "rl.select=last", "rl.ptx_coef=0.5"]
+        "rl.select=last", "rl.ptx_coef=0.5", "report.plots=false"]
 STAGES = ("sft", "rm", "ppo")
 TIMEOUT = 600
 _TIMINGS = {"time", "gather_s", "generate_s", "train_s", "samples_per_s", "tokens_per_s", "wall_seconds", "cache_hit"}
