@@ -54,7 +54,8 @@ class DistributedSection(Section):
     # rlhf_hybrid.distributed.DEFAULT_TIMEOUT_S, spelled out: importing rlhf_hybrid (torch) here would slow
     # every `rlhf` command (a test checks that the two agree)
     timeout_s: float = option(1800.0, "seconds the ranks wait for each other, at the rendezvous and in every "
-                                      "collective (the torch.distributed process group's timeout), before the run "
+                                      "collective of the default process group (its torch.distributed timeout; "
+                                      "groups DeepSpeed makes itself keep torch's default), before the run "
                                       "stops with an error; raise it when one rank can be busy for long alone (e.g. "
                                       "saving a large checkpoint on a slow disk).")
 

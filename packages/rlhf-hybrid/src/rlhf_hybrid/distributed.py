@@ -46,7 +46,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
     Args:
         backend: ``"gloo"`` or ``"nccl"``; default NCCL when CUDA is available, else gloo.
         timeout_s: How long the ranks wait for each other: at the rendezvous and in every collective
-            (the process group's timeout). Ignored when the group already exists.
+            on the default process group (its timeout). Ignored when the group already exists.
 
     Raises:
         ValueError: A bad ``backend`` or ``timeout_s``; an incomplete or malformed launcher environment
