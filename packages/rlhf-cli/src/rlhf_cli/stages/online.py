@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..context import (
     Context,
+    PipelineError,
     engine_config,
     load_data,
     require_stage_output,
@@ -81,6 +82,9 @@ def ptx_batches(ctx: Context, data, tokenizer, stats: dict):
     cfg = ctx.cfg
     if cfg.rl.ptx_coef == 0:
         return None
+    if not data.sft:
+        raise PipelineError(f"rl.ptx_coef={cfg.rl.ptx_coef}: the ptx term draws SFT demonstrations, but the data has "
+                            f"none: {data.why_empty('sft')}; set rl.ptx_coef=0 or give the SFT split data (data.split)")
     examples = tokenized(ctx, tokenizer, data.sft, "sft", "ptx", stats)
     return PtxBatches(ctx, examples, cfg.rl.micro_batch_size, cfg.seed + 11, tokenizer.pad_token_id,
                       cfg.sft.mask_prompt)
