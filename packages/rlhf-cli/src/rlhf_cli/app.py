@@ -14,7 +14,7 @@ import typer
 from .config import ConfigError, all_keys, load_config
 from .errors import fail as _fail
 from .errors import user_errors
-from .launch import relaunch
+from .launch import launched, relaunch
 from .run_report import report_command
 
 app = typer.Typer(
@@ -103,7 +103,7 @@ def run(
     from .preflight import preflight_run
 
     preflight_run(cfg, stages_for(cfg, stage))  # before any model is built: out dir, free space, model dirs
-    if cfg.deepspeed.nproc > 1 and "RANK" not in os.environ:
+    if cfg.deepspeed.nproc > 1 and not launched():  # under torchrun, deepspeed or srun: this is one rank
         relaunch(cfg.deepspeed.nproc)
         return
     _run_stages(cfg, stage, overwrite, resume)
@@ -139,7 +139,7 @@ def _run_stages(cfg, stage: str, overwrite: bool = False, resume: bool = False) 
 
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
-    info = init_distributed()
+    info = init_distributed(timeout_s=cfg.distributed.timeout_s)
     reporter = Reporter(enabled=info.is_main)
     reporter.print(f"[bold]rlhf run[/] stages={','.join(stages)} out={cfg.out} world_size={info.world_size} "
                    f"zero_stage={cfg.deepspeed.zero_stage} device={info.device}")
