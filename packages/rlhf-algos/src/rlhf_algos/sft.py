@@ -44,6 +44,10 @@ class SFTConfig(AlgorithmConfig):
                                      "and TRL); the EOS is a response token, so the model learns to stop")
     packing: bool = option(False, "batches are packed rows (rlhf_data.pack_sft, collate_packed): several samples "
                                   "per row, attention kept inside each sample through position ids")
+    padding_free: bool = option(False, "collate each micro-batch of samples padding-free "
+                                       "(rlhf_data.collate_sft_padding_free: one packed row, position ids restarting "
+                                       "per sample): the same samples and loss as the padded batch, no pad tokens; "
+                                       "rows that are already packed (packing) are used as they are")
 
 
 class SFT(Algorithm):
@@ -56,7 +60,7 @@ class SFT(Algorithm):
     Args:
         config: An :class:`SFTConfig`.
         policy: The model being trained (``token_logprobs``, ``backward``, ``step``, ``train``,
-            ``eval``; with ``packing``, ``token_logprobs`` also takes ``position_ids``).
+            ``eval``; with ``packing`` or ``padding_free``, ``token_logprobs`` also takes ``position_ids``).
         reduce_metrics: Applied to the metrics dict before it is returned.
 
     Raises:
@@ -79,16 +83,18 @@ class SFT(Algorithm):
 
     def collate(self, examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         """A micro-batch for :meth:`learn` from tokenized examples (or packed rows, with ``packing``)."""
-        from rlhf_data import collate_packed, collate_sft
+        from rlhf_data import collate_packed, collate_sft, collate_sft_padding_free
 
         if self.config.packing:
             return collate_packed(examples, pad_token_id, mask_prompt=self.config.mask_prompt)
+        if self.config.padding_free:
+            return collate_sft_padding_free(examples, pad_token_id, mask_prompt=self.config.mask_prompt)
         return collate_sft(examples, pad_token_id, mask_prompt=self.config.mask_prompt)
 
     def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One step on a micro-batch from :meth:`collate`; returns ``{"loss": ...}``."""
         self.policy.train()
-        if self.config.packing:  # no attention mask: the position ids keep attention inside each sample
+        if "position_ids" in batch:  # packed rows, no attention mask: the position ids keep samples apart
             lp = self.policy.token_logprobs(batch["input_ids"], None, 1, position_ids=batch["position_ids"])
         else:
             lp = self.policy.token_logprobs(batch["input_ids"], batch["attention_mask"], 1)  # (B, L - 1)
