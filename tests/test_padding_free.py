@@ -115,9 +115,17 @@ def _sft_reference(model: nn.Module, examples: list[dict], mask_prompt: bool) ->
     return loss.detach()
 
 
+# the packed shapes, worked out by hand: "rows" = first fit into rows of the longest sample (14 tokens):
+# [9, 3] [6, 8] [14] [11]; "one_row" = all 51 tokens in one row
+SFT_PACKED_SHAPES = {"rows": (4, 14), "one_row": (1, 51)}
+# pairs: chosen 9, 4, 7, 2 then rejected 5, 12, 7, 10 into rows of 12: [9, 2] [4, 7] [5, 7] [12] [10]; one row: 56
+PAIR_PACKED_SHAPES = {"rows": (5, 12), "one_row": (1, 56)}
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("mask_prompt", [True, False])
-def test_sft_packed_equals_padded_and_reference(attn: str, mask_prompt: bool) -> None:
+@pytest.mark.parametrize("layout", ["rows", "one_row"])
+def test_sft_packed_equals_padded_and_reference(attn: str, mask_prompt: bool, layout: str) -> None:
     from rlhf_algos import SFT, SFTConfig
 
     examples = _sft_examples()
@@ -125,39 +133,19 @@ def test_sft_packed_equals_padded_and_reference(attn: str, mask_prompt: bool) ->
     ref_model = copy.deepcopy(base)
     want = _sft_reference(ref_model, examples, mask_prompt)
     got = {}
-    for padding_free in (True, False):
+    for padding_free in (layout, "off"):
         engine = _engine(copy.deepcopy(base))
         sft = SFT(SFTConfig(mask_prompt=mask_prompt, padding_free=padding_free), policy=_GradOnly(engine))
         batch = sft.collate(examples, PAD)
-        assert ("attention_mask" in batch) is not padding_free
-        if padding_free:
-            assert batch["input_ids"].shape == (1, sum(n for _, n in SFT_SHAPES))  # one row, not one pad token
+        assert ("attention_mask" in batch) is (padding_free == "off")
+        if padding_free != "off":
+            assert batch["input_ids"].shape == SFT_PACKED_SHAPES[layout]
         loss = sft.learn(batch)["loss"]
         got[padding_free] = (loss, _grads(engine.module))
         assert abs(loss - want.item()) <= TOL, (padding_free, loss, want.item())
         _assert_same(got[padding_free][1], _grads(ref_model), f"padding_free={padding_free} vs reference")
-    assert abs(got[True][0] - got[False][0]) <= TOL
-    _assert_same(got[True][1], got[False][1], "packed vs padded")
-
-
-def test_sft_rows_of_bounded_length_equal_one_row() -> None:
-    """row_len = the longest sample (the layout for sdpa/eager that keeps attention below the padded one's)."""
-    from rlhf_data import collate_sft_padding_free
-    from rlhf_hybrid import HybridEngine  # noqa: F401 (the engine's packed path is what runs)
-
-    examples = _sft_examples()
-    engine = _engine(_tiny_llama("sdpa"))
-    rows = collate_sft_padding_free(examples, PAD, row_len=max(n for _, n in SFT_SHAPES))
-    one = collate_sft_padding_free(examples, PAD)
-    assert rows["input_ids"].shape[0] > 1
-    with torch.no_grad():
-        sums = []
-        for b in (rows, one):
-            lp = engine.token_logprobs(b["input_ids"], None, 1, position_ids=b["position_ids"])
-            keep = b["labels"][:, 1:] != -100
-            sums.append((lp[keep].sum().item(), int(keep.sum())))
-    assert sums[0][1] == sums[1][1]
-    assert abs(sums[0][0] - sums[1][0]) <= 1e-4
+    assert abs(got[layout][0] - got["off"][0]) <= TOL
+    _assert_same(got[layout][1], got["off"][1], "packed vs padded")
 
 
 def test_positions_that_do_not_restart_let_attention_cross_and_are_caught() -> None:
@@ -168,7 +156,7 @@ def test_positions_that_do_not_restart_let_attention_cross_and_are_caught() -> N
     examples = _sft_examples()
     base = _tiny_llama("sdpa")
     want = _sft_reference(copy.deepcopy(base), examples, True)
-    sft = SFT(SFTConfig(padding_free=True), policy=_GradOnly(_engine(base)))
+    sft = SFT(SFTConfig(padding_free="one_row"), policy=_GradOnly(_engine(base)))
     batch = sft.collate(examples, PAD)
     batch["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
     assert abs(sft.learn(batch)["loss"] - want.item()) > 100 * TOL
@@ -205,7 +193,8 @@ def _rm_reference(vm: nn.Module, pairs: list[dict], coef: float) -> torch.Tensor
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_rm_packed_equals_padded_and_reference(attn: str) -> None:
+@pytest.mark.parametrize("layout", ["rows", "one_row"])
+def test_rm_packed_equals_padded_and_reference(attn: str, layout: str) -> None:
     from rlhf_algos import RM, RMConfig
 
     pairs, coef = _pairs(), 0.05
@@ -213,18 +202,18 @@ def test_rm_packed_equals_padded_and_reference(attn: str) -> None:
     ref_model = copy.deepcopy(base)
     want = _rm_reference(ref_model, pairs, coef)
     got = {}
-    for padding_free in (True, False):
+    for padding_free in (layout, "off"):
         engine = _engine(copy.deepcopy(base))
         rm = RM(RMConfig(center_coef=coef, padding_free=padding_free), model=_GradOnly(engine))
         batch = rm.collate(pairs, PAD)
-        if padding_free:
-            assert batch["input_ids"].shape == (1, sum(c + r for c, r in PAIR_SHAPES))
+        if padding_free != "off":
+            assert batch["input_ids"].shape == PAIR_PACKED_SHAPES[layout]
         m = rm.learn(batch)
         got[padding_free] = (m["loss"], _grads(engine.module))
         assert abs(m["loss"] - want.item()) <= TOL, (padding_free, m["loss"], want.item())
         _assert_same(got[padding_free][1], _grads(ref_model), f"padding_free={padding_free} vs reference")
-    assert abs(got[True][0] - got[False][0]) <= TOL
-    _assert_same(got[True][1], got[False][1], "packed vs padded")
+    assert abs(got[layout][0] - got["off"][0]) <= TOL
+    _assert_same(got[layout][1], got["off"][1], "packed vs padded")
 
 
 def test_packed_rows_are_refused_with_flash_attention_on_more_than_one_row() -> None:
@@ -240,3 +229,12 @@ def test_packed_rows_are_refused_with_flash_attention_on_more_than_one_row() -> 
     assert packed_positions_checked(FlashModel(), two_rows[:1]) is not None
     with pytest.raises(ValueError, match="need position_ids"):
         packed_positions_checked(FlashModel(), None)
+
+
+def test_a_bad_layout_names_the_field_the_value_and_the_choices() -> None:
+    from rlhf_algos import RMConfig, SFTConfig
+
+    with pytest.raises(ValueError, match=r"sft.padding_free: 'yes' is not allowed; allowed: 'off', 'rows', 'one_row'"):
+        SFTConfig(padding_free="yes")
+    with pytest.raises(ValueError, match=r"rm.padding_free: True is not allowed"):
+        RMConfig(padding_free=True)

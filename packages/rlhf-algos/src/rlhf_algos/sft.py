@@ -44,10 +44,16 @@ class SFTConfig(AlgorithmConfig):
                                      "and TRL); the EOS is a response token, so the model learns to stop")
     packing: bool = option(False, "batches are packed rows (rlhf_data.pack_sft, collate_packed): several samples "
                                   "per row, attention kept inside each sample through position ids")
-    padding_free: bool = option(False, "collate each micro-batch of samples padding-free "
-                                       "(rlhf_data.collate_sft_padding_free: one packed row, position ids restarting "
-                                       "per sample): the same samples and loss as the padded batch, no pad tokens; "
-                                       "rows that are already packed (packing) are used as they are")
+    padding_free: str = option("off", "\"off\" (right-padded micro-batches), or the same micro-batch's samples packed "
+                                      "padding-free (rlhf_data.collate_sft_padding_free: position ids restarting per "
+                                      "sample; the same loss): \"rows\" (rows no longer than the longest sample: "
+                                      "sdpa/eager attention) or \"one_row\" (flash attention); rows that are "
+                                      "already packed (packing) are used as they are")
+
+    def __post_init__(self) -> None:
+        from rlhf_data import PADDING_FREE_LAYOUTS
+
+        self._check_choice("padding_free", ("off", *PADDING_FREE_LAYOUTS))
 
 
 class SFT(Algorithm):
@@ -60,7 +66,7 @@ class SFT(Algorithm):
     Args:
         config: An :class:`SFTConfig`.
         policy: The model being trained (``token_logprobs``, ``backward``, ``step``, ``train``,
-            ``eval``; with ``packing`` or ``padding_free``, ``token_logprobs`` also takes ``position_ids``).
+            ``eval``; with ``packing`` or ``padding_free`` on, ``token_logprobs`` also takes ``position_ids``).
         reduce_metrics: Applied to the metrics dict before it is returned.
 
     Raises:
@@ -87,8 +93,9 @@ class SFT(Algorithm):
 
         if self.config.packing:
             return collate_packed(examples, pad_token_id, mask_prompt=self.config.mask_prompt)
-        if self.config.padding_free:
-            return collate_sft_padding_free(examples, pad_token_id, mask_prompt=self.config.mask_prompt)
+        if self.config.padding_free != "off":
+            return collate_sft_padding_free(examples, pad_token_id, mask_prompt=self.config.mask_prompt,
+                                            layout=self.config.padding_free)
         return collate_sft(examples, pad_token_id, mask_prompt=self.config.mask_prompt)
 
     def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:

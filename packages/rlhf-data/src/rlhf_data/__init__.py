@@ -5,7 +5,13 @@ from ._version import __version__
 from .collate import IGNORE_INDEX, collate_packed, collate_pairs, collate_prompts, collate_sft, pack_sft
 from .demo import AdditionTask, AdditionTaskConfig
 from .inspection import Inspection, histogram, inspect_stage_data
-from .packing import collate_pairs_padding_free, collate_sft_padding_free, first_fit_rows, packed_positions
+from .packing import (
+    PADDING_FREE_LAYOUTS,
+    collate_pairs_padding_free,
+    collate_sft_padding_free,
+    first_fit_rows,
+    packed_positions,
+)
 from .records import (
     ChatRecord,
     PreferenceRecord,
@@ -47,6 +53,7 @@ from .tokenization import (
 from .trl_formats import TRLAdapter
 
 __all__ = [
+    "PADDING_FREE_LAYOUTS",
     "IGNORE_INDEX",
     "Inspection",
     "AdditionTask",

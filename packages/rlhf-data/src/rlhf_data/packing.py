@@ -14,16 +14,17 @@ How attention stays inside each sequence: the model is called with ``attention_m
 before plus 1) and, for ``sdpa`` and ``eager`` attention, builds a block-diagonal causal mask per
 row; ``flash_attention_2`` instead runs its variable-length kernel, but only on a single row
 (``modeling_flash_attention_utils._is_packed_sequence`` requires batch size 1): with flash
-attention every micro-batch must be one row (``row_len=None``), which is the default here.
+attention every micro-batch must be one row (``layout="one_row"``; ``rlhf_hybrid`` refuses more).
 
-Row layout (``row_len``):
+Row layout (``layout``), measured in docs/performance.md ("Padding-free batches"):
 
-* ``None`` (default): the whole micro-batch is one row of ``sum(len)`` tokens, no padding at all.
-  With flash attention the attention cost is the sum of the sequences' own; with ``sdpa``/``eager``
-  the block mask is dense, so attention costs ``sum(len)^2`` instead of ``B * max_len^2``.
-* an int: sequences are placed first-fit, in order, into rows of at most ``row_len`` tokens (the
-  rows right-padded to the longest); for ``sdpa``/``eager``, ``row_len`` = the longest sequence keeps
-  attention below the padded batch's while removing most of its padding.
+* ``"rows"`` (default): sequences are placed first-fit, in order, into rows no longer than the
+  micro-batch's longest sequence (rows right-padded to the longest row). For ``sdpa``/``eager`` the
+  mask is dense per row, so this keeps attention at most the padded batch's while removing most of
+  its padding; the layout for CPUs and for GPUs without flash attention.
+* ``"one_row"``: the whole micro-batch is one row of ``sum(len)`` tokens, no padding at all. The
+  layout flash attention needs (its cost is then the sum of the sequences' own); with
+  ``sdpa``/``eager`` attention costs ``sum(len)^2`` instead of ``B * max_len^2``.
 
 The padding at the end of a short row gets positions ``0, 1, ...`` too, so it forms one more
 sequence of its own, which no loss term reads.
@@ -35,7 +36,19 @@ import torch
 
 from .collate import collate_packed, pack_sft
 
-__all__ = ["collate_pairs_padding_free", "collate_sft_padding_free", "first_fit_rows", "packed_positions"]
+__all__ = ["PADDING_FREE_LAYOUTS", "collate_pairs_padding_free", "collate_sft_padding_free", "first_fit_rows",
+           "packed_positions"]
+
+PADDING_FREE_LAYOUTS = ("rows", "one_row")
+
+
+def _row_len(layout: str, lengths: list[int]) -> int | None:
+    """The row capacity of ``layout`` for sequences of ``lengths`` (None: one row)."""
+    if layout == "rows":
+        return max(lengths, default=1)
+    if layout == "one_row":
+        return None
+    raise ValueError(f"padding-free layout {layout!r} is not one of {', '.join(map(repr, PADDING_FREE_LAYOUTS))}")
 
 
 def first_fit_rows(lengths: list[int], row_len: int | None) -> list[list[int]]:
@@ -78,7 +91,7 @@ def packed_positions(lengths: list[int], width: int) -> torch.Tensor:
 
 
 def collate_sft_padding_free(examples: list[dict], pad_id: int, mask_prompt: bool = True,
-                             row_len: int | None = None) -> dict[str, torch.Tensor]:
+                             layout: str = "rows") -> dict[str, torch.Tensor]:
     """The examples of one :func:`rlhf_data.collate_sft` micro-batch as packed rows.
 
     The loss positions are those of ``collate_sft``: every response token (with ``mask_prompt``) or
@@ -88,25 +101,27 @@ def collate_sft_padding_free(examples: list[dict], pad_id: int, mask_prompt: boo
         examples: dicts with ``input_ids`` (prompt + response + eos) and ``prompt_len``.
         pad_id: Padding token id.
         mask_prompt: As in ``collate_sft``.
-        row_len: Row capacity in tokens; None = one row (see the module docstring).
+        layout: ``"rows"`` or ``"one_row"`` (see the module docstring).
 
     Returns:
         ``input_ids``, ``position_ids`` and ``labels`` (R, L), as :func:`rlhf_data.collate_packed`;
         call the model with ``attention_mask=None`` and these ``position_ids``.
     """
+    lengths = [len(e["input_ids"]) for e in examples]
+    row_len = _row_len(layout, lengths)
     if row_len is None:
-        row_len = sum(len(e["input_ids"]) for e in examples) or 1
+        row_len = sum(lengths) or 1
     # pack_sft is first-fit in order (first_fit_rows' layout); collate_packed right-pads the rows
     return collate_packed(pack_sft(examples, row_len), pad_id, mask_prompt=mask_prompt)
 
 
-def collate_pairs_padding_free(examples: list[dict], pad_id: int, row_len: int | None = None) -> dict[str, torch.Tensor]:
+def collate_pairs_padding_free(examples: list[dict], pad_id: int, layout: str = "rows") -> dict[str, torch.Tensor]:
     """The sequences of one :func:`rlhf_data.collate_pairs` micro-batch as packed rows.
 
     Args:
         examples: dicts with ``chosen_ids`` and ``rejected_ids``.
         pad_id: Padding token id.
-        row_len: Row capacity in tokens; None = one row (see the module docstring).
+        layout: ``"rows"`` or ``"one_row"`` (see the module docstring).
 
     Returns:
         ``input_ids`` and ``position_ids`` (R, L), and ``last_index`` (2B, 2) long: the ``(row, column)``
@@ -121,18 +136,19 @@ def collate_pairs_padding_free(examples: list[dict], pad_id: int, row_len: int |
         if not s:
             which = "chosen_ids" if i < len(examples) else "rejected_ids"
             raise ValueError(f"collate_pairs_padding_free: example {i % max(len(examples), 1)} has empty {which}")
-    layout = first_fit_rows([len(s) for s in seqs], row_len)
-    width = max(sum(len(seqs[i]) for i in row) for row in layout)
-    ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(layout), width), dtype=torch.long)
+    lengths = [len(s) for s in seqs]
+    rows = first_fit_rows(lengths, _row_len(layout, lengths))
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
     last = torch.zeros((len(seqs), 2), dtype=torch.long)
-    for r, row in enumerate(layout):
+    for r, row in enumerate(rows):
         col = 0
         for i in row:
             n = len(seqs[i])
             ids[r, col : col + n] = torch.tensor(seqs[i])
             last[i] = torch.tensor([r, col + n - 1])
             col += n
-        pos[r] = packed_positions([len(seqs[i]) for i in row], width)
+        pos[r] = packed_positions([lengths[i] for i in row], width)
     return {"input_ids": ids, "position_ids": pos, "last_index": last}
 
