@@ -10,9 +10,9 @@ pairs, micro-batches of the demo's sizes (sft.batch_size, rm.batch_size), in thr
 same samples:
 
 * ``padded``: today's right-padded rows (``collate_sft``, ``collate_pairs``), the baseline;
-* ``one row``: the micro-batch packed into one row (``padding_free=one_row``, flash attention's layout);
+* ``one row``: the micro-batch packed into one row (``batch_layout="one_row"``, flash attention's layout);
 * ``rows <= longest``: packed first-fit into rows no longer than the micro-batch's longest sequence
-  (``padding_free=rows``).
+  (``batch_layout="rows"``, what ``sft.padding_free`` / ``rm.padding_free`` pick for sdpa and eager).
 
 Each layout has its own engine over a copy of the same seeded model; every round runs one step of
 each layout on the same micro-batch, in turn, so that load on the machine hits them alike. Reported
@@ -99,10 +99,10 @@ def _collate(stage: str, layout: str, chunk: list[dict], pad: int) -> dict:
 def _algorithm(stage: str, engine, layout: str):
     from rlhf_algos import RM, SFT, RMConfig, SFTConfig
 
-    # learn() reads the layout from the batch (position_ids / last_index), padding_free only picks the collator
+    # learn() reads the layout from the batch (position_ids / last_index); batch_layout only picks the collator
     if stage == "sft":
-        return SFT(SFTConfig(padding_free="off" if layout == "padded" else "rows"), policy=engine)
-    return RM(RMConfig(padding_free="off" if layout == "padded" else "rows"), model=engine)
+        return SFT(SFTConfig(batch_layout="padded" if layout == "padded" else "rows"), policy=engine)
+    return RM(RMConfig(batch_layout="padded" if layout == "padded" else "rows"), model=engine)
 
 
 def _real_tokens(stage: str, chunk: list[dict]) -> int:

@@ -2,9 +2,10 @@
 
 The same ragged micro-batch goes through three paths on copies of one tiny fp32 Llama:
 
-* ``packed``: ``SFT(padding_free=True)`` / ``RM(padding_free=True)``: collate, ``learn`` (the
-  HybridEngine's packed forward: ``attention_mask=None``, restarting ``position_ids``);
-* ``padded``: the same algorithms with ``padding_free=False`` (today's right-padded rows);
+* ``packed``: ``SFT(batch_layout=...)`` / ``RM(batch_layout=...)`` with the layouts ``"rows"`` and
+  ``"one_row"``: collate, ``learn`` (the HybridEngine's packed forward: ``attention_mask=None``,
+  restarting ``position_ids``);
+* ``padded``: the same algorithms with ``batch_layout="padded"`` (today's right-padded rows);
 * ``reference``: written here, each sequence run *alone* through the plain transformers model (no
   padding, no packing), the loss assembled by hand: SFT = sum of the target tokens' NLL / number of
   target tokens of the micro-batch (a token mean over the batch, what ``sft_loss`` documents); RM =
@@ -133,19 +134,19 @@ def test_sft_packed_equals_padded_and_reference(attn: str, mask_prompt: bool, la
     ref_model = copy.deepcopy(base)
     want = _sft_reference(ref_model, examples, mask_prompt)
     got = {}
-    for padding_free in (layout, "off"):
+    for layout_ in (layout, "padded"):
         engine = _engine(copy.deepcopy(base))
-        sft = SFT(SFTConfig(mask_prompt=mask_prompt, padding_free=padding_free), policy=_GradOnly(engine))
+        sft = SFT(SFTConfig(mask_prompt=mask_prompt, batch_layout=layout_), policy=_GradOnly(engine))
         batch = sft.collate(examples, PAD)
-        assert ("attention_mask" in batch) is (padding_free == "off")
-        if padding_free != "off":
+        assert ("attention_mask" in batch) is (layout_ == "padded")
+        if layout_ != "padded":
             assert batch["input_ids"].shape == SFT_PACKED_SHAPES[layout]
         loss = sft.learn(batch)["loss"]
-        got[padding_free] = (loss, _grads(engine.module))
-        assert abs(loss - want.item()) <= TOL, (padding_free, loss, want.item())
-        _assert_same(got[padding_free][1], _grads(ref_model), f"padding_free={padding_free} vs reference")
-    assert abs(got[layout][0] - got["off"][0]) <= TOL
-    _assert_same(got[layout][1], got["off"][1], "packed vs padded")
+        got[layout_] = (loss, _grads(engine.module))
+        assert abs(loss - want.item()) <= TOL, (layout_, loss, want.item())
+        _assert_same(got[layout_][1], _grads(ref_model), f"batch_layout={layout_} vs reference")
+    assert abs(got[layout][0] - got["padded"][0]) <= TOL
+    _assert_same(got[layout][1], got["padded"][1], "packed vs padded")
 
 
 def test_positions_that_do_not_restart_let_attention_cross_and_are_caught() -> None:
@@ -156,7 +157,7 @@ def test_positions_that_do_not_restart_let_attention_cross_and_are_caught() -> N
     examples = _sft_examples()
     base = _tiny_llama("sdpa")
     want = _sft_reference(copy.deepcopy(base), examples, True)
-    sft = SFT(SFTConfig(padding_free="one_row"), policy=_GradOnly(_engine(base)))
+    sft = SFT(SFTConfig(batch_layout="one_row"), policy=_GradOnly(_engine(base)))
     batch = sft.collate(examples, PAD)
     batch["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
     assert abs(sft.learn(batch)["loss"] - want.item()) > 100 * TOL
@@ -202,18 +203,18 @@ def test_rm_packed_equals_padded_and_reference(attn: str, layout: str) -> None:
     ref_model = copy.deepcopy(base)
     want = _rm_reference(ref_model, pairs, coef)
     got = {}
-    for padding_free in (layout, "off"):
+    for layout_ in (layout, "padded"):
         engine = _engine(copy.deepcopy(base))
-        rm = RM(RMConfig(center_coef=coef, padding_free=padding_free), model=_GradOnly(engine))
+        rm = RM(RMConfig(center_coef=coef, batch_layout=layout_), model=_GradOnly(engine))
         batch = rm.collate(pairs, PAD)
-        if padding_free != "off":
+        if layout_ != "padded":
             assert batch["input_ids"].shape == PAIR_PACKED_SHAPES[layout]
         m = rm.learn(batch)
-        got[padding_free] = (m["loss"], _grads(engine.module))
-        assert abs(m["loss"] - want.item()) <= TOL, (padding_free, m["loss"], want.item())
-        _assert_same(got[padding_free][1], _grads(ref_model), f"padding_free={padding_free} vs reference")
-    assert abs(got[layout][0] - got["off"][0]) <= TOL
-    _assert_same(got[layout][1], got["off"][1], "packed vs padded")
+        got[layout_] = (m["loss"], _grads(engine.module))
+        assert abs(m["loss"] - want.item()) <= TOL, (layout_, m["loss"], want.item())
+        _assert_same(got[layout_][1], _grads(ref_model), f"batch_layout={layout_} vs reference")
+    assert abs(got[layout][0] - got["padded"][0]) <= TOL
+    _assert_same(got[layout][1], got["padded"][1], "packed vs padded")
 
 
 def test_packed_rows_are_refused_with_flash_attention_on_more_than_one_row() -> None:
@@ -234,7 +235,17 @@ def test_packed_rows_are_refused_with_flash_attention_on_more_than_one_row() -> 
 def test_a_bad_layout_names_the_field_the_value_and_the_choices() -> None:
     from rlhf_algos import RMConfig, SFTConfig
 
-    with pytest.raises(ValueError, match=r"sft.padding_free: 'yes' is not allowed; allowed: 'off', 'rows', 'one_row'"):
-        SFTConfig(padding_free="yes")
-    with pytest.raises(ValueError, match=r"rm.padding_free: True is not allowed"):
-        RMConfig(padding_free=True)
+    with pytest.raises(ValueError, match=r"sft.batch_layout: 'yes' is not allowed; allowed: 'padded', 'rows', 'one_row'"):
+        SFTConfig(batch_layout="yes")
+    with pytest.raises(ValueError, match=r"rm.batch_layout: True is not allowed"):
+        RMConfig(batch_layout=True)
+
+
+@pytest.mark.parametrize(("attn", "layout"), [("sdpa", "rows"), ("eager", "rows"), ("flash_attention_2", "one_row")])
+def test_the_layout_follows_the_attention_implementation(attn: str, layout: str) -> None:
+    from rlhf_hybrid import ValueModel, padding_free_layout
+
+    model = _tiny_llama("eager")
+    model.config._attn_implementation = attn  # flash-attn is not installed here: only the name is read
+    assert padding_free_layout(model) == layout
+    assert padding_free_layout(ValueModel(model)) == layout

@@ -81,7 +81,7 @@ class SequenceScorer(Protocol):
 class TrainableScorer(SequenceScorer, Protocol):
     """A reward model being trained (:class:`~rlhf_algos.reward_model.RM`): ``score`` keeps the graph.
 
-    With ``RMConfig.padding_free``, ``score`` is also called on packed rows as
+    With a packed ``RMConfig.batch_layout``, ``score`` is also called on packed rows as
     ``score(input_ids, None, position_ids=..., last_index=...)`` (``rlhf_data.collate_pairs_padding_free``)
     and returns one score per packed sequence (N,).
     """

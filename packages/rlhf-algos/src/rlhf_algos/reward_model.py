@@ -2,8 +2,8 @@
 
 The batches are :func:`rlhf_data.collate_pairs`'s: ``2B`` right-padded rows, the ``B`` chosen
 prompt + response sequences first, then the ``B`` rejected ones. The model scores each row at its
-last real token (``score``; ``rlhf_hybrid.HybridEngine`` around a ``ValueModel``). With
-``padding_free`` they are :func:`rlhf_data.collate_pairs_padding_free`'s: the same ``2B`` sequences
+last real token (``score``; ``rlhf_hybrid.HybridEngine`` around a ``ValueModel``). With a packed
+``batch_layout`` they are :func:`rlhf_data.collate_pairs_padding_free`'s: the same ``2B`` sequences
 packed into rows, each scored at its own last token.
 """
 
@@ -30,18 +30,18 @@ class RMConfig(AlgorithmConfig):
 
     center_coef: float = option(0.01, "weight of the centring term mean((r_c + r_r)^2) that keeps scores "
                                       "comparable across prompts (Eisenstein et al. 2023); 0 = Bradley-Terry only")
-    padding_free: str = option("off", "\"off\" (right-padded micro-batches), or the same micro-batch's pairs packed "
-                                      "padding-free (rlhf_data.collate_pairs_padding_free: position ids restarting per "
-                                      "sequence, each scored at its last token; the same loss): \"rows\" (rows no "
-                                      "longer than the longest sequence: sdpa/eager attention) or \"one_row\" "
-                                      "(flash attention)")
+    batch_layout: str = option("padded", "\"padded\" (right-padded rows), or the same micro-batch's pairs packed "
+                                         "padding-free (rlhf_data.collate_pairs_padding_free: position ids restarting "
+                                         "per sequence, each scored at its last token; the same loss): \"rows\" "
+                                         "(rows no longer than the longest sequence: sdpa/eager attention) or "
+                                         "\"one_row\" (flash attention)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.center_coef < float("inf"):  # nan fails this comparison too
             self._fail("center_coef", "a finite number >= 0")
         from rlhf_data import PADDING_FREE_LAYOUTS
 
-        self._check_choice("padding_free", ("off", *PADDING_FREE_LAYOUTS))
+        self._check_choice("batch_layout", ("padded", *PADDING_FREE_LAYOUTS))
 
 
 class RM(Algorithm):
@@ -76,12 +76,12 @@ class RM(Algorithm):
         self.model = model
 
     def collate(self, examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-        """A micro-batch for :meth:`learn` from tokenized pairs: ``collate_pairs``, or with ``padding_free``
-        ``collate_pairs_padding_free``."""
+        """A micro-batch for :meth:`learn` from tokenized pairs: ``collate_pairs``, or
+        ``collate_pairs_padding_free`` (a packed ``batch_layout``)."""
         from rlhf_data import collate_pairs, collate_pairs_padding_free
 
-        if self.config.padding_free != "off":
-            return collate_pairs_padding_free(examples, pad_token_id, layout=self.config.padding_free)
+        if self.config.batch_layout != "padded":
+            return collate_pairs_padding_free(examples, pad_token_id, layout=self.config.batch_layout)
         return collate_pairs(examples, pad_token_id)
 
     def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -44,16 +44,16 @@ class SFTConfig(AlgorithmConfig):
                                      "and TRL); the EOS is a response token, so the model learns to stop")
     packing: bool = option(False, "batches are packed rows (rlhf_data.pack_sft, collate_packed): several samples "
                                   "per row, attention kept inside each sample through position ids")
-    padding_free: str = option("off", "\"off\" (right-padded micro-batches), or the same micro-batch's samples packed "
-                                      "padding-free (rlhf_data.collate_sft_padding_free: position ids restarting per "
-                                      "sample; the same loss): \"rows\" (rows no longer than the longest sample: "
-                                      "sdpa/eager attention) or \"one_row\" (flash attention); rows that are "
-                                      "already packed (packing) are used as they are")
+    batch_layout: str = option("padded", "\"padded\" (right-padded rows), or the same micro-batch's samples packed "
+                                         "padding-free (rlhf_data.collate_sft_padding_free: position ids restarting "
+                                         "per sample; the same loss): \"rows\" (rows no longer than the longest "
+                                         "sample: sdpa/eager attention) or \"one_row\" (flash attention); rows that "
+                                         "are already packed (packing) are used as they are")
 
     def __post_init__(self) -> None:
         from rlhf_data import PADDING_FREE_LAYOUTS
 
-        self._check_choice("padding_free", ("off", *PADDING_FREE_LAYOUTS))
+        self._check_choice("batch_layout", ("padded", *PADDING_FREE_LAYOUTS))
 
 
 class SFT(Algorithm):
@@ -66,7 +66,7 @@ class SFT(Algorithm):
     Args:
         config: An :class:`SFTConfig`.
         policy: The model being trained (``token_logprobs``, ``backward``, ``step``, ``train``,
-            ``eval``; with ``packing`` or ``padding_free`` on, ``token_logprobs`` also takes ``position_ids``).
+            ``eval``; with ``packing`` or a packed ``batch_layout``, ``token_logprobs`` also takes ``position_ids``).
         reduce_metrics: Applied to the metrics dict before it is returned.
 
     Raises:
@@ -93,9 +93,9 @@ class SFT(Algorithm):
 
         if self.config.packing:
             return collate_packed(examples, pad_token_id, mask_prompt=self.config.mask_prompt)
-        if self.config.padding_free != "off":
+        if self.config.batch_layout != "padded":
             return collate_sft_padding_free(examples, pad_token_id, mask_prompt=self.config.mask_prompt,
-                                            layout=self.config.padding_free)
+                                            layout=self.config.batch_layout)
         return collate_sft(examples, pad_token_id, mask_prompt=self.config.mask_prompt)
 
     def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["attn_implementation", "packed_positions_checked"]
+__all__ = ["attn_implementation", "packed_positions_checked", "padding_free_layout"]
 
 
 def attn_implementation(module: nn.Module) -> str:
@@ -39,3 +39,10 @@ def packed_positions_checked(module: nn.Module, position_ids: torch.Tensor | Non
                          f"into one row (rlhf_data.collate_*_padding_free with row_len=None) or use "
                          f"attn_implementation 'sdpa' or 'eager'")
     return position_ids
+
+
+def padding_free_layout(module: nn.Module) -> str:
+    """The ``rlhf_data`` padding-free layout for ``module``: ``"one_row"`` under flash attention (the only
+    layout it keeps apart), else ``"rows"`` (rows no longer than the longest sequence: with ``sdpa``/``eager``
+    a dense mask per row, so attention costs at most the padded batch's)."""
+    return "one_row" if "flash" in attn_implementation(module) else "rows"
