@@ -97,7 +97,8 @@ class RM(Algorithm):
         packed = "last_index" in batch  # one score per packed sequence, not per row
         n = batch["last_index"].shape[0] if packed else batch["input_ids"].shape[0]
         if n % 2 != 0:
-            raise ValueError(f"{self.name}: a pairs batch has 2B sequences (B chosen, then B rejected); got {n}")
+            what = "sequences" if packed else "rows"
+            raise ValueError(f"{self.name}: a pairs batch has 2B {what} (B chosen, then B rejected); got {n}")
         half = n // 2
         self.model.train()
         if packed:
