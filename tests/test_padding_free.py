@@ -249,3 +249,14 @@ def test_the_layout_follows_the_attention_implementation(attn: str, layout: str)
     model.config._attn_implementation = attn  # flash-attn is not installed here: only the name is read
     assert padding_free_layout(model) == layout
     assert padding_free_layout(ValueModel(model)) == layout
+
+
+def test_padding_free_and_dataset_packing_together_are_refused() -> None:
+    from rlhf_algos import SFTConfig
+    from rlhf_cli.config import load_config
+    from rlhf_cli.config_sections import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sft.padding_free: true together with sft.packing=true"):
+        load_config(None, ["sft.padding_free=true", "sft.packing=true"])
+    with pytest.raises(ValueError, match=r"sft.batch_layout: 'rows' is not allowed; allowed: 'padded' with packing"):
+        SFTConfig(packing=True, batch_layout="rows")

@@ -47,13 +47,15 @@ class SFTConfig(AlgorithmConfig):
     batch_layout: str = option("padded", "\"padded\" (right-padded rows), or the same micro-batch's samples packed "
                                          "padding-free (rlhf_data.collate_sft_padding_free: position ids restarting "
                                          "per sample; the same loss): \"rows\" (rows no longer than the longest "
-                                         "sample: sdpa/eager attention) or \"one_row\" (flash attention); rows that "
-                                         "are already packed (packing) are used as they are")
+                                         "sample: sdpa/eager attention) or \"one_row\" (flash attention); not with "
+                                         "packing, whose rows are packed already")
 
     def __post_init__(self) -> None:
         from rlhf_data import PADDING_FREE_LAYOUTS
 
         self._check_choice("batch_layout", ("padded", *PADDING_FREE_LAYOUTS))
+        if self.packing and self.batch_layout != "padded":
+            self._fail("batch_layout", "'padded' with packing=True (its rows are packed already)")
 
 
 class SFT(Algorithm):

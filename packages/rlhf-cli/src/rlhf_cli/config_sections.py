@@ -244,6 +244,9 @@ class SFTSection(Section):
         self._check_loop()
         self._check_finite("weight_decay")
         self._check_choice("lr_schedule", ("cosine", "constant"))
+        if self.padding_free and self.packing:
+            self._fail("padding_free", "true together with sft.packing=true; sft.packing already packs the data into "
+                                       "rows (sft.batch_size rows per step), set one of them")
 
 
 @dataclass(frozen=True)
