@@ -36,7 +36,7 @@ def packed_positions_checked(module: nn.Module, position_ids: torch.Tensor | Non
     if "flash" in impl and position_ids.dim() == 2 and position_ids.shape[0] > 1:
         raise ValueError(f"packed rows: the model's attention is {impl!r}, which keeps packed sequences apart only "
                          f"in a single row, but the batch has {position_ids.shape[0]} rows; pack each micro-batch "
-                         f"into one row (rlhf_data.collate_*_padding_free with row_len=None) or use "
+                         f"into one row (rlhf_data.collate_*_padding_free with layout='one_row') or use "
                          f"attn_implementation 'sdpa' or 'eager'")
     return position_ids
 
