@@ -37,6 +37,7 @@ from .sources import (
 from .stage_data import SourceReport, StageData
 from .stages import StageSplit, blend, build_stage_data, split_groups
 from .tokenization import (
+    PLAIN_CHAT_TEMPLATE,
     TokenizeConfig,
     TokenizedSet,
     TokenizeStats,
@@ -49,11 +50,13 @@ from .tokenization import (
     render_response,
     tokenize_records,
     train_demo_tokenizer,
+    uses_chat_template,
 )
 from .trl_formats import TRLAdapter
 
 __all__ = [
     "PADDING_FREE_LAYOUTS",
+    "PLAIN_CHAT_TEMPLATE",
     "IGNORE_INDEX",
     "Inspection",
     "AdditionTask",
@@ -107,4 +110,5 @@ __all__ = [
     "split_groups",
     "tokenize_records",
     "train_demo_tokenizer",
+    "uses_chat_template",
 ]
