@@ -213,6 +213,13 @@ class DeepSpeedSection(Section):
             self._fail("offload_optimizer", "needs deepspeed.zero_stage >= 1, got 0")
 
 
+PADDING_FREE_HELP = ("train on the same micro-batches laid out without padding: each micro-batch's {what} packed into "
+                     "rows, position ids restarting per sequence (the same loss and gradients as padded rows; "
+                     "rlhf_hybrid.padding_free_layout picks rows no longer than the longest sequence for sdpa/eager "
+                     "attention, one row for flash attention). Off by default: slower on the demo's short, "
+                     "even-length data (docs/performance.md).")
+
+
 @dataclass(frozen=True)
 class SFTSection(Section):
     """Stage 1, supervised fine-tuning."""
@@ -229,12 +236,17 @@ class SFTSection(Section):
                                         "rm.* and pref.*) or \"constant\".")
     weight_decay: float = option(0.1, "AdamW weight decay (decoupled, Loshchilov & Hutter 2019).")
     packing: bool = option(False, "pack several samples into each row (fewer pad tokens); attention stays within "
-                                  "each sample through packed position ids (transformers 5 decoder models).")
+                                  "each sample through packed position ids (transformers 5 decoder models); "
+                                  "sft.batch_size then counts rows, so a step sees more samples than unpacked.")
+    padding_free: bool = option(False, PADDING_FREE_HELP.format(what="samples"))
 
     def __post_init__(self) -> None:
         self._check_loop()
         self._check_finite("weight_decay")
         self._check_choice("lr_schedule", ("cosine", "constant"))
+        if self.padding_free and self.packing:
+            self._fail("padding_free", "true together with sft.packing=true; sft.packing already packs the data into "
+                                       "rows (sft.batch_size rows per step), set one of them")
 
 
 @dataclass(frozen=True)
@@ -250,6 +262,7 @@ class RMSection(Section):
     center_coef: float = option(0.01, "weight of the centring term (r_c + r_r)^2 that keeps scores comparable across "
                                       "prompts (a pairwise-only loss learns per-prompt offsets).")
     warmup_steps: int = option(20, "linear LR warm-up steps.")
+    padding_free: bool = option(False, PADDING_FREE_HELP.format(what="pairs"))
 
     def __post_init__(self) -> None:
         self._check_loop()

@@ -16,6 +16,7 @@ from .models import (
     resolve_model_path,
     tiny_llama_config,
 )
+from .packed import padding_free_layout
 
 __all__ = [
     "DistInfo",
@@ -36,6 +37,7 @@ __all__ = [
     "last_token_index",
     "load_causal_lm",
     "load_tokenizer",
+    "padding_free_layout",
     "position_ids_from_mask",
     "resolve_model_path",
     "save_hf_checkpoint",

@@ -31,6 +31,7 @@ from .generation import GenerationMixin
 from .guards import NonFiniteGuard
 from .lora import has_lora, merged_state_dict, plain_model
 from .models import ValueModel, last_token_index, position_ids_from_mask  # noqa: F401 (ValueModel: re-export)
+from .packed import packed_positions_checked
 
 
 @dataclass(frozen=True)
@@ -308,9 +309,7 @@ class HybridEngine(GenerationMixin):
         attention inside each sample.
         """
         if attention_mask is None:
-            if position_ids is None:
-                raise ValueError("logits: give attention_mask, or position_ids for packed rows")
-            mask = None
+            position_ids, mask = packed_positions_checked(self.module, position_ids), None
         else:
             mask = attention_mask.to(self.device)
             if position_ids is None:
@@ -335,16 +334,30 @@ class HybridEngine(GenerationMixin):
         targets = input_ids[:, start:].to(logits.device)
         return fused_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy)
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Per-position values (B, L) of a value model."""
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-position values (B, L) of a value model. Packed rows: see :meth:`logits`."""
+        if attention_mask is None:
+            return self._forward(input_ids=input_ids.to(self.device), attention_mask=None,
+                                 position_ids=packed_positions_checked(self.module, position_ids).to(self.device))
         return self._forward(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Reward-model score: the value at each row's last real token. (B,).
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
+              position_ids: torch.Tensor | None = None, last_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Reward-model score: the value at each sequence's last token. (B,), or (N,) for packed rows.
 
-        Differentiable (reward-model training uses it); wrap scoring-only calls in ``no_grad``.
+        Padded rows: ``attention_mask`` (B, L), one sequence per row, scored at its last real token.
+        Packed rows (``rlhf_data.collate_pairs_padding_free``): ``attention_mask=None``, ``position_ids``
+        (R, L) restarting at 0 per sequence and ``last_index`` (N, 2), the ``(row, column)`` of each of
+        the N sequences' last token. Differentiable (reward-model training uses it); wrap scoring-only
+        calls in ``no_grad``.
         """
-        v = self.values(input_ids, attention_mask)
+        v = self.values(input_ids, attention_mask, position_ids)
+        if attention_mask is None:
+            if last_index is None:
+                raise ValueError("score: packed rows (attention_mask=None) need last_index")
+            last_index = last_index.to(v.device)
+            return v[last_index[:, 0], last_index[:, 1]].float()
         idx = last_token_index(attention_mask.to(v.device))
         return v.gather(1, idx[:, None]).squeeze(1).float()
 

@@ -132,11 +132,13 @@ class ValueModel(nn.Module):
     def config(self):
         return self.lm.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # position_ids given with attention_mask=None: packed rows (rlhf_hybrid.packed)
         out = self.lm.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
+            position_ids=position_ids if position_ids is not None else position_ids_from_mask(attention_mask),
             use_cache=False,
         )
         return self.v_head(out.last_hidden_state).squeeze(-1).float()  # (B, L)

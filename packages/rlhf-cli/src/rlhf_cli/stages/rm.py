@@ -26,8 +26,7 @@ def run_rm(ctx: Context) -> dict:
     The model is the SFT model's backbone (or model.reward_model's) with a fresh value head.
     """
     from rlhf_algos import get_algorithm
-    from rlhf_data import collate_pairs
-    from rlhf_hybrid import HybridEngine, ValueModel, load_tokenizer
+    from rlhf_hybrid import HybridEngine, ValueModel, load_tokenizer, padding_free_layout
 
     cfg, s = ctx.cfg, ctx.cfg.rm
     seed_everything(cfg.seed + 1)
@@ -47,7 +46,8 @@ def run_rm(ctx: Context) -> dict:
     engine = HybridEngine(model, engine_config(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
                                                warmup=s.warmup_steps, decay=total // s.grad_accum))
     rm_cls = get_algorithm("rm")
-    rm = rm_cls(rm_cls.config_class(center_coef=s.center_coef), model=engine)
+    layout = padding_free_layout(model) if s.padding_free else "padded"
+    rm = rm_cls(rm_cls.config_class(center_coef=s.center_coef, batch_layout=layout), model=engine)
     pad = tokenizer.pad_token_id
     rng = random.Random(cfg.seed + 1)
     jsonl = ctx.metrics_file("rm")
@@ -59,7 +59,7 @@ def run_rm(ctx: Context) -> dict:
         before, done = start["before"], start["step"]
 
         def learn(chunk):
-            m = rm.learn(collate_pairs(chunk, pad))  # loss, train_accuracy, margin
+            m = rm.learn(rm.collate(chunk, pad))  # loss, train_accuracy, margin
             return {"loss": m["loss"], "acc": m["train_accuracy"]}, m
 
         def end_of_epoch(epoch, step):

@@ -51,7 +51,7 @@ def run_sft(ctx: Context) -> dict:
     """SFT epochs over the SFT split, the held-out loss before, after every epoch and at the end."""
     from rlhf_algos import get_algorithm
     from rlhf_data import pack_sft
-    from rlhf_hybrid import HybridEngine
+    from rlhf_hybrid import HybridEngine, padding_free_layout
 
     cfg, s = ctx.cfg, ctx.cfg.sft
     seed_everything(cfg.seed)
@@ -72,7 +72,8 @@ def run_sft(ctx: Context) -> dict:
                           engine_config(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
                                         warmup=s.warmup_steps, decay=decay, weight_decay=s.weight_decay))
     sft_cls = get_algorithm("sft")
-    sft = sft_cls(sft_cls.config_class(mask_prompt=s.mask_prompt, packing=s.packing), policy=engine)
+    layout = padding_free_layout(model) if s.padding_free else "padded"
+    sft = sft_cls(sft_cls.config_class(mask_prompt=s.mask_prompt, packing=s.packing, batch_layout=layout), policy=engine)
     pad = tokenizer.pad_token_id
     jsonl = ctx.metrics_file("sft")
     state = StageState(ctx, "sft", {"policy": engine}, cfg.checkpoint.every, jsonl)
