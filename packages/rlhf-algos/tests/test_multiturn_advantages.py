@@ -18,8 +18,8 @@ import pytest
 import torch
 from rlhf_algos import (
     BATCH_WHITENED,
-    GRPO,
     GROUP_NORMALIZED,
+    GRPO,
     LEAVE_ONE_OUT,
     Experience,
     GAEEstimator,

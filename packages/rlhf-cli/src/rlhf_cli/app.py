@@ -12,10 +12,10 @@ from pathlib import Path
 import typer
 
 from .config import ConfigError, all_keys, load_config
+from .envs import envs_app
 from .errors import fail as _fail
 from .errors import user_errors
 from .launch import relaunch
-from .envs import envs_app
 from .run_report import report_command
 
 app = typer.Typer(
