@@ -146,9 +146,10 @@ def test_budgets_end_trajectories_with_their_reason() -> None:
     # a total budget of 5 with 2-token replies: 3 model + 2 env leaves nothing for a second turn -> refused reply
     total = run([Echo() for _ in range(3)], [{}] * 3, EpisodeBudget(max_turns=3, max_turn_tokens=3, max_total_tokens=5))
     for i, r in enumerate(total.end_reasons):
-        n_model = int(total.loss_mask[i].sum())
-        assert r == ("reply_over_budget" if n_model == 3 else "max_total_tokens" if n_model >= 5 else r)
-        assert total.attention_mask[i, 4:].sum() <= 5
+        # a row that reaches 5 tokens ends there; a 2-token reply after >= 3 tokens would leave no room
+        n = int(total.attention_mask[i, 4:].sum())
+        assert n <= 5 and r == ("max_total_tokens" if n == 5 else "reply_over_budget"), (n, r)
+        assert total.num_turns[i] == (1 if n == total.loss_mask[i].sum() else 2)
     long = run([Echo(reply="2") for _ in range(3)], [{}] * 3,
                EpisodeBudget(max_turns=9, max_turn_tokens=3, max_total_tokens=9))
     assert all(int(m.sum()) <= 9 for m in long.attention_mask[:, 4:])
