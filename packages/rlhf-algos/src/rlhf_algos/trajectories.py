@@ -119,6 +119,7 @@ class Episode:
     end_reason: str | None = None
     detail: str = ""  # the exception or the bad step, for the log
     num_turns: int = 0
+    info: dict = field(default_factory=dict)  # the last step's StepResult.info
 
     def add(self, tokens: list[int], model: bool, logprobs: list[float] | None = None) -> None:
         self.tokens += tokens
@@ -144,6 +145,7 @@ class TrajectoryBatch:
         num_turns: ``(N,)`` int64 model turns.
         end_reasons: ``N`` strings from :data:`~rlhf_algos.environments.END_REASONS`.
         prompt_len: ``P``.
+        final_info: ``N`` dicts, the ``info`` of each trajectory's last step ({} when it failed).
     """
 
     sequences: torch.Tensor
@@ -155,6 +157,7 @@ class TrajectoryBatch:
     num_turns: torch.Tensor
     end_reasons: list[str]
     prompt_len: int
+    final_info: list[dict] = field(default_factory=list)
 
 
 def _to_batch(episodes: list[Episode], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pad: int) -> TrajectoryBatch:
@@ -175,7 +178,8 @@ def _to_batch(episodes: list[Episode], prompt_ids: torch.Tensor, prompt_mask: to
         loss_mask=loss, sample_logprobs=lps * loss, turn_rewards=turn,
         scores=torch.tensor([e.score for e in episodes], dtype=torch.float32),
         num_turns=torch.tensor([e.num_turns for e in episodes], dtype=torch.long),
-        end_reasons=[e.end_reason or "done" for e in episodes], prompt_len=prompt_ids.shape[1])
+        end_reasons=[e.end_reason or "done" for e in episodes], prompt_len=prompt_ids.shape[1],
+        final_info=[e.info for e in episodes])
 
 
 def _safe_step(env: Environment, text: str, vocab_size: int | None) -> tuple[StepResult | None, str, str]:
@@ -236,7 +240,9 @@ def run_episodes(session: TurnSession, envs: Sequence[Environment], records: Seq
             result, reason, detail = _safe_step(envs[i], decode(list(tokens)), vocab_size)
             if result is None:
                 ep.end(reason, 0.0, detail)
-            elif result.done:
+                continue
+            ep.info = result.info
+            if result.done:
                 ep.end("done", result.reward)
             elif t == budget.max_turns - 1:
                 ep.end("max_turns", result.reward)
