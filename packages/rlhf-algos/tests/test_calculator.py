@@ -14,7 +14,13 @@ import torch
 from rlhf_algos.calculator import CalculatorEnv
 from rlhf_algos.environments import EpisodeBudget, get_environment
 from rlhf_algos.trajectories import run_episodes
-from rlhf_data.tool_demo import ToolAdditionTask, ToolTaskConfig, parse_calc, tool_use_stats
+from rlhf_data.tool_demo import (
+    ToolAdditionTask,
+    ToolTaskConfig,
+    demonstration_example,
+    parse_calc,
+    tool_use_stats,
+)
 
 
 def test_calculator_is_registered_and_calculates_and_verifies() -> None:
@@ -33,6 +39,7 @@ def test_calculator_is_registered_and_calculates_and_verifies() -> None:
 
 def test_demonstrations_use_the_tool_imperfectly_in_the_configured_proportions() -> None:
     cfg = ToolTaskConfig(num_sft=2000, num_rl=10, num_eval=10, skip_tool=0.3, copy_error=0.2, wrong_operands=0.1)
+    assert ToolTaskConfig().copy_error == 0.5  # by default the systematic slip is the most frequent kind
     task = ToolAdditionTask(cfg)
     demos = task.demonstrations()
     counts = {k: 0 for k in ("correct", "skip_tool", "copy_error", "wrong_operands")}
@@ -48,7 +55,9 @@ def test_demonstrations_use_the_tool_imperfectly_in_the_configured_proportions()
         if kind == "correct":
             assert (x, y) == (a, b) and final == a + b
         elif kind == "copy_error":
-            assert (x, y) == (a, b) and final != a + b and len(str(final)) == len(str(a + b))
+            s, f = str(a + b), str(final)
+            assert (x, y) == (a, b) and final != a + b and f[:-2] == s[:-2]
+            assert f[-2:] == (s[-1] + s[-2] if s[-1] != s[-2] else s[-2] + str((int(s[-1]) + 1) % 10))
         else:
             assert y == b and x != a and len(str(x)) == len(str(a)) and final == x + y != a + b
     for kind, want in (("skip_tool", 0.3), ("copy_error", 0.2), ("wrong_operands", 0.1), ("correct", 0.4)):
@@ -92,3 +101,11 @@ def test_tool_use_rates_of_scripted_episodes() -> None:
     assert "".join(map(chr, row0)) == "<calc>1234+5678</calc><result>6912</result>6912"
     env_part = batch.sequences[0, 1:][(batch.attention_mask[0, 1:] == 1) & (batch.loss_mask[0] == 0)]
     assert "".join(map(chr, env_part.tolist())) == "<result>6912</result>"
+
+
+def test_a_demonstration_is_laid_out_like_a_trajectory() -> None:
+    enc = {"<calc>1+2</calc>": [5, 6], "<result>3</result>": [7, 8, 9], "3": [4]}.__getitem__
+    ex = demonstration_example(enc, [20, 21], [("model", "<calc>1+2</calc>"), ("tool", "<result>3</result>"),
+                                               ("model", "3")], eos_id=1)
+    assert ex["input_ids"] == [20, 21, 5, 6, 1, 7, 8, 9, 4, 1]
+    assert ex["labels"] == [-100, -100, 5, 6, 1, -100, -100, -100, 4, 1]

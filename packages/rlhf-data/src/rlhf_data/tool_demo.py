@@ -12,7 +12,9 @@ The SFT demonstrations use the tool imperfectly, the way cheap demonstrations do
 something to fix and its effect can be measured (:func:`tool_use_stats`):
 
 * ``skip_tool``: no tool call, an answer "from the head" (wrong in a random digit);
-* ``copy_error``: the right call, then the result copied with one digit changed;
+* ``copy_error``: the right call, then the result copied with its last two digits swapped (the last
+  digit + 1 when they are equal): a *systematic* slip, the most frequent kind by default, so that a
+  greedy SFT model makes it too (as the two-digit demo's forgotten carry);
 * ``wrong_operands``: a call with one operand's digit changed, then its result copied faithfully.
 
 Each demonstration is a list of turns ``(role, text)``, role ``"model"`` or ``"tool"``: whoever trains
@@ -25,7 +27,8 @@ import random
 import re
 from dataclasses import dataclass
 
-__all__ = ["CALC", "RESULT", "ToolAdditionTask", "ToolTaskConfig", "parse_calc", "tool_use_stats", "verify_answer"]
+__all__ = ["CALC", "RESULT", "ToolAdditionTask", "ToolTaskConfig", "demonstration_example", "parse_calc",
+           "tool_use_stats", "verify_answer"]
 
 CALC = re.compile(r"<calc>\s*(\d+)\s*\+\s*(\d+)\s*</calc>")
 RESULT = "<result>{}</result>"
@@ -66,9 +69,9 @@ class ToolTaskConfig:
     num_sft: int = 2000
     num_rl: int = 2000
     num_eval: int = 200
-    skip_tool: float = 0.3
-    copy_error: float = 0.2
-    wrong_operands: float = 0.1
+    skip_tool: float = 0.15
+    copy_error: float = 0.5
+    wrong_operands: float = 0.05
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -81,6 +84,16 @@ class ToolTaskConfig:
         if any(not 0.0 <= f <= 1.0 for f in fractions) or sum(fractions) > 1.0:
             raise ValueError(f"tool_demo.skip_tool/copy_error/wrong_operands: {fractions!r} is not allowed; "
                              "allowed: each in [0, 1], sum <= 1")
+
+
+def _swap_last_two(n: int) -> int:
+    """``n`` with its last two digits swapped; the last digit + 1 (mod 10) when they are equal."""
+    d = list(str(n))
+    if d[-1] == d[-2]:
+        d[-1] = str((int(d[-1]) + 1) % 10)
+    else:
+        d[-1], d[-2] = d[-2], d[-1]
+    return int("".join(d))
 
 
 def _change_digit(n: int, rng: random.Random) -> int:
@@ -129,7 +142,7 @@ class ToolAdditionTask:
             elif u < c.skip_tool + c.copy_error:
                 kind = "copy_error"
                 turns = [("model", f"<calc>{a}+{b}</calc>"), ("tool", RESULT.format(a + b)),
-                         ("model", str(_change_digit(a + b, rng)))]
+                         ("model", str(_swap_last_two(a + b)))]
             elif u < c.skip_tool + c.copy_error + c.wrong_operands:
                 kind, a2 = "wrong_operands", _change_digit(a, rng)
                 turns = [("model", f"<calc>{a2}+{b}</calc>"), ("tool", RESULT.format(a2 + b)), ("model", str(a2 + b))]
@@ -138,6 +151,25 @@ class ToolAdditionTask:
                 turns = [("model", f"<calc>{a}+{b}</calc>"), ("tool", RESULT.format(a + b)), ("model", str(a + b))]
             out.append((question(a, b), turns, kind))
         return out
+
+
+def demonstration_example(encode, prompt_ids: list[int], turns: list[tuple[str, str]], eos_id: int,
+                          ignore_index: int = -100) -> dict[str, list[int]]:
+    """One SFT example laid out as a rollout's trajectory: each turn tokenized on its own, each model
+    turn followed by EOS (a model turn ends at EOS, as in ``rlhf_algos.trajectories``), labels on the
+    model's tokens only (``ignore_index`` on the prompt and the tool's turns).
+
+    Returns:
+        ``{"input_ids": [...], "labels": [...]}`` of equal length (unshifted labels, as ``collate_sft``).
+    """
+    ids, labels = list(prompt_ids), [ignore_index] * len(prompt_ids)
+    for role, text in turns:
+        if role not in ("model", "tool"):
+            raise ValueError(f"demonstration turn role {role!r} is not allowed; allowed: 'model', 'tool'")
+        part = list(encode(text)) + ([eos_id] if role == "model" else [])
+        ids += part
+        labels += part if role == "model" else [ignore_index] * len(part)
+    return {"input_ids": ids, "labels": labels}
 
 
 def tool_use_stats(episodes: list[dict]) -> dict[str, float]:
