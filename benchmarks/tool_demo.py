@@ -99,7 +99,11 @@ def main() -> None:
                                    pad_token_id=pad, do_sample=False)
             batch = run_episodes(session, [CalculatorEnv() for _ in prompts], [m for _, m in prompts], budget=budget,
                                  decode=decode, encode=encode, prompt_ids=ids, prompt_mask=mask, pad_token_id=pad)
-            return tool_use_stats(batch.final_info)
+            stats = tool_use_stats(batch.final_info)
+            P = batch.prompt_len
+            stats["samples"] = [decode(batch.sequences[i, P:][batch.attention_mask[i, P:].bool()].tolist())
+                                + f"  (want {m['a'] + m['b']})" for i, (_, m) in enumerate(prompts[:3])]
+            return stats
 
         out["before"] = evaluate()
         # 2. GRPO against the calculator, from the SFT weights with a fresh optimizer
