@@ -217,6 +217,12 @@ CHAT_CASES = [
     (["--temperature", "-1"], ["--temperature", "-1"]),
     (["--max-new-tokens", "0"], ["--max-new-tokens", "0"]),
     (["--max-new-tokens", "-5"], ["--max-new-tokens", "-5"]),
+    (["--temperature", "1", "--top-p", "0"], ["--top-p", "0", "(0, 1]"]),
+    (["--temperature", "1", "--top-p", "1.5"], ["--top-p", "1.5", "(0, 1]"]),
+    (["--temperature", "1", "--top-p", "-0.1"], ["--top-p", "-0.1", "(0, 1]"]),
+    (["--temperature", "1", "--top-p", "nan"], ["--top-p", "nan", "(0, 1]"]),
+    (["--top-p", "0.9"], ["--top-p", "0.9", "--temperature 0"]),  # would be ignored by greedy decoding
+    (["--system", " "], ["--system", "empty"]),
 ]
 
 

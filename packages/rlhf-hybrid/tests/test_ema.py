@@ -64,3 +64,27 @@ def test_ema_state_round_trip_and_bad_beta() -> None:
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match=r"ema beta: must be in \[0, 1\)"):
             ParamEMA(engine.module, bad)
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_a_skipped_nonfinite_step_leaves_the_average_alone(zero: int) -> None:
+    """The guard skips a step with a nan loss (no weight changes), so the average must not move either:
+    after good, nan, good steps it equals the two-snapshot average computed here."""
+    beta = 0.5
+    engine = HybridEngine(tiny_llama(), EngineConfig(zero_stage=zero, lr=5e-2, micro_batch_size=2,
+                                                     max_nonfinite_steps=3))
+    engine.enable_ema(beta)
+    expected = engine.full_state_dict()
+    gen = torch.Generator().manual_seed(1)
+    for scale in (1.0, float("nan"), 1.0):
+        ids = torch.randint(2, VOCAB, (2, 6), generator=gen)
+        engine.backward(engine.logits(ids, torch.ones_like(ids)).float().logsumexp(-1).mean() * scale)
+        engine.step()
+        if scale == scale:  # applied: one more snapshot in the average
+            w = engine.full_state_dict()
+            expected = {k: beta * expected[k] + (1 - beta) * w[k] for k in w}
+    assert engine.nonfinite_skipped == 1 and engine.ema.updates == 2
+    with engine.ema.swapped():
+        averaged = engine.full_state_dict()
+    for k in expected:
+        assert_close(averaged[k], expected[k], rtol=0, atol=1e-6)

@@ -19,7 +19,7 @@ from . import functional as F
 from .base import Algorithm, AlgorithmConfig, _to_floats, option
 from .protocols import TrainablePolicy
 
-__all__ = ["SFT", "SFTConfig", "target_mask"]
+__all__ = ["SFT", "SFTConfig", "sft_batch_loss", "target_mask"]
 
 
 def target_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -32,6 +32,26 @@ def target_mask(labels: torch.Tensor) -> torch.Tensor:
     from rlhf_data import IGNORE_INDEX
 
     return (labels[:, 1:] != IGNORE_INDEX).float()
+
+
+def sft_batch_loss(policy: TrainablePolicy, batch: dict[str, torch.Tensor], *, packed: bool = False
+                   ) -> F.SFTLossOutput:
+    """:func:`~rlhf_algos.functional.sft_loss` of ``policy`` on one collated batch (with grad).
+
+    The one SFT forward: :meth:`SFT.learn` and the online algorithms' ptx term
+    (:meth:`~rlhf_algos.base.OnlineAlgorithm.ptx_loss`) both call it.
+
+    Args:
+        policy: Anything with ``token_logprobs`` (and ``position_ids`` support when ``packed``).
+        batch: ``rlhf_data.collate_sft`` output (``input_ids``, ``attention_mask``, ``labels``: ``(B, L)``),
+            or with ``packed`` ``rlhf_data.collate_packed`` output (``input_ids``, ``position_ids``, ``labels``).
+        packed: The rows are packed: no attention mask, the position ids keep attention inside each sample.
+    """
+    if packed:
+        lp = policy.token_logprobs(batch["input_ids"], None, 1, position_ids=batch["position_ids"])
+    else:
+        lp = policy.token_logprobs(batch["input_ids"], batch["attention_mask"], 1)  # (B, L - 1)
+    return F.sft_loss(lp, target_mask(batch["labels"]).to(lp.device))
 
 
 @dataclass(frozen=True)
@@ -88,11 +108,7 @@ class SFT(Algorithm):
     def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One step on a micro-batch from :meth:`collate`; returns ``{"loss": ...}``."""
         self.policy.train()
-        if self.config.packing:  # no attention mask: the position ids keep attention inside each sample
-            lp = self.policy.token_logprobs(batch["input_ids"], None, 1, position_ids=batch["position_ids"])
-        else:
-            lp = self.policy.token_logprobs(batch["input_ids"], batch["attention_mask"], 1)  # (B, L - 1)
-        loss = F.sft_loss(lp, target_mask(batch["labels"]).to(lp.device)).loss
+        loss = sft_batch_loss(self.policy, batch, packed=self.config.packing).loss
         self.policy.backward(loss)
         self.policy.step()
         return self.reduce_metrics(_to_floats({"loss": loss.detach().float()}))

@@ -15,7 +15,7 @@ from .config import ConfigError, all_keys, load_config
 from .envs import envs_app
 from .errors import fail as _fail
 from .errors import user_errors
-from .launch import relaunch
+from .launch import launched, relaunch
 from .run_report import report_command
 
 app = typer.Typer(
@@ -105,7 +105,7 @@ def run(
     from .preflight import preflight_run
 
     preflight_run(cfg, stages_for(cfg, stage))  # before any model is built: out dir, free space, model dirs
-    if cfg.deepspeed.nproc > 1 and "RANK" not in os.environ:
+    if cfg.deepspeed.nproc > 1 and not launched():  # under torchrun, deepspeed or srun: this is one rank
         relaunch(cfg.deepspeed.nproc)
         return
     _run_stages(cfg, stage, overwrite, resume)
@@ -141,7 +141,7 @@ def _run_stages(cfg, stage: str, overwrite: bool = False, resume: bool = False) 
 
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
-    info = init_distributed()
+    info = init_distributed(timeout_s=cfg.distributed.timeout_s)
     reporter = Reporter(enabled=info.is_main)
     reporter.print(f"[bold]rlhf run[/] stages={','.join(stages)} out={cfg.out} world_size={info.world_size} "
                    f"zero_stage={cfg.deepspeed.zero_stage} device={info.device}")
@@ -163,18 +163,26 @@ def _run_stages(cfg, stage: str, overwrite: bool = False, resume: bool = False) 
         dist.destroy_process_group()
 
 
-@app.command(help="Talk to a trained model: one answer with --prompt, or an interactive session without it.")
+@app.command(help="Talk to a trained model: one answer with --prompt, or a multi-turn session without it "
+                  "(each answer sees the conversation so far; /reset forgets it, /exit or Ctrl-D ends it). "
+                  "Answers stream as they are generated.")
 @user_errors
 def chat(
     model: Path = typer.Option(..., "--model", "-m", help="A model directory written by `rlhf run` (e.g. rlhf-out/ppo)."),
-    prompt: str = typer.Option(None, "--prompt", "-p", help="Answer this one prompt and exit."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Answer length limit in tokens."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit."),
+    system: str = typer.Option(None, "--system", "-s", help="A system prompt, first in every conversation."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Answer length limit in tokens (>= 1)."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy decoding; > 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0): sample from the "
+                                "most likely tokens holding this much probability; in (0, 1], 1 = all."),
+    show_prompt: bool = typer.Option(False, "--show-prompt", help="Print each prompt as the model sees it "
+                                     "(chat template applied, history included) on stderr."),
 ) -> None:
     _quiet_libraries()
     from .chat import chat as run_chat
 
-    run_chat(str(model), prompt, max_new_tokens, temperature)
+    run_chat(str(model), prompt, {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p},
+             system=system, show_prompt=show_prompt)
 
 
 @app.command("config-keys", help="List every config key with its type, default and meaning.")

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .config_report import ReportSection
-from .config_runtime import CheckpointSection, TrainSection
+from .config_runtime import CheckpointSection, DistributedSection, TrainSection
 from .config_sections import (
     AlgoSection,
     ConfigError,
@@ -42,6 +42,7 @@ __all__ = [
     "ConfigError",
     "DataSection",
     "DeepSpeedSection",
+    "DistributedSection",
     "LoRASection",
     "ModelSection",
     "PrefSection",
@@ -81,6 +82,7 @@ class RunConfig:
     lora: LoRASection = field(default_factory=LoRASection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     train: TrainSection = field(default_factory=TrainSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     report: ReportSection = field(default_factory=ReportSection)
 
     def __post_init__(self) -> None:

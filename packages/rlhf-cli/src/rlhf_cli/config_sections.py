@@ -344,6 +344,10 @@ class RLSection(Section):
     ema_beta: float = option(0.0, "keep an exponential moving average of the actor, updated after every optimizer step "
                                   "(ema = beta * ema + (1 - beta) * weights; DeepSpeed-Chat's --enable_ema uses "
                                   "0.992), saved as <out>/<algo>_ema and scored on the held-out prompts too; 0 = off.")
+    ptx_coef: float = option(0.0, "weight of the ptx term: the SFT loss (as stage 1's, sft.mask_prompt) on a batch of "
+                                  "rl.micro_batch_size demonstrations from the SFT split, drawn for every actor step "
+                                  "and added to its loss (InstructGPT's PPO-ptx, DeepSpeed-Chat's unsupervised loss; "
+                                  "docs/pipeline.md, \"The ptx term\"); 0 = off.")
     health_window: int = option(15, "RL health warnings: iterations before \"reward flat while the KL rises\" is "
                                     "first judged, from then on over every iteration since the first (>= 2; "
                                     "docs/pipeline.md, rlhf_algos.HealthMonitor).")
@@ -372,7 +376,7 @@ class RLSection(Section):
     # run (set as rl.<key>, never as algo.<field>)
     ALGO_KEYS: ClassVar[dict[str, str]] = {
         "micro_batch_size": "micro_batch_size", "ppo_epochs": "epochs", "max_new_tokens": "max_new_tokens",
-        "temperature": "temperature",
+        "temperature": "temperature", "ptx_coef": "ptx_coef",
     }
 
     def __post_init__(self) -> None:
@@ -384,6 +388,7 @@ class RLSection(Section):
         if not 0.0 <= self.ema_beta < 1.0:  # nan fails this comparison too
             self._fail("ema_beta", f"must be in [0, 1) (0 = off), got {self.ema_beta!r}")
         self._check_choice("gather_quantization", ("none", "int8", "int4"))
+        self._check_finite("ptx_coef")
         self.health_thresholds()
         if self.inference_tp_size > 1 and self.generation != "fast":
             self._fail("inference_tp_size", f"{self.inference_tp_size} needs rl.generation=fast, got "

@@ -30,6 +30,7 @@ from .sources import (
 from .stage_data import SourceReport, StageData
 from .stages import StageSplit, blend, build_stage_data, split_groups
 from .tokenization import (
+    PLAIN_CHAT_TEMPLATE,
     TokenizeConfig,
     TokenizedSet,
     TokenizeStats,
@@ -42,10 +43,12 @@ from .tokenization import (
     render_response,
     tokenize_records,
     train_demo_tokenizer,
+    uses_chat_template,
 )
 from .trl_formats import TRLAdapter
 
 __all__ = [
+    "PLAIN_CHAT_TEMPLATE",
     "IGNORE_INDEX",
     "Inspection",
     "AdditionTask",
@@ -95,4 +98,5 @@ __all__ = [
     "split_groups",
     "tokenize_records",
     "train_demo_tokenizer",
+    "uses_chat_template",
 ]

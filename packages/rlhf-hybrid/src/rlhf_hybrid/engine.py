@@ -367,10 +367,10 @@ class HybridEngine(GenerationMixin):
         if boundary:  # this call steps the optimizer
             self._record_step_stats()
         self.engine.step()
-        if boundary and self.ema is not None:
-            self.ema.update()
         self.timings["train_s"] += time.perf_counter() - t0
-        self.guard.after_step(boundary, engine_skipped=self.engine.skipped_steps > skipped_before)
+        applied = self.guard.after_step(boundary, engine_skipped=self.engine.skipped_steps > skipped_before)
+        if applied and self.ema is not None:  # a skipped (non-finite) step changes no weight, so no average either
+            self.ema.update()
 
     @property
     def nonfinite_skipped(self) -> int:

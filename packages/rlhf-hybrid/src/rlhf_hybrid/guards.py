@@ -133,8 +133,10 @@ class NonFiniteGuard:
             return inner_step(*args, **kwargs)
         return None
 
-    def after_step(self, boundary: bool, engine_skipped: bool = False) -> None:
+    def after_step(self, boundary: bool, engine_skipped: bool = False) -> bool:
         """Account for one ``engine.step()``; at a boundary, count a skip and raise past the limit.
+
+        Returns whether this call applied an optimizer step (False off a boundary and for a skip).
 
         Args:
             boundary: whether this call ended an accumulation window (an optimizer step).
@@ -142,7 +144,7 @@ class NonFiniteGuard:
                 non-finite gradient norm before the optimizer was called).
         """
         if not boundary:
-            return
+            return False
         self.steps += 1
         if self._decision is not None:
             applied = self._decision
@@ -155,7 +157,7 @@ class NonFiniteGuard:
         self._optimizer.overflow = False
         if applied:
             self.consecutive = 0
-            return
+            return True
         self.skipped += 1
         self.consecutive += 1
         loss, self._last_bad_loss = self._last_bad_loss, None
@@ -163,3 +165,4 @@ class NonFiniteGuard:
                     f"loss {loss}" if loss is not None else "gradients", self.consecutive, self.max_consecutive)
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteError(self.name, self.steps, self.consecutive, self.skipped, loss)
+        return False

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..context import (
     Context,
+    PipelineError,
     engine_config,
     load_data,
     require_stage_output,
@@ -18,10 +19,10 @@ from ..context import (
 )
 from ..evaluation import Evaluator, KeepBest, eval_metric, kept_message, verifier_reward
 from ..resume import StageState
-from ..sampling import resumed_prompt_batches
+from ..sampling import PtxBatches, resumed_prompt_batches
 from ..train_stats import StepTimer
 
-__all__ = ["build_online", "progress_line", "reward_function", "run_online"]
+__all__ = ["build_online", "progress_line", "ptx_batches", "reward_function", "run_online"]
 
 
 def reward_function(ctx: Context, data, tokenizer, rm_dir: Path | None, batch: int):
@@ -46,9 +47,11 @@ def _monitor_fn(ctx: Context, data, tokenizer):
     return verifier_reward(data, tokenizer)
 
 
-def build_online(ctx: Context, algo_cls, data, tokenizer, sft_dir: Path, rm_dir: Path | None):
+def build_online(ctx: Context, algo_cls, data, tokenizer, sft_dir: Path, rm_dir: Path | None, ptx=None):
     """The online algorithm and its engines: the actor, the frozen reference, the reward, the critic when
     the algorithm has one (from the reward model, DeepSpeed-Chat's choice, else the SFT model), the monitor.
+
+    ``ptx``: the SFT batches of the ptx term (:func:`ptx_batches`), with rl.ptx_coef > 0.
 
     Returns:
         ``(algo, actor, reference, reward_fn)``.
@@ -68,8 +71,23 @@ def build_online(ctx: Context, algo_cls, data, tokenizer, sft_dir: Path, rm_dir:
     algo = algo_cls(cfg.algorithm_config(), actor=actor, reference=reference, critic=critic, reward_fn=reward_fn,
                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                     reduce_metrics=all_reduce_mean, seed=cfg.seed + ctx.rank,
-                    **({"monitor_fn": monitor_fn} if monitor_fn is not None else {}))
+                    **({"monitor_fn": monitor_fn} if monitor_fn is not None else {}),
+                    **({"ptx_batches": ptx} if ptx is not None else {}))
     return algo, actor, reference, reward_fn
+
+
+def ptx_batches(ctx: Context, data, tokenizer, stats: dict):
+    """With rl.ptx_coef > 0, the ptx term's SFT batches (rl.micro_batch_size demonstrations of the SFT split
+    per actor step, seeded, the same order on every run: :class:`rlhf_cli.sampling.PtxBatches`); else None."""
+    cfg = ctx.cfg
+    if cfg.rl.ptx_coef == 0:
+        return None
+    if not data.sft:
+        raise PipelineError(f"rl.ptx_coef={cfg.rl.ptx_coef}: the ptx term draws SFT demonstrations, but the data has "
+                            f"none: {data.why_empty('sft')}; set rl.ptx_coef=0 or give the SFT split data (data.split)")
+    examples = tokenized(ctx, tokenizer, data.sft, "sft", "ptx", stats)
+    return PtxBatches(ctx, examples, cfg.rl.micro_batch_size, cfg.seed + 11, tokenizer.pad_token_id,
+                      cfg.sft.mask_prompt)
 
 
 def progress_line(row: dict, valid: float) -> dict:
@@ -120,12 +138,14 @@ def run_online(ctx: Context) -> dict:
     sft_dir = require_stage_output(ctx, "sft", name)
     rm_dir = require_stage_output(ctx, "rm", name) if p.reward == "model" else None
     tokenizer = load_tokenizer(str(sft_dir))
-    # 3. The algorithm and its engines: actor, frozen reference, reward, critic (when it has one), monitor.
-    algo, actor, reference, reward_fn = build_online(ctx, algo_cls, data, tokenizer, sft_dir, rm_dir)
+    # 3. The algorithm and its engines: actor, frozen reference, reward, critic (when it has one), monitor;
+    #    with rl.ptx_coef > 0, the SFT batches of its ptx term.
+    data_stats: dict = {}
+    ptx = ptx_batches(ctx, data, tokenizer, data_stats)
+    algo, actor, reference, reward_fn = build_online(ctx, algo_cls, data, tokenizer, sft_dir, rm_dir, ptx)
     if p.ema_beta > 0:  # DeepSpeed-Chat's EMA actor: updated after every optimizer step, scored and saved in 7.
         actor.enable_ema(p.ema_beta)
     # 4. Prompts: an endless, seeded stream of this rank's share of the RL prompts (see step 6).
-    data_stats: dict = {}
     rl_prompts = tokenized(ctx, tokenizer, data.rl, "rl", "rl", data_stats)
     # 5. Evaluation, and the saved state when resuming (checkpoint.every_iterations, SIGTERM; rlhf_cli.resume).
     metric, scorer = eval_metric(data, reward_fn, p.reward)
@@ -150,6 +170,8 @@ def run_online(ctx: Context) -> dict:
             rep.log({"stage": name, "iteration": 0, f"valid_{metric}": keep.score, **before})
         # 6. Iterations: rollout -> learn -> validate every rl.eval_every (keep the best) -> health warnings.
         batches = resumed_prompt_batches(ctx, rl_prompts, p.rollout_batch_size, cfg.seed + 7, done)
+        if ptx is not None:  # the ptx batches the finished iterations drew, replayed
+            ptx.skip(done * algo.actor_steps(p.rollout_batch_size * algo.config.samples_per_prompt))
         for it in range(done + 1, p.iterations + 1):
             row = _iteration(ctx, it, algo, actor, next(batches), tokenizer.pad_token_id, ev, keep, health)
             rep.update(show=progress_line(row, row.get(f"valid_{metric}", keep.score)), log=row)
