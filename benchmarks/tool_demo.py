@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
     ap.add_argument("--rl-lr", type=float, default=3e-4)
+    ap.add_argument("--temperature", type=float, default=1.0, help="GRPO's sampling temperature")
     args = ap.parse_args()
 
     from rlhf_algos import GRPO, SFT, GRPOConfig
@@ -112,7 +113,8 @@ def main() -> None:
                                                                      generation="fast"))
         reference = HybridEngine(copy.deepcopy(sft_module), EngineConfig(zero_stage=0, generation="fast"),
                                  trainable=False)
-        algo = GRPO(GRPOConfig(samples_per_prompt=4, micro_batch_size=32, max_new_tokens=20, kl_coef=0.0),
+        algo = GRPO(GRPOConfig(samples_per_prompt=4, micro_batch_size=32, max_new_tokens=20, kl_coef=0.0,
+                               temperature=args.temperature),
                     actor=actor, reference=reference, reward_fn=None, eos_token_id=eos, pad_token_id=pad,
                     seed=args.seed)
         algo.env_rollout = EnvRollout(CalculatorEnv, budget, decode=decode, encode=encode, vocab_size=len(tok))
