@@ -189,6 +189,8 @@ class OnlineAlgorithm(Algorithm):
     data_kind: ClassVar[str] = "prompts"
     required_models: ClassVar[tuple[str, ...]] = ("actor", "reference", "reward")
     config_class: ClassVar[type] = OnlineConfig
+    # Multi-turn rollouts against an environment (rlhf_algos.multiturn.EnvRollout); None: one generation.
+    env_rollout: Any = None
 
     def __init__(self, config: OnlineConfig, *, actor: TrainablePolicy, reference: ScoringPolicy,
                  reward_fn: RewardFunction, critic: ValueFunction | None = None, eos_token_id: int | None,
@@ -238,6 +240,8 @@ class OnlineAlgorithm(Algorithm):
         self.actor.eval()
         if self.critic is not None:
             self.critic.eval()
+        if self.env_rollout is not None:  # 2-4 on episodes against an environment (rlhf_algos.multiturn)
+            return self.env_rollout.experience(self, prompt_ids, prompt_mask, meta)
         # 2. generate, keeping the generator's own log-probs (to check them against the recomputation)
         gen = generate_responses(self.actor, prompt_ids, prompt_mask, max_new_tokens=c.max_new_tokens,
                                  do_sample=True, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
@@ -392,6 +396,10 @@ class OnlineAlgorithm(Algorithm):
             out["gen_logprob_gap_max"] = mismatch.gen_logprob_gap_max
         if exp.monitor_scores is not None:
             out.update(monitor_metrics(exp.scores, exp.monitor_scores))
+        if exp.end_reasons is not None:
+            from .multiturn import env_metrics
+
+            out.update(env_metrics(exp))
         return out
 
 

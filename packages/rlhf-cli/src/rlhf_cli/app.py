@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from .config import ConfigError, all_keys, load_config
+from .envs import envs_app
 from .errors import fail as _fail
 from .errors import user_errors
 from .launch import launched, relaunch
@@ -31,6 +32,7 @@ data_app = typer.Typer(help="Data sources, splits and blends (docs/data.md).", n
 app.add_typer(data_app, name="data")
 bench_app = typer.Typer(help="Benchmarks (docs/performance.md).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(envs_app, name="envs")
 app.command("report")(report_command)
 
 STAGE_CHOICES = ("sft", "rm", "all")  # or the name of a registered algorithm
