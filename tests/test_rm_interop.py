@@ -173,3 +173,117 @@ def test_foreign_reward_model_is_ppos_reward(run_dir: Path, tmp_path: Path, fmt:
         for seqs, mask, rewards in seen:
             want = torch.tensor([reference(s[m.bool()]) for s, m in zip(seqs, mask)])
             assert_close(rewards.float(), want, atol=1e-5, rtol=1e-5)
+
+
+ENGINE_RECORDER = """
+    def install(record):
+        import rlhf_hybrid.engine as engine_module
+        init = engine_module.HybridEngine.__init__
+
+        def recording(self, module, cfg, *args, **kwargs):
+            before = sorted({str(p.dtype) for p in module.parameters()})
+            init(self, module, cfg, *args, **kwargs)
+            record({"name": self.name, "trainable": self.trainable, "dtype_in": before,
+                    "dtype": sorted({str(p.dtype) for p in self.module.parameters()}),
+                    "attn": self.module.config._attn_implementation,
+                    "checkpointing": sorted({m.gradient_checkpointing for m in self.module.modules()
+                                             if type(m).__name__.endswith("DecoderLayer")})})
+
+        engine_module.HybridEngine.__init__ = recording
+"""
+
+
+def test_dtype_attention_and_checkpointing_reach_the_demo_models_engines(tmp_path: Path, cli_tools, explain) -> None:
+    out = tmp_path / "out"
+    proc, engines = driven(tmp_path, cli_tools, ENGINE_RECORDER,
+                           ["run", "--stage", "sft", "--out", out, *TINY, "sft.epochs=1", "deepspeed.dtype=bf16",
+                            "model.dtype=bfloat16", "model.attn_implementation=eager",
+                            "model.gradient_checkpointing=true"])
+    assert proc.returncode == 0, explain(proc)
+    assert [e["name"] for e in engines] == ["model"] and engines[0]["trainable"]
+    e = engines[0]
+    # built from the config in bf16 (not float32 then cast), eager attention, every decoder layer checkpointed
+    assert e["dtype_in"] == e["dtype"] == ["torch.bfloat16"], e
+    assert e["attn"] == "eager" and e["checkpointing"] == [True], e
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(out / "sft").dtype == torch.bfloat16  # saved as trained
+
+
+LOAD_RECORDER = """
+    def install(record):
+        import transformers
+
+        for name in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"):
+            cls = getattr(transformers, name)
+            orig = cls.from_pretrained.__func__
+
+            def recording(klass, path, *args, _name=name, _orig=orig, **kwargs):
+                record((_name, str(path), kwargs.get("trust_remote_code"), kwargs.get("revision")))
+                if _name == "AutoModelForCausalLM":
+                    raise SystemExit(7)  # recorded: the run need not go on
+                return _orig(klass, path, *args, **kwargs)
+
+            cls.from_pretrained = classmethod(recording)
+"""
+
+
+def test_trust_remote_code_and_revision_reach_from_pretrained(tmp_path: Path, cli_tools, tiny_demo_model,
+                                                              explain) -> None:
+    """No hub here: the revision of a local directory is recorded, not resolved (transformers ignores it there)."""
+    actor = tiny_demo_model(tmp_path / "actor", hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32)
+    proc, calls = driven(tmp_path, cli_tools, LOAD_RECORDER,
+                         ["run", "--stage", "sft", "--out", tmp_path / "out", "--actor-model", actor, *TINY,
+                          "model.trust_remote_code=true", "model.revision=v9"])
+    assert proc.returncode == 7, explain(proc)
+    assert {c[0] for c in calls} == {"AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"}, calls
+    assert all(trust is True for _, _, trust, _ in calls), calls
+    loads = [c for c in calls if c[0] == "AutoModelForCausalLM"] + [c for c in calls if c[0] == "AutoTokenizer"][-1:]
+    assert all(path == str(actor) and rev == "v9" for _, path, _, rev in loads), calls
+
+
+@pytest.mark.usefixtures("in_process_world")
+@pytest.mark.parametrize(("args", "needles"), [
+    (["model.dtype=float64"], ["model.dtype", "'float64'", "'auto'", "'bfloat16'"]),
+    (["model.dtype=bfloat16"], ["model.dtype", "'bfloat16'", "deepspeed.dtype='fp32'"]),
+    (["model.dtype=float32", "deepspeed.dtype=bf16"], ["model.dtype", "'float32'", "deepspeed.dtype='bf16'"]),
+    (["model.attn_implementation=flash"], ["model.attn_implementation", "'flash'", "'sdpa'"]),
+    (["model.attn_implementation=a/b/c"], ["model.attn_implementation", "'a/b/c'"]),
+    (["model.gradient_checkpointing=sometimes"], ["model.gradient_checkpointing", "sometimes"]),
+    (["model.trust_remote_code=2"], ["model.trust_remote_code", "2"]),
+    (["model.revision=v 1"], ["model.revision", "'v 1'"]),
+])
+def test_bad_model_settings_are_rejected_by_name(args: list[str], needles: list[str], tmp_path: Path) -> None:
+    line = the_error(invoke(["run", *args, "--out", tmp_path / "o"]))
+    for n in needles:
+        assert n in line, (n, line)
+
+
+@pytest.fixture()
+def two_label_classifier(tmp_path: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=2, pad_token_id=0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "two")
+    return tmp_path / "two"
+
+
+@pytest.mark.usefixtures("in_process_world")
+def test_classifier_with_two_labels_is_no_reward_model(two_label_classifier: Path, tmp_path: Path) -> None:
+    line = the_error(invoke(["run", "--reward-model", two_label_classifier, "--out", tmp_path / "o"]))
+    for n in ("--reward-model", str(two_label_classifier), "num_labels=2"):
+        assert n in line, (n, line)
+
+
+@pytest.mark.usefixtures("in_process_world")
+def test_rm_stage_refuses_a_trained_reward_model(tmp_path: Path) -> None:
+    """--stage rm would train a reward model that stage 3 never uses (it scores with the trained one)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "rm")
+    line = the_error(invoke(["run", "--stage", "rm", "--reward-model", tmp_path / "rm", "--out", tmp_path / "o", *TINY]))
+    for n in ("model.reward_model", str(tmp_path / "rm"), "trained reward model"):
+        assert n in line, (n, line)
