@@ -171,7 +171,7 @@ def test_foreign_reward_model_is_ppos_reward(run_dir: Path, tmp_path: Path, fmt:
     assert seen and sum(len(r) for *_, r in seen) >= 8
     with torch.no_grad():
         for seqs, mask, rewards in seen:
-            want = torch.tensor([reference(s[m.bool()]) for s, m in zip(seqs, mask)])
+            want = torch.tensor([reference(s[m.bool()]) for s, m in zip(seqs, mask, strict=True)])
             assert_close(rewards.float(), want, atol=1e-5, rtol=1e-5)
 
 
