@@ -287,3 +287,18 @@ def test_rm_stage_refuses_a_trained_reward_model(tmp_path: Path) -> None:
     line = the_error(invoke(["run", "--stage", "rm", "--reward-model", tmp_path / "rm", "--out", tmp_path / "o", *TINY]))
     for n in ("model.reward_model", str(tmp_path / "rm"), "trained reward model"):
         assert n in line, (n, line)
+
+
+def test_foreign_reward_model_with_a_smaller_vocabulary_is_refused(run_dir: Path, tmp_path: Path, rlhf) -> None:
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path / "small")
+    out = tmp_path / "out"
+    shutil.copytree(run_dir / "sft", out / "sft")
+    proc = rlhf(["run", "--stage", "ppo", "--out", out, "--reward-model", tmp_path / "small", *TINY])
+    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for n in ("model.reward_model", str(tmp_path / "small"), "vocab_size 100", "tokenizer"):
+        assert n in errors[0], (n, errors[0])

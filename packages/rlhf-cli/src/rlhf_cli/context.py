@@ -19,7 +19,7 @@ from .ledger import check_inputs, checkpoint_id, config_fingerprint, new_checkpo
 from .report import Reporter
 
 __all__ = ["Context", "PipelineError", "engine_config", "load_data", "note_input", "require_stage_output",
-           "load_model", "load_run_tokenizer", "reward_model_dir", "save_stage", "seed_everything", "tokenized", "trained_reward_model", "with_lora"]
+           "check_reward_vocab", "load_model", "load_run_tokenizer", "reward_model_dir", "save_stage", "seed_everything", "tokenized", "trained_reward_model", "with_lora"]
 
 
 class PipelineError(RuntimeError):
@@ -163,6 +163,15 @@ def load_model(ctx: Context, name: str | Path, kind: str = "causal_lm"):
     m = ctx.cfg.model
     kw = m.load_kwargs(ctx.cfg.deepspeed.dtype, user_model=str(name) in (m.actor_model, m.reward_model))
     return ValueModel.from_pretrained(str(name), **kw) if kind == "value" else load_causal_lm(str(name), **kw)
+
+
+def check_reward_vocab(name: str | Path, model, tokenizer) -> None:
+    """A reward model (or critic) must embed every token of the actor's tokenizer (PipelineError naming
+    model.reward_model otherwise)."""
+    if len(tokenizer) > model.config.vocab_size:
+        raise PipelineError(f"model.reward_model: {str(name)!r} has vocab_size {model.config.vocab_size} but the "
+                            f"actor's tokenizer has {len(tokenizer)} tokens; the reward model must share the actor's "
+                            f"tokenizer")
 
 
 def load_run_tokenizer(ctx: Context, name: str | Path):

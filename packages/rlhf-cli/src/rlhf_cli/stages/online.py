@@ -9,6 +9,7 @@ from pathlib import Path
 from ..context import (
     Context,
     PipelineError,
+    check_reward_vocab,
     engine_config,
     load_data,
     load_model,
@@ -35,7 +36,9 @@ def reward_function(ctx: Context, data, tokenizer, rm_dir: Path | str | None, ba
 
     r = ctx.cfg.rl.reward
     if r == "model":
-        return ModelReward(HybridEngine(load_model(ctx, rm_dir, "value"),
+        model = load_model(ctx, rm_dir, "value")
+        check_reward_vocab(rm_dir, model, tokenizer)
+        return ModelReward(HybridEngine(model,
                                         engine_config(ctx.cfg, lr=ctx.cfg.rl.critic_lr, batch=batch), trainable=False))
     if r == "verifier":
         return verifier_reward(data, tokenizer)

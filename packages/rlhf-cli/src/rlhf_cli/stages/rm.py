@@ -8,6 +8,7 @@ import time
 from ..context import (
     Context,
     PipelineError,
+    check_reward_vocab,
     engine_config,
     load_data,
     load_model,
@@ -44,9 +45,7 @@ def run_rm(ctx: Context) -> dict:
     tokenizer = load_run_tokenizer(ctx, sft_dir)
     base = cfg.model.reward_model or str(sft_dir)
     model = load_model(ctx, base, "value")
-    if len(tokenizer) > model.config.vocab_size:
-        raise PipelineError(f"model.reward_model: {base!r} has vocab_size {model.config.vocab_size} but the actor's "
-                            f"tokenizer has {len(tokenizer)} tokens; the reward model must share the actor's tokenizer")
+    check_reward_vocab(base, model, tokenizer)
     data_stats: dict = {}
     train = tokenized(ctx, tokenizer, data.rm, "rm", "rm", data_stats)
     heldout = tokenized(ctx, tokenizer, data.rm_eval, "rm", "rm held-out", data_stats)
