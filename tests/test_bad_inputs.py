@@ -267,7 +267,8 @@ def _config_cases() -> list[tuple[str, str]]:
             cases += [(key, "maybe")]
         elif key in ("model.actor_model", "model.reward_model"):
             cases += [(key, "./no-such-model-dir")]
-        elif key not in ("out", "data.cache_dir", "data.split", "data.sources", "report.project"):  # free-form
+        elif key not in ("out", "data.cache_dir", "data.split", "data.sources", "report.project",
+                         "model.revision"):  # free-form
             cases += [(key, "bogus-value")]
     return cases
 

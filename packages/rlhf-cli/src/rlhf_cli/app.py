@@ -80,8 +80,9 @@ def run(
                                     help="HF hub name or local directory of the causal LM to start SFT from "
                                          "(default: the demo's tiny Llama)."),
     reward_model: str = typer.Option(None, "--reward-model",
-                                     help="HF hub name or local directory for the reward model and critic "
-                                          "(fresh value head; default: the SFT model)."),
+                                     help="HF hub name or local directory of the reward model: a trained one "
+                                          "(sequence classification, num_labels=1) is used as is by stage 3 (no rm "
+                                          "stage); a causal LM is the rm stage's backbone (default: the SFT model)."),
     data: str = typer.Option(None, "--data", "-d",
                              help="Data spec (data.sources): 'demo', a source name, a local file, or weighted sources, "
                                   "e.g. 'hh:./hh.jsonl:0.7,shp:0.3' (docs/data.md)."),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from .config_model import ModelSection
 from .config_report import ReportSection
 from .config_runtime import CheckpointSection, DistributedSection, TrainSection
 from .config_sections import (
@@ -25,7 +26,6 @@ from .config_sections import (
     DataSection,
     DeepSpeedSection,
     LoRASection,
-    ModelSection,
     PrefSection,
     RLSection,
     RMSection,
@@ -99,6 +99,7 @@ class RunConfig:
             raise ConfigError(f"rl.gather_quantization: {rl.gather_quantization!r} is not supported with LoRA on "
                               f"the RL actor (lora.rank={lo.rank}, lora.stages={lo.stages!r}): the adapters are fused "
                               f"into exactly gathered weights; use 'none'")
+        self.model.check_dtype(ds.dtype)
         self.algorithm_config()  # the algo.<field> values fit the algorithm's config class, with the rl.* ones
 
     def algorithm(self):

@@ -110,35 +110,6 @@ class Section:
 
 
 @dataclass(frozen=True)
-class ModelSection(Section):
-    """Models."""
-
-    section: ClassVar[str] = "model"
-
-    actor_model: str = option("", "HF hub name or local directory of a causal LM; \"\" = the demo's tiny Llama.")
-    reward_model: str = option("", "HF hub name or local directory for the reward model and critic (a fresh value "
-                                   "head is added); \"\" = start them from the SFT model.")
-    hidden_size: int = option(256, "tiny demo model: hidden width.")
-    num_layers: int = option(2, "tiny demo model: transformer layers.")
-    num_heads: int = option(8, "tiny demo model: attention heads.")
-    intermediate_size: int = option(1024, "tiny demo model: MLP width.")
-    tokenizer_vocab_size: int = option(0, "tiny demo model: vocabulary of the byte-level BPE tokenizer trained on the "
-                                          "data in-process; 0 = 320 for the demo task, 2048 for other data.")
-
-    # the byte-level BPE's 256 byte tokens plus its special tokens: the smallest vocabulary it can have
-    MIN_VOCAB: ClassVar[int] = 260
-
-    def __post_init__(self) -> None:
-        self._check_min(1, "hidden_size", "num_layers", "num_heads", "intermediate_size")
-        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            self._fail("num_heads", f"{self.num_heads} is not allowed with model.hidden_size={self.hidden_size}; "
-                                    f"allowed: a divisor of hidden_size that leaves an even head size (rotary)")
-        if self.tokenizer_vocab_size != 0 and not self.MIN_VOCAB <= self.tokenizer_vocab_size <= 1_000_000:
-            self._fail("tokenizer_vocab_size", f"{self.tokenizer_vocab_size} is not allowed; allowed: 0 (auto) or "
-                                               f"{self.MIN_VOCAB}..1000000")
-
-
-@dataclass(frozen=True)
 class DataSection(Section):
     """Data."""
 

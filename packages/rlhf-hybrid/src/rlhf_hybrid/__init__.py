@@ -9,12 +9,16 @@ from .guards import NonFiniteError, NonFiniteWeightsError, check_finite_state
 from .models import (
     ModelNotAvailableError,
     ValueModel,
+    causal_lm_from_config,
+    enable_gradient_checkpointing,
+    hf_kwargs,
     last_token_index,
     load_causal_lm,
     load_tokenizer,
     position_ids_from_mask,
     resolve_model_path,
     tiny_llama_config,
+    trained_reward_head,
 )
 from .packed import padding_free_layout
 
@@ -31,8 +35,11 @@ __all__ = [
     "all_reduce_mean",
     "atomic_dir",
     "barrier",
+    "causal_lm_from_config",
     "check_finite_state",
     "deepspeed_config",
+    "enable_gradient_checkpointing",
+    "hf_kwargs",
     "init_distributed",
     "last_token_index",
     "load_causal_lm",
@@ -42,5 +49,6 @@ __all__ = [
     "resolve_model_path",
     "save_hf_checkpoint",
     "tiny_llama_config",
+    "trained_reward_head",
     "write_json_atomic",
 ]

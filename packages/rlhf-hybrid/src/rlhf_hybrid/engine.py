@@ -30,7 +30,12 @@ from torch import nn
 from .generation import GenerationMixin
 from .guards import NonFiniteGuard
 from .lora import has_lora, merged_state_dict, plain_model
-from .models import ValueModel, last_token_index, position_ids_from_mask  # noqa: F401 (ValueModel: re-export)
+from .models import (  # noqa: F401 (ValueModel: re-export)
+    ValueModel,
+    enable_gradient_checkpointing,
+    last_token_index,
+    position_ids_from_mask,
+)
 from .packed import packed_positions_checked
 
 
@@ -71,6 +76,8 @@ class EngineConfig:
             from the trained ones by up to half a quantization step per 128-element block).
         max_nonfinite_steps: optimizer steps in a row with a non-finite loss or gradient (each one
             skipped, see :mod:`rlhf_hybrid.guards`) that stop training with ``NonFiniteError``.
+        gradient_checkpointing: a trainable engine recomputes each layer's activations in the backward
+            pass (:func:`rlhf_hybrid.models.enable_gradient_checkpointing`); frozen engines ignore it.
     """
 
     zero_stage: int = 0
@@ -90,6 +97,7 @@ class EngineConfig:
     keep_decode_cache: bool = False
     gather_quantization: str = "none"
     max_nonfinite_steps: int = 3
+    gradient_checkpointing: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -206,6 +214,8 @@ class HybridEngine(GenerationMixin):
             raise ValueError(f"gather_quantization: {cfg.gather_quantization!r} is not supported with LoRA "
                              "(the adapters are fused into exactly gathered weights); use 'none'")
         module = module.to(cfg.torch_dtype)
+        if trainable and cfg.gradient_checkpointing:  # before DeepSpeed wraps it (ZeRO-3 hooks see the flag)
+            enable_gradient_checkpointing(module)
         fused = self._share_storage(module)
         if trainable or cfg.zero_stage == 3:
             ds = _import_deepspeed()

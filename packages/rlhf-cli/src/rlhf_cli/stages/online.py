@@ -9,9 +9,13 @@ from pathlib import Path
 from ..context import (
     Context,
     PipelineError,
+    check_reward_vocab,
     engine_config,
     load_data,
+    load_model,
+    load_run_tokenizer,
     require_stage_output,
+    reward_model_dir,
     save_stage,
     seed_everything,
     tokenized,
@@ -25,14 +29,16 @@ from ..train_stats import StepTimer
 __all__ = ["build_online", "progress_line", "ptx_batches", "reward_function", "run_online"]
 
 
-def reward_function(ctx: Context, data, tokenizer, rm_dir: Path | None, batch: int):
+def reward_function(ctx: Context, data, tokenizer, rm_dir: Path | str | None, batch: int):
     """The stage-3 reward: the frozen reward model, the data's verifier, or a registered function."""
     from rlhf_algos import ModelReward, TextReward, get_reward
-    from rlhf_hybrid import HybridEngine, ValueModel
+    from rlhf_hybrid import HybridEngine
 
     r = ctx.cfg.rl.reward
     if r == "model":
-        return ModelReward(HybridEngine(ValueModel.from_pretrained(str(rm_dir)),
+        model = load_model(ctx, rm_dir, "value")
+        check_reward_vocab(rm_dir, model, tokenizer)
+        return ModelReward(HybridEngine(model,
                                         engine_config(ctx.cfg, lr=ctx.cfg.rl.critic_lr, batch=batch), trainable=False))
     if r == "verifier":
         return verifier_reward(data, tokenizer)
@@ -47,7 +53,7 @@ def _monitor_fn(ctx: Context, data, tokenizer):
     return verifier_reward(data, tokenizer)
 
 
-def build_online(ctx: Context, algo_cls, data, tokenizer, sft_dir: Path, rm_dir: Path | None, ptx=None):
+def build_online(ctx: Context, algo_cls, data, tokenizer, sft_dir: Path, rm_dir: Path | str | None, ptx=None):
     """The online algorithm and its engines: the actor, the frozen reference, the reward, the critic when
     the algorithm has one (from the reward model, DeepSpeed-Chat's choice, else the SFT model), the monitor.
 
@@ -56,16 +62,16 @@ def build_online(ctx: Context, algo_cls, data, tokenizer, sft_dir: Path, rm_dir:
     Returns:
         ``(algo, actor, reference, reward_fn)``.
     """
-    from rlhf_hybrid import HybridEngine, ValueModel, all_reduce_mean, load_causal_lm
+    from rlhf_hybrid import HybridEngine, all_reduce_mean
 
     cfg, p = ctx.cfg, ctx.cfg.rl
     engine = engine_config(cfg, lr=p.actor_lr, batch=p.micro_batch_size)
-    actor = HybridEngine(with_lora(ctx, load_causal_lm(str(sft_dir)), "rl"), engine, name="actor")
-    reference = HybridEngine(load_causal_lm(str(sft_dir)), engine, trainable=False)
+    actor = HybridEngine(with_lora(ctx, load_model(ctx, sft_dir), "rl"), engine, name="actor")
+    reference = HybridEngine(load_model(ctx, sft_dir), engine, trainable=False)
     reward_fn = reward_function(ctx, data, tokenizer, rm_dir, p.micro_batch_size)
     critic = None
     if "critic" in algo_cls.required_models:
-        critic = HybridEngine(ValueModel.from_pretrained(str(rm_dir or sft_dir)),
+        critic = HybridEngine(load_model(ctx, rm_dir or sft_dir, "value"),
                               engine_config(cfg, lr=p.critic_lr, batch=p.micro_batch_size), name="critic")
     monitor_fn = _monitor_fn(ctx, data, tokenizer)
     algo = algo_cls(cfg.algorithm_config(), actor=actor, reference=reference, critic=critic, reward_fn=reward_fn,
@@ -126,7 +132,6 @@ def _iteration(ctx: Context, it: int, algo, actor, prompts: list[dict], pad_id: 
 def run_online(ctx: Context) -> dict:
     """The online recipe, top to bottom; the rollout and learning math are the algorithm's."""
     from rlhf_algos import HealthMonitor
-    from rlhf_hybrid import load_tokenizer
 
     cfg, p = ctx.cfg, ctx.cfg.rl
     algo_cls = cfg.algorithm()
@@ -136,8 +141,8 @@ def run_online(ctx: Context) -> dict:
     # 2. Inputs: the data, the SFT model and (rl.reward=model) the reward model, checked before any work.
     data = load_data(ctx)
     sft_dir = require_stage_output(ctx, "sft", name)
-    rm_dir = require_stage_output(ctx, "rm", name) if p.reward == "model" else None
-    tokenizer = load_tokenizer(str(sft_dir))
+    rm_dir = reward_model_dir(ctx, name) if p.reward == "model" else None
+    tokenizer = load_run_tokenizer(ctx, sft_dir)
     # 3. The algorithm and its engines: actor, frozen reference, reward, critic (when it has one), monitor;
     #    with rl.ptx_coef > 0, the SFT batches of its ptx term.
     data_stats: dict = {}

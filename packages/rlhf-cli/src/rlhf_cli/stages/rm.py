@@ -8,12 +8,16 @@ import time
 from ..context import (
     Context,
     PipelineError,
+    check_reward_vocab,
     engine_config,
     load_data,
+    load_model,
+    load_run_tokenizer,
     require_stage_output,
     save_stage,
     seed_everything,
     tokenized,
+    trained_reward_model,
 )
 from ..resume import StageState
 from ..sampling import steps_per_epoch
@@ -23,21 +27,24 @@ from .epochs import train_epochs
 def run_rm(ctx: Context) -> dict:
     """Reward-model epochs over the RM pairs, held-out pairwise accuracy before, after every epoch and at the end.
 
-    The model is the SFT model's backbone (or model.reward_model's) with a fresh value head.
+    The model is the SFT model's backbone (or model.reward_model's, a plain causal LM) with a fresh value head.
     """
     from rlhf_algos import get_algorithm
-    from rlhf_hybrid import HybridEngine, ValueModel, load_tokenizer, padding_free_layout
+    from rlhf_hybrid import HybridEngine, padding_free_layout
 
     cfg, s = ctx.cfg, ctx.cfg.rm
     seed_everything(cfg.seed + 1)
+    head = trained_reward_model(cfg)
+    if head:  # stage 3 would score with it, not with <out>/rm: training another one here is a mistake
+        raise PipelineError(f"model.reward_model: {cfg.model.reward_model!r} is a trained reward model ({head.replace('_', ' ')} "
+                            f"head), which stage 3 uses as is; --stage rm trains one from a causal LM: give a plain "
+                            f"causal LM, or leave model.reward_model empty to start from the SFT model")
     data = load_data(ctx)
     sft_dir = require_stage_output(ctx, "sft", "rm")
-    tokenizer = load_tokenizer(str(sft_dir))
+    tokenizer = load_run_tokenizer(ctx, sft_dir)
     base = cfg.model.reward_model or str(sft_dir)
-    model = ValueModel.from_pretrained(base)
-    if len(tokenizer) > model.config.vocab_size:
-        raise PipelineError(f"model.reward_model: {base!r} has vocab_size {model.config.vocab_size} but the actor's "
-                            f"tokenizer has {len(tokenizer)} tokens; the reward model must share the actor's tokenizer")
+    model = load_model(ctx, base, "value")
+    check_reward_vocab(base, model, tokenizer)
     data_stats: dict = {}
     train = tokenized(ctx, tokenizer, data.rm, "rm", "rm", data_stats)
     heldout = tokenized(ctx, tokenizer, data.rm_eval, "rm", "rm held-out", data_stats)

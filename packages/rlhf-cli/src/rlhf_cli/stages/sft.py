@@ -10,6 +10,8 @@ from ..context import (
     PipelineError,
     engine_config,
     load_data,
+    load_model,
+    load_run_tokenizer,
     save_stage,
     seed_everything,
     tokenized,
@@ -24,23 +26,21 @@ def _starting_model(ctx: Context, data):
     """The tokenizer and causal LM SFT starts from: model.actor_model, else the demo's tiny Llama with a
     tokenizer trained on the data (its weights are drawn from the seeded global RNG)."""
     from rlhf_data import train_demo_tokenizer
-    from rlhf_hybrid import load_causal_lm, load_tokenizer, tiny_llama_config
+    from rlhf_hybrid import causal_lm_from_config, tiny_llama_config
 
-    cfg = ctx.cfg
-    if cfg.model.actor_model:
-        tokenizer = load_tokenizer(cfg.model.actor_model)
-        model = load_causal_lm(cfg.model.actor_model)
+    cfg, m = ctx.cfg, ctx.cfg.model
+    if m.actor_model:
+        tokenizer = load_run_tokenizer(ctx, m.actor_model)
+        model = load_model(ctx, m.actor_model)
     else:
-        from transformers import LlamaForCausalLM
-
         from ..data_report import tiny_vocab_size
 
-        m = cfg.model
         tokenizer = train_demo_tokenizer(data.corpus, vocab_size=tiny_vocab_size(cfg))
-        model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
-                                                   num_heads=m.num_heads, intermediate_size=m.intermediate_size,
-                                                   pad_token_id=tokenizer.pad_token_id,
-                                                   eos_token_id=tokenizer.eos_token_id))
+        config = tiny_llama_config(len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
+                                   num_heads=m.num_heads, intermediate_size=m.intermediate_size,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        load = m.load_kwargs(cfg.deepspeed.dtype)
+        model = causal_lm_from_config(config, load["dtype"], attn_implementation=load["attn_implementation"])
     if len(tokenizer) > model.config.vocab_size:
         raise PipelineError(f"model.actor_model: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                             f"{model.config.vocab_size}")
