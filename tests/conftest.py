@@ -24,7 +24,8 @@ _CACHE_DIR = tempfile.mkdtemp(prefix="rlhf-test-cache-")
 
 
 def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV}
+    # SLURM_*: a test suite run inside an srun step must not make every CLI child a task of that step
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV and not k.startswith("SLURM_")}
     env.update(
         DS_ACCELERATOR="cpu",
         OMP_NUM_THREADS="1",

@@ -217,6 +217,12 @@ CHAT_CASES = [
     (["--temperature", "-1"], ["--temperature", "-1"]),
     (["--max-new-tokens", "0"], ["--max-new-tokens", "0"]),
     (["--max-new-tokens", "-5"], ["--max-new-tokens", "-5"]),
+    (["--temperature", "1", "--top-p", "0"], ["--top-p", "0", "(0, 1]"]),
+    (["--temperature", "1", "--top-p", "1.5"], ["--top-p", "1.5", "(0, 1]"]),
+    (["--temperature", "1", "--top-p", "-0.1"], ["--top-p", "-0.1", "(0, 1]"]),
+    (["--temperature", "1", "--top-p", "nan"], ["--top-p", "nan", "(0, 1]"]),
+    (["--top-p", "0.9"], ["--top-p", "0.9", "--temperature 0"]),  # would be ignored by greedy decoding
+    (["--system", " "], ["--system", "empty"]),
 ]
 
 
@@ -261,7 +267,8 @@ def _config_cases() -> list[tuple[str, str]]:
             cases += [(key, "maybe")]
         elif key in ("model.actor_model", "model.reward_model"):
             cases += [(key, "./no-such-model-dir")]
-        elif key not in ("out", "data.cache_dir", "data.split", "data.sources", "report.project"):  # free-form
+        elif key not in ("out", "data.cache_dir", "data.split", "data.sources", "report.project",
+                         "model.revision"):  # free-form
             cases += [(key, "bogus-value")]
     return cases
 

@@ -186,7 +186,8 @@ def test_chat_bad_generation_settings(rlhf, tmp_path, args: list[str], needle: s
 # help text
 # --------------------------------------------------------------------------------------------
 
-COMMANDS = [["run"], ["chat"], ["config-keys"], ["env"], ["algos", "list"], ["algos"], ["report"], []]
+COMMANDS = [["run"], ["chat"], ["config-keys"], ["env"], ["algos", "list"], ["algos"], ["envs", "list"], ["envs"], ["report"],
+            []]
 
 
 def help_entries(text: str) -> dict[str, str]:

@@ -12,6 +12,7 @@ import json
 import math
 
 import pytest
+import torch
 
 TINY = [
     "data.num_eval=40", "data.num_valid=20",
@@ -54,13 +55,21 @@ def opt_run(tmp_path_factory, rlhf, explain):
 
 
 def test_every_stage_output_loads_with_automodel(opt_run) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, OPTForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        OPTForCausalLM,
+        OPTForSequenceClassification,
+    )
 
     widths = {"sft": 64, "rm": 32, "ppo": 64}  # the reward model keeps its own (smaller) architecture
     for stage, width in widths.items():
         d = opt_run / stage
-        model = AutoModelForCausalLM.from_pretrained(d)
-        assert isinstance(model, OPTForCausalLM), (stage, type(model))
+        auto, cls = ((AutoModelForSequenceClassification, OPTForSequenceClassification) if stage == "rm" else
+                     (AutoModelForCausalLM, OPTForCausalLM))  # the reward model: its trained head loads too
+        model = auto.from_pretrained(d)
+        assert isinstance(model, cls), (stage, type(model))
         assert model.config.hidden_size == width, stage
         tok = AutoTokenizer.from_pretrained(d)
         assert len(tok) == model.config.vocab_size
@@ -69,7 +78,7 @@ def test_every_stage_output_loads_with_automodel(opt_run) -> None:
         assert card["stage"] == stage and card["world_size"] == 1
         assert card["config"]["model"]["actor_model"].endswith("actor")
         assert card["config"]["model"]["reward_model"].endswith("reward")
-    assert (opt_run / "rm" / "value_head.safetensors").is_file()
+    assert torch.count_nonzero(AutoModelForSequenceClassification.from_pretrained(opt_run / "rm").score.weight) > 0
     assert not list(opt_run.glob("*.tmp-*")) and not list(opt_run.glob(".*.metrics.jsonl"))
 
 

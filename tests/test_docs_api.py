@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -53,7 +54,8 @@ def test_pipeline_example_runs_sft_rm_ppo_from_python(tmp_path, monkeypatch) -> 
     assert re.search(r"ppo: held-out verifier score [0-9.]+ -> [0-9.]+", text), text
     for stage in ("sft", "rm", "ppo"):
         assert (tmp_path / "runs" / "api" / stage / "config.json").is_file(), stage
-    assert (tmp_path / "runs" / "api" / "rm" / "value_head.safetensors").is_file()
+    rm_config = json.loads((tmp_path / "runs" / "api" / "rm" / "config.json").read_text())
+    assert rm_config["architectures"] == ["LlamaForSequenceClassification"] and len(rm_config["id2label"]) == 1
 
 
 @pytest.mark.slow

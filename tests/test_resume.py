@@ -30,7 +30,8 @@ pytestmark = pytest.mark.slow
 TINY = ["data.num_eval=40", "data.num_valid=20", "model.hidden_size=64", "model.intermediate_size=128",
         "sft.epochs=2", "data.sft_samples=512", "rm.epochs=1", "data.rm_samples=256", "rl.iterations=6",
         "rl.rollout_batch_size=16", "rl.micro_batch_size=16", "rl.eval_every=2", "pref.epochs=1",
-        "pref.batch_size=32", "checkpoint.every=2", "checkpoint.every_iterations=2"]
+        "pref.batch_size=32", "checkpoint.every=2", "checkpoint.every_iterations=2",
+        "rl.ptx_coef=0.5"]  # the ptx batches' position is replayed on resume too (rlhf_cli.sampling.PtxBatches)
 STAGES = [(["--stage", "all"], ["sft", "rm", "ppo"]), (["--stage", "dpo"], ["dpo"])]
 
 

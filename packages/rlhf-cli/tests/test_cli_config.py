@@ -121,6 +121,13 @@ def test_empty_yaml_is_the_defaults(tmp_path) -> None:
         (["rl.temperature=nan"], ["rl.temperature", "> 0", "nan"]),
         (["lora.alpha=nan"], ["lora.alpha", "> 0", "nan"]),
         (["algo.name=dpo", "algo.temperature=1"], ["'dpo' has no setting 'temperature'; its settings: beta ("]),
+        (["rl.ptx_coef=-0.5"], ["rl.ptx_coef", "finite and >= 0", "-0.5"]),
+        (["rl.ptx_coef=nan"], ["rl.ptx_coef", "nan"]),
+        (["rl.ptx_coef=inf"], ["rl.ptx_coef", "inf"]),
+        (["algo.ptx_coef=0.1"], ["algo.ptx_coef", "set rl.ptx_coef instead"]),
+        (["distributed.timeout_s=0"], ["distributed.timeout_s", "> 0", "0"]),
+        (["distributed.timeout_s=nan"], ["distributed.timeout_s", "nan"]),
+        (["distributed.timeout_s=abc"], ["distributed.timeout_s", "'abc'", "not a number"]),
     ],
 )
 def test_errors_name_key_value_and_allowed(items: list[str], needles: list[str]) -> None:
@@ -193,6 +200,17 @@ def test_lora_keys() -> None:
     cfg = load_config(None, ["lora.rank=8", "lora.targets=q_proj, v_proj", "lora.stages=rl"])
     assert cfg.lora.target_list() == ("q_proj", "v_proj")
     assert [cfg.lora.applies_to(s) for s in ("sft", "rl", "pref")] == [False, True, False]
+
+
+def test_ptx_and_distributed_keys() -> None:
+    from rlhf_hybrid.distributed import DEFAULT_TIMEOUT_S
+
+    cfg = RunConfig()
+    assert cfg.rl.ptx_coef == 0.0 and cfg.algorithm_config().ptx_coef == 0.0  # off by default
+    assert cfg.distributed.timeout_s == DEFAULT_TIMEOUT_S  # the default spelled out in config_runtime.py
+    cfg = load_config(None, ["rl.ptx_coef=0.25", "distributed.timeout_s=90", "algo.name=grpo"])
+    assert cfg.algorithm_config().ptx_coef == 0.25  # rl.ptx_coef reaches every online algorithm's config
+    assert cfg.distributed.timeout_s == 90.0
 
 
 def test_stage_one_and_two_settings_build_the_registered_algorithms_configs() -> None:

@@ -166,29 +166,31 @@ def test_save_pretrained_loads_with_automodel(tmp_path) -> None:
 
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_value_model_round_trip(tmp_path, zero_stage: int) -> None:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
     vm = ValueModel(tiny_llama(seed=6))
     with torch.no_grad():
-        vm.v_head.weight.normal_()  # a fresh head is all zeros; make it recognisable
+        vm.head.weight.normal_()  # a fresh head is all zeros; make it recognisable
     ids, mask = ragged_prompts()
     with torch.no_grad():
         want = vm(ids, mask)  # (B, L)
-    head = vm.v_head.weight.detach().clone()
+    head = vm.head.weight.detach().clone()
     engine = HybridEngine(vm, EngineConfig(zero_stage=zero_stage, micro_batch_size=3))
     assert_close(engine.values(ids, mask).detach().cpu(), want)
     out = tmp_path / "critic"
     engine.save_pretrained(str(out))
-    assert (out / "value_head.safetensors").is_file()
+    assert not (out / "value_head.safetensors").exists()  # the head is the sequence classifier's score.weight
     back = ValueModel.from_pretrained(str(out))
-    assert_close(back.v_head.weight, head)
+    assert_close(back.head.weight, head)
     with torch.no_grad():
         assert_close(back(ids, mask), want)
-    AutoModelForCausalLM.from_pretrained(out)  # the directory is a complete causal LM too
+    hf = AutoModelForSequenceClassification.from_pretrained(out)  # transformers loads the trained head
+    assert isinstance(hf, LlamaForSequenceClassification) and hf.config.num_labels == 1
+    assert_close(hf.score.weight, head)
     # a plain causal-LM directory gives a fresh, all-zero head
     plain = tmp_path / "plain"
     tiny_llama(seed=7).save_pretrained(plain)
-    assert torch.count_nonzero(ValueModel.from_pretrained(str(plain)).v_head.weight) == 0
+    assert torch.count_nonzero(ValueModel.from_pretrained(str(plain)).head.weight) == 0
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path) -> None:

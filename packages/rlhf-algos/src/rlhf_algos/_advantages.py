@@ -40,9 +40,12 @@ def gae(
         delta_t = r_t + gamma * m_{t+1} * V_{t+1} - V_t
         A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}        (A_T = V_T = 0)
 
-    Valid tokens must be a prefix of each row (response, then padding). Rewards and values at
-    padding positions are ignored. Computed with a backwards loop over ``T`` that builds a list
-    and stacks it, so no autograd tensor is modified in place.
+    Rewards and values at masked positions are ignored. Masked positions *between* valid ones (a
+    multi-turn trajectory's environment tokens, ``rlhf_algos.trajectories``) are not time steps:
+    the step after a valid token is the next valid token, so ``V_{t+1}`` and ``A_{t+1}`` are read
+    there and ``gamma`` is applied once across the gap. With the valid tokens a prefix (response,
+    then padding) this is the formula above exactly. Computed with a backwards loop over ``T``
+    that builds a list and stacks it, so no autograd tensor is modified in place.
 
     Args:
         rewards: Per-token rewards ``(B, T)`` (e.g. :attr:`ShapedRewards.rewards`).
@@ -67,8 +70,9 @@ def gae(
         delta = r[:, t] + gamma * next_value - v[:, t]
         adv = (delta + gamma * lam * next_adv) * m[:, t]
         advantages_reversed.append(adv)
-        next_value = v[:, t]  # already 0 where masked
-        next_adv = adv
+        # a masked position is skipped: the next valid token's value and advantage carry over it
+        next_value = torch.where(valid[:, t], v[:, t], next_value)
+        next_adv = torch.where(valid[:, t], adv, next_adv)
     advantages = torch.stack(advantages_reversed[::-1], dim=-1)  # (B, T)
     returns = (advantages + v) * m
     return GAEOutput(advantages=advantages, returns=returns)
@@ -175,8 +179,10 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
 
     The critic-free return of REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and Efficient
     Approach for Aligning Large Language Models"), also used by OpenRLHF for RLOO / GRPO when
-    the KL penalty sits in the per-token reward. Valid tokens must be a prefix of each row;
-    rewards at padding are ignored and the return there is 0.
+    the KL penalty sits in the per-token reward. Rewards at masked positions are ignored and the
+    return there is 0; masked positions between valid ones (a multi-turn trajectory's environment
+    tokens) are skipped, not discounted: ``G_t = r_t + gamma * G_next`` with ``next`` the next
+    valid token.
 
     Args:
         rewards: Per-token rewards ``(B, T)`` (e.g. :attr:`ShapedRewards.rewards`).
@@ -192,7 +198,7 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
     running = torch.zeros_like(r[:, 0])  # (B,) G_{t+1}
     returns_reversed = []
     for t in reversed(range(r.shape[-1])):
-        running = (r[:, t] + gamma * running) * m[:, t]
-        returns_reversed.append(running)
+        running = torch.where(valid[:, t], r[:, t] + gamma * running, running)  # skip masked positions
+        returns_reversed.append(running * m[:, t])
     return torch.stack(returns_reversed[::-1], dim=-1)  # (B, T)
 

@@ -27,6 +27,13 @@ sequence, placed at the last response token; the per-token KL penalty ``-kl_coef
 every token when ``kl_placement == "reward"``; the advantage of token ``t`` is the discounted
 reward-to-go (:func:`~rlhf_algos.functional.discounted_returns`, as OpenRLHF does). With the KL in
 the loss (GRPO's default) every token of a response simply gets its sequence advantage.
+
+Multi-turn trajectories (``Experience.turn_rewards`` set, :mod:`rlhf_algos.multiturn`): the
+``response_mask`` is the loss mask, 1 on the model's tokens only, so rewards, advantages and returns
+live on model tokens only; the environment's tokens between turns are skipped by GAE and the
+reward-to-go (not time steps). The sequence term (the final reward, or its group-relative
+advantage) sits at the last model token; each non-final turn's reward is added, unnormalised, at
+that turn's last model token, so a token's advantage also counts the turn rewards from its turn on.
 """
 
 from __future__ import annotations
@@ -64,8 +71,12 @@ def _reward_kl_coef(config: Any) -> float:
 
 def _shaped(exp: Experience, sequence_scores: torch.Tensor, config: Any) -> F.ShapedRewards:
     # The scores were clipped (clip_reward) when the experience was scored; clamping twice would change nothing.
-    return F.kl_shaped_rewards(sequence_scores, exp.logprobs, exp.ref_logprobs, exp.response_mask,
-                               kl_coef=_reward_kl_coef(config), clip_reward=None, estimator=config.kl_estimator)
+    shaped = F.kl_shaped_rewards(sequence_scores, exp.logprobs, exp.ref_logprobs, exp.response_mask,
+                                 kl_coef=_reward_kl_coef(config), clip_reward=None, estimator=config.kl_estimator)
+    if exp.turn_rewards is None:
+        return shaped
+    # Multi-turn: each non-final turn's reward, already at that turn's last model token, as given.
+    return F.ShapedRewards(rewards=shaped.rewards + exp.turn_rewards * exp.response_mask, kl=shaped.kl)
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,9 @@ are algorithms of the same interface, so every stage of the pipeline runs from P
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -153,7 +154,8 @@ class OnlineAlgorithm(Algorithm):
        clip the score and optionally whiten it over the batch (``reward_norm``);
     4. estimate advantages (the one step the algorithms differ in);
     5. ``ppo_epochs`` passes over shuffled micro-batches: clipped policy loss (+ ``kl_coef`` *
-       KL when ``kl_placement == "loss"``) -> actor step; the critic step, for PPO.
+       KL when ``kl_placement == "loss"``, + ``ptx_coef`` * the SFT loss of the next batch of
+       ``ptx_batches`` when ``ptx_coef > 0``) -> actor step; the critic step, for PPO.
 
     Args:
         config: An instance of ``config_class``.
@@ -171,10 +173,14 @@ class OnlineAlgorithm(Algorithm):
         seed: Seeds the micro-batch shuffling.
         advantage_estimator: Replaces the class's ``advantage_estimator`` for this instance: any
             ``(experience, config) -> AdvantageEstimate`` (:mod:`rlhf_algos.advantages`).
+        ptx_batches: With ``ptx_coef > 0``, an endless iterator of collated SFT batches
+            (``rlhf_data.collate_sft``): one is drawn per actor step (:meth:`actor_steps` per
+            :meth:`learn`, so a resumed run can replay the position). Unused with ``ptx_coef == 0``.
 
     Raises:
         TypeError: If ``config`` is not a ``config_class``.
-        ValueError: If a critic is required and missing, or given and not used.
+        ValueError: If a critic is required and missing, or given and not used; if ``ptx_coef > 0``
+            without ``ptx_batches``.
     """
 
     # Step 4, declared by each algorithm (e.g. PPO: advantages.GAEEstimator(); GRPO: advantages.GROUP_NORMALIZED).
@@ -183,13 +189,19 @@ class OnlineAlgorithm(Algorithm):
     data_kind: ClassVar[str] = "prompts"
     required_models: ClassVar[tuple[str, ...]] = ("actor", "reference", "reward")
     config_class: ClassVar[type] = OnlineConfig
+    # Multi-turn rollouts against an environment (rlhf_algos.multiturn.EnvRollout); None: one generation.
+    env_rollout: Any = None
 
     def __init__(self, config: OnlineConfig, *, actor: TrainablePolicy, reference: ScoringPolicy,
                  reward_fn: RewardFunction, critic: ValueFunction | None = None, eos_token_id: int | None,
                  pad_token_id: int, reduce_metrics: Callable[[dict], dict] | None = None,
                  seed: int = 0, monitor_fn: RewardFunction | None = None,
-                 advantage_estimator: AdvantageEstimator | None = None) -> None:
+                 advantage_estimator: AdvantageEstimator | None = None,
+                 ptx_batches: Iterator[dict[str, torch.Tensor]] | None = None) -> None:
         self._init_config(config, reduce_metrics)
+        if config.ptx_coef > 0 and ptx_batches is None:
+            raise ValueError(f"{self.name}: ptx_coef={config.ptx_coef} needs ptx_batches (SFT batches to mix in)")
+        self.ptx_batches = ptx_batches
         self.advantage_estimator: AdvantageEstimator = advantage_estimator or _class_estimator(type(self))
         needs_critic = "critic" in self.required_models
         if needs_critic and critic is None:
@@ -228,6 +240,8 @@ class OnlineAlgorithm(Algorithm):
         self.actor.eval()
         if self.critic is not None:
             self.critic.eval()
+        if self.env_rollout is not None:  # 2-4 on episodes against an environment (rlhf_algos.multiturn)
+            return self.env_rollout.experience(self, prompt_ids, prompt_mask, meta)
         # 2. generate, keeping the generator's own log-probs (to check them against the recomputation)
         gen = generate_responses(self.actor, prompt_ids, prompt_mask, max_new_tokens=c.max_new_tokens,
                                  do_sample=True, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
@@ -271,6 +285,11 @@ class OnlineAlgorithm(Algorithm):
         return None
 
     # 5: learning ---------------------------------------------------------------------------
+    def actor_steps(self, rows: int) -> int:
+        """Actor steps (micro-batches) one :meth:`learn` takes on a rollout of ``rows`` rows:
+        ``ppo_epochs * ceil(rows / micro_batch_size)``; with ``ptx_coef > 0``, ptx batches drawn."""
+        return self.config.ppo_epochs * math.ceil(rows / self.config.micro_batch_size)
+
     def learn(self, exp: Experience) -> dict[str, float | None]:
         """``ppo_epochs`` passes over shuffled micro-batches of ``exp``; returns averaged metrics.
 
@@ -320,11 +339,22 @@ class OnlineAlgorithm(Algorithm):
             kl_loss = self.kl_loss(logprobs, mb.ref_logprobs.to(dev), mask)
             loss = loss + c.kl_coef * kl_loss
             step["kl_loss"] = kl_loss.detach().float()
+        if c.ptx_coef > 0:  # InstructGPT's PPO-ptx: the SFT loss on demonstrations, in the same step
+            ptx = self.ptx_loss(next(self.ptx_batches))
+            loss = loss + c.ptx_coef * ptx
+            step["ptx_loss"] = ptx.detach().float()
         self.actor.backward(loss)
         self.actor.step()
         step.update(self.critic_step(mb, mask))
         step["entropy"] = F.masked_mean(entropy.detach().float(), mask)
         return step
+
+    def ptx_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The SFT loss (:func:`rlhf_algos.sft.sft_batch_loss`, token-mean NLL) of the actor on one collated
+        batch of demonstrations: the ptx term, weighted by ``ptx_coef`` in :meth:`train_step`."""
+        from .sft import sft_batch_loss  # sft.py imports this module
+
+        return sft_batch_loss(self.actor, batch).loss
 
     def kl_loss(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """KL(actor || reference) of the current log-probs ``(n, R)``, aggregated like the policy loss.
@@ -366,6 +396,10 @@ class OnlineAlgorithm(Algorithm):
             out["gen_logprob_gap_max"] = mismatch.gen_logprob_gap_max
         if exp.monitor_scores is not None:
             out.update(monitor_metrics(exp.scores, exp.monitor_scores))
+        if exp.end_reasons is not None:
+            from .multiturn import env_metrics
+
+            out.update(env_metrics(exp))
         return out
 
 

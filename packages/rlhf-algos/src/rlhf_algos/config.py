@@ -93,6 +93,9 @@ class OnlineConfig(AlgorithmConfig):
     temperature: float = option(1.0, "sampling temperature (log-probs use the same temperature)")
     top_k: int = option(0, "top-k sampling (0 = off)")
     top_p: float = option(1.0, "nucleus sampling (1.0 = off)")
+    ptx_coef: float = option(0.0, "weight of the SFT loss on a batch of demonstrations added to the policy loss at "
+                                  "every actor step (InstructGPT's PPO-ptx gamma, DeepSpeed-Chat's unsupervised "
+                                  "loss); 0 = off")
 
     def __post_init__(self) -> None:
         self._check_choice("kl_estimator", F.KL_ESTIMATORS)
@@ -108,6 +111,7 @@ class OnlineConfig(AlgorithmConfig):
         self._check_min("temperature", 0.0, strict=True)
         self._check_min("top_k", 0)
         self._check_range("top_p", 0.0, 1.0, low_open=True)
+        self._check_min("ptx_coef", 0.0)
 
 
 @dataclass(frozen=True)

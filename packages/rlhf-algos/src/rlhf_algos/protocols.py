@@ -79,7 +79,12 @@ class SequenceScorer(Protocol):
 
 @runtime_checkable
 class TrainableScorer(SequenceScorer, Protocol):
-    """A reward model being trained (:class:`~rlhf_algos.reward_model.RM`): ``score`` keeps the graph."""
+    """A reward model being trained (:class:`~rlhf_algos.reward_model.RM`): ``score`` keeps the graph.
+
+    With a packed ``RMConfig.batch_layout``, ``score`` is also called on packed rows as
+    ``score(input_ids, None, position_ids=..., last_index=...)`` (``rlhf_data.collate_pairs_padding_free``)
+    and returns one score per packed sequence (N,).
+    """
 
     def backward(self, loss: torch.Tensor) -> None: ...
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 from importlib.metadata import EntryPoint, entry_points
 
-__all__ = ["ENTRY_POINT_GROUP", "REQUIRED_ATTRIBUTES", "available_algorithms", "get_algorithm"]
+__all__ = ["ENTRY_POINT_GROUP", "REQUIRED_ATTRIBUTES", "available_algorithms", "get_algorithm",
+           "registered_entry_points"]
 
 ENTRY_POINT_GROUP = "rlhf.algorithms"
 REQUIRED_ATTRIBUTES: tuple[str, ...] = ("name", "kind", "data_kind", "required_models", "config_class",
@@ -34,15 +35,24 @@ log = logging.getLogger(__name__)
 _replaced_told: set[tuple[str, str]] = set()  # (name, plugin target) already logged
 
 
+_BUILT_IN_PREFIXES = ("rlhf_algos.", "rlhf_data.")  # the packages of this project register built-ins
+
+
 def _is_built_in(ep: EntryPoint) -> bool:
-    return ep.value.startswith("rlhf_algos.")
+    return ep.value.startswith(_BUILT_IN_PREFIXES)
 
 
 def _entry_points() -> dict[str, EntryPoint]:
-    """Name -> entry point. A third-party registration replaces a built-in of the same name; two
-    third-party registrations of one name with different targets are an error."""
+    return registered_entry_points(ENTRY_POINT_GROUP, "algorithm")
+
+
+def registered_entry_points(group: str, what: str) -> dict[str, EntryPoint]:
+    """Name -> entry point of ``group`` (``what`` names one item in messages: "algorithm", "environment").
+
+    A third-party registration replaces a built-in of the same name; two third-party registrations of
+    one name with different targets are an error (``ValueError``)."""
     found: dict[str, EntryPoint] = {}
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    for ep in entry_points(group=group):
         seen = found.get(ep.name)
         if seen is None or seen.value == ep.value:  # an identical duplicate (e.g. a stale egg-info) is harmless
             found[ep.name] = ep
@@ -51,10 +61,10 @@ def _entry_points() -> dict[str, EntryPoint]:
             found[ep.name] = plugin  # the plugin wins; say so once, so a shadowed built-in is never silent
             if (ep.name, plugin.value) not in _replaced_told:
                 _replaced_told.add((ep.name, plugin.value))
-                log.warning("algorithm %r: the plugin %s replaces the built-in %s", ep.name, plugin.value,
+                log.warning("%s %r: the plugin %s replaces the built-in %s", what, ep.name, plugin.value,
                             built_in.value)
         else:
-            raise ValueError(f"algorithm {ep.name!r} is registered twice in entry-point group {ENTRY_POINT_GROUP!r}: "
+            raise ValueError(f"{what} {ep.name!r} is registered twice in entry-point group {group!r}: "
                              f"{seen.value} and {ep.value}; uninstall one of the packages")
     return found
 

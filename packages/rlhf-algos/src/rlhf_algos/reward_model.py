@@ -2,7 +2,9 @@
 
 The batches are :func:`rlhf_data.collate_pairs`'s: ``2B`` right-padded rows, the ``B`` chosen
 prompt + response sequences first, then the ``B`` rejected ones. The model scores each row at its
-last real token (``score``; ``rlhf_hybrid.HybridEngine`` around a ``ValueModel``).
+last real token (``score``; ``rlhf_hybrid.HybridEngine`` around a ``ValueModel``). With a packed
+``batch_layout`` they are :func:`rlhf_data.collate_pairs_padding_free`'s: the same ``2B`` sequences
+packed into rows, each scored at its own last token.
 """
 
 from __future__ import annotations
@@ -28,10 +30,18 @@ class RMConfig(AlgorithmConfig):
 
     center_coef: float = option(0.01, "weight of the centring term mean((r_c + r_r)^2) that keeps scores "
                                       "comparable across prompts (Eisenstein et al. 2023); 0 = Bradley-Terry only")
+    batch_layout: str = option("padded", "\"padded\" (right-padded rows), or the same micro-batch's pairs packed "
+                                         "padding-free (rlhf_data.collate_pairs_padding_free: position ids restarting "
+                                         "per sequence, each scored at its last token; the same loss): \"rows\" "
+                                         "(rows no longer than the longest sequence: sdpa/eager attention) or "
+                                         "\"one_row\" (flash attention)")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.center_coef < float("inf"):  # nan fails this comparison too
             self._fail("center_coef", "a finite number >= 0")
+        from rlhf_data import PADDING_FREE_LAYOUTS
+
+        self._check_choice("batch_layout", ("padded", *PADDING_FREE_LAYOUTS))
 
 
 class RM(Algorithm):
@@ -65,8 +75,17 @@ class RM(Algorithm):
         self._init_config(config, reduce_metrics)
         self.model = model
 
+    def collate(self, examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+        """A micro-batch for :meth:`learn` from tokenized pairs: ``collate_pairs``, or
+        ``collate_pairs_padding_free`` (a packed ``batch_layout``)."""
+        from rlhf_data import collate_pairs, collate_pairs_padding_free
+
+        if self.config.batch_layout != "padded":
+            return collate_pairs_padding_free(examples, pad_token_id, layout=self.config.batch_layout)
+        return collate_pairs(examples, pad_token_id)
+
     def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One step on a ``collate_pairs`` micro-batch.
+        """One step on a micro-batch from :meth:`collate` (padded: ``2B`` rows; packed: ``2B`` sequences).
 
         Returns:
             ``loss``, ``train_accuracy`` (pairs with ``r_c > r_r``, a tie counting as wrong) and
@@ -75,12 +94,18 @@ class RM(Algorithm):
         Raises:
             ValueError: If the batch has an odd number of rows.
         """
-        ids, attn = batch["input_ids"], batch["attention_mask"]
-        if ids.shape[0] % 2 != 0:
-            raise ValueError(f"{self.name}: a pairs batch has 2B rows (B chosen, then B rejected); got {ids.shape[0]}")
-        half = ids.shape[0] // 2
+        packed = "last_index" in batch  # one score per packed sequence, not per row
+        n = batch["last_index"].shape[0] if packed else batch["input_ids"].shape[0]
+        if n % 2 != 0:
+            what = "sequences" if packed else "rows"
+            raise ValueError(f"{self.name}: a pairs batch has 2B {what} (B chosen, then B rejected); got {n}")
+        half = n // 2
         self.model.train()
-        scores = self.model.score(ids, attn)  # (2B,)
+        if packed:
+            scores = self.model.score(batch["input_ids"], None, position_ids=batch["position_ids"],
+                                      last_index=batch["last_index"])  # (2B,)
+        else:
+            scores = self.model.score(batch["input_ids"], batch["attention_mask"])  # (2B,)
         out = F.pairwise_reward_loss(scores[:half], scores[half:], center_coef=self.config.center_coef)
         self.model.backward(out.loss)
         self.model.step()

@@ -120,6 +120,11 @@ class Experience:
         kl: ``(N, R)`` per-token KL estimate with the configured estimator.
         advantages: ``(N, R)`` what the policy loss multiplies the ratio by.
         returns: ``(N, R)`` value targets (PPO) or discounted returns (critic-free).
+        turn_rewards: ``(N, R)`` multi-turn only (:mod:`rlhf_algos.multiturn`): each non-final turn's
+            reward at its last model token; there ``response_mask`` is the loss mask (1 on the model's
+            tokens only, 0 on the environment's) and ``attention_mask`` is 1 on every real token.
+        end_reasons: ``N`` multi-turn only: why each trajectory ended (``rlhf_algos.environments.END_REASONS``).
+        num_turns: ``(N,)`` multi-turn only: model turns per trajectory.
     """
 
     prompt_ids: torch.Tensor
@@ -141,6 +146,9 @@ class Experience:
     kl: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    turn_rewards: torch.Tensor | None = None
+    end_reasons: list[str] | None = None
+    num_turns: torch.Tensor | None = None
 
     def rows(self, idx: list[int]) -> Experience:
         """The rows ``idx`` (a micro-batch), every per-row field indexed alike."""

@@ -19,7 +19,7 @@ from . import functional as F
 from .base import Algorithm, AlgorithmConfig, _to_floats, option
 from .protocols import TrainablePolicy
 
-__all__ = ["SFT", "SFTConfig", "target_mask"]
+__all__ = ["SFT", "SFTConfig", "sft_batch_loss", "target_mask"]
 
 
 def target_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -34,6 +34,25 @@ def target_mask(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).float()
 
 
+def sft_batch_loss(policy: TrainablePolicy, batch: dict[str, torch.Tensor]) -> F.SFTLossOutput:
+    """:func:`~rlhf_algos.functional.sft_loss` of ``policy`` on one collated batch (with grad).
+
+    The one SFT forward: :meth:`SFT.learn` and the online algorithms' ptx term
+    (:meth:`~rlhf_algos.base.OnlineAlgorithm.ptx_loss`) both call it.
+
+    Args:
+        policy: Anything with ``token_logprobs`` (and ``position_ids`` support for packed rows).
+        batch: ``rlhf_data.collate_sft`` output (``input_ids``, ``attention_mask``, ``labels``: ``(B, L)``),
+            or packed rows (``rlhf_data.collate_packed`` / ``collate_sft_padding_free``: ``input_ids``,
+            ``position_ids``, ``labels``, no attention mask: the position ids keep attention inside each sample).
+    """
+    if "position_ids" in batch:
+        lp = policy.token_logprobs(batch["input_ids"], None, 1, position_ids=batch["position_ids"])
+    else:
+        lp = policy.token_logprobs(batch["input_ids"], batch["attention_mask"], 1)  # (B, L - 1)
+    return F.sft_loss(lp, target_mask(batch["labels"]).to(lp.device))
+
+
 @dataclass(frozen=True)
 class SFTConfig(AlgorithmConfig):
     """SFT options (the demo's and DeepSpeed-Chat's defaults: completion-only, no packing)."""
@@ -44,6 +63,18 @@ class SFTConfig(AlgorithmConfig):
                                      "and TRL); the EOS is a response token, so the model learns to stop")
     packing: bool = option(False, "batches are packed rows (rlhf_data.pack_sft, collate_packed): several samples "
                                   "per row, attention kept inside each sample through position ids")
+    batch_layout: str = option("padded", "\"padded\" (right-padded rows), or the same micro-batch's samples packed "
+                                         "padding-free (rlhf_data.collate_sft_padding_free: position ids restarting "
+                                         "per sample; the same loss): \"rows\" (rows no longer than the longest "
+                                         "sample: sdpa/eager attention) or \"one_row\" (flash attention); not with "
+                                         "packing, whose rows are packed already")
+
+    def __post_init__(self) -> None:
+        from rlhf_data import PADDING_FREE_LAYOUTS
+
+        self._check_choice("batch_layout", ("padded", *PADDING_FREE_LAYOUTS))
+        if self.packing and self.batch_layout != "padded":
+            self._fail("batch_layout", "'padded' with packing=True (its rows are packed already)")
 
 
 class SFT(Algorithm):
@@ -56,7 +87,7 @@ class SFT(Algorithm):
     Args:
         config: An :class:`SFTConfig`.
         policy: The model being trained (``token_logprobs``, ``backward``, ``step``, ``train``,
-            ``eval``; with ``packing``, ``token_logprobs`` also takes ``position_ids``).
+            ``eval``; with ``packing`` or a packed ``batch_layout``, ``token_logprobs`` also takes ``position_ids``).
         reduce_metrics: Applied to the metrics dict before it is returned.
 
     Raises:
@@ -79,20 +110,19 @@ class SFT(Algorithm):
 
     def collate(self, examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
         """A micro-batch for :meth:`learn` from tokenized examples (or packed rows, with ``packing``)."""
-        from rlhf_data import collate_packed, collate_sft
+        from rlhf_data import collate_packed, collate_sft, collate_sft_padding_free
 
         if self.config.packing:
             return collate_packed(examples, pad_token_id, mask_prompt=self.config.mask_prompt)
+        if self.config.batch_layout != "padded":
+            return collate_sft_padding_free(examples, pad_token_id, mask_prompt=self.config.mask_prompt,
+                                            layout=self.config.batch_layout)
         return collate_sft(examples, pad_token_id, mask_prompt=self.config.mask_prompt)
 
     def learn(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One step on a micro-batch from :meth:`collate`; returns ``{"loss": ...}``."""
         self.policy.train()
-        if self.config.packing:  # no attention mask: the position ids keep attention inside each sample
-            lp = self.policy.token_logprobs(batch["input_ids"], None, 1, position_ids=batch["position_ids"])
-        else:
-            lp = self.policy.token_logprobs(batch["input_ids"], batch["attention_mask"], 1)  # (B, L - 1)
-        loss = F.sft_loss(lp, target_mask(batch["labels"]).to(lp.device)).loss
+        loss = sft_batch_loss(self.policy, batch).loss
         self.policy.backward(loss)
         self.policy.step()
         return self.reduce_metrics(_to_floats({"loss": loss.detach().float()}))

@@ -12,9 +12,10 @@ from pathlib import Path
 import typer
 
 from .config import ConfigError, all_keys, load_config
+from .envs import envs_app
 from .errors import fail as _fail
 from .errors import user_errors
-from .launch import relaunch
+from .launch import launched, relaunch
 from .run_report import report_command
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ data_app = typer.Typer(help="Data sources, splits and blends (docs/data.md).", n
 app.add_typer(data_app, name="data")
 bench_app = typer.Typer(help="Benchmarks (docs/performance.md).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+app.add_typer(envs_app, name="envs")
 app.command("report")(report_command)
 
 STAGE_CHOICES = ("sft", "rm", "all")  # or the name of a registered algorithm
@@ -78,8 +80,9 @@ def run(
                                     help="HF hub name or local directory of the causal LM to start SFT from "
                                          "(default: the demo's tiny Llama)."),
     reward_model: str = typer.Option(None, "--reward-model",
-                                     help="HF hub name or local directory for the reward model and critic "
-                                          "(fresh value head; default: the SFT model)."),
+                                     help="HF hub name or local directory of the reward model: a trained one "
+                                          "(sequence classification, num_labels=1) is used as is by stage 3 (no rm "
+                                          "stage); a causal LM is the rm stage's backbone (default: the SFT model)."),
     data: str = typer.Option(None, "--data", "-d",
                              help="Data spec (data.sources): 'demo', a source name, a local file, or weighted sources, "
                                   "e.g. 'hh:./hh.jsonl:0.7,shp:0.3' (docs/data.md)."),
@@ -103,7 +106,7 @@ def run(
     from .preflight import preflight_run
 
     preflight_run(cfg, stages_for(cfg, stage))  # before any model is built: out dir, free space, model dirs
-    if cfg.deepspeed.nproc > 1 and "RANK" not in os.environ:
+    if cfg.deepspeed.nproc > 1 and not launched():  # under torchrun, deepspeed or srun: this is one rank
         relaunch(cfg.deepspeed.nproc)
         return
     _run_stages(cfg, stage, overwrite, resume)
@@ -139,7 +142,7 @@ def _run_stages(cfg, stage: str, overwrite: bool = False, resume: bool = False) 
 
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
-    info = init_distributed()
+    info = init_distributed(timeout_s=cfg.distributed.timeout_s)
     reporter = Reporter(enabled=info.is_main)
     reporter.print(f"[bold]rlhf run[/] stages={','.join(stages)} out={cfg.out} world_size={info.world_size} "
                    f"zero_stage={cfg.deepspeed.zero_stage} device={info.device}")
@@ -161,18 +164,26 @@ def _run_stages(cfg, stage: str, overwrite: bool = False, resume: bool = False) 
         dist.destroy_process_group()
 
 
-@app.command(help="Talk to a trained model: one answer with --prompt, or an interactive session without it.")
+@app.command(help="Talk to a trained model: one answer with --prompt, or a multi-turn session without it "
+                  "(each answer sees the conversation so far; /reset forgets it, /exit or Ctrl-D ends it). "
+                  "Answers stream as they are generated.")
 @user_errors
 def chat(
     model: Path = typer.Option(..., "--model", "-m", help="A model directory written by `rlhf run` (e.g. rlhf-out/ppo)."),
-    prompt: str = typer.Option(None, "--prompt", "-p", help="Answer this one prompt and exit."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Answer length limit in tokens."),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit."),
+    system: str = typer.Option(None, "--system", "-s", help="A system prompt, first in every conversation."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Answer length limit in tokens (>= 1)."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy decoding; > 0 samples."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling (with --temperature > 0): sample from the "
+                                "most likely tokens holding this much probability; in (0, 1], 1 = all."),
+    show_prompt: bool = typer.Option(False, "--show-prompt", help="Print each prompt as the model sees it "
+                                     "(chat template applied, history included) on stderr."),
 ) -> None:
     _quiet_libraries()
     from .chat import chat as run_chat
 
-    run_chat(str(model), prompt, max_new_tokens, temperature)
+    run_chat(str(model), prompt, {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p},
+             system=system, show_prompt=show_prompt)
 
 
 @app.command("config-keys", help="List every config key with its type, default and meaning.")

@@ -1,48 +1,105 @@
-"""``rlhf chat``: one answer, or an interactive session, from a model directory written by ``rlhf run``."""
+"""``rlhf chat``: one answer, or a multi-turn session, with a model directory written by ``rlhf run``.
+
+With ``--prompt`` the answer to that one message is printed (streamed) and the command exits. Without
+it, messages are read line by line from the terminal (or from piped stdin) and answered in turn, each
+with the conversation so far; ``/reset`` forgets the conversation, ``/exit`` or end of input (Ctrl-D)
+ends the session. The conversation is rendered with the tokenizer's chat template, or in the plain
+"Human:/Assistant:" format when the tokenizer has none (what training used for it; see
+:mod:`rlhf_cli.chat_session`).
+"""
 
 from __future__ import annotations
 
-import math
+import sys
+from collections.abc import Callable
 
 import typer
 
+from .chat_session import ChatSession, ContextError, GenerationSettings
 from .errors import fail
 from .preflight import preflight_chat
 
-__all__ = ["chat"]
+__all__ = ["COMMANDS", "chat", "run_turn", "session_loop"]
+
+COMMANDS = {"/reset": "forget the conversation so far", "/exit": "end the session (so does Ctrl-D)"}
+WELCOME = ("Multi-turn chat; each answer sees the conversation so far. " +
+           "; ".join(f"{c}: {what}" for c, what in COMMANDS.items()) + ".")
 
 
-def chat(model: str, prompt: str | None, max_new_tokens: int, temperature: float) -> None:
-    """Check the settings and the model directory, then answer ``prompt`` (or read prompts from stdin)."""
-    if max_new_tokens < 1:
-        fail(f"--max-new-tokens: must be >= 1, got {max_new_tokens}")
-    if not (math.isfinite(temperature) and temperature >= 0):
-        fail(f"--temperature: {temperature!r} is not allowed; allowed: a finite number >= 0 (0 = greedy)")
+def _say(text: str, nl: bool = True) -> None:
+    typer.echo(text, nl=nl)
+    sys.stdout.flush()
+
+
+def _note(text: str) -> None:
+    typer.echo(text, err=True)
+
+
+def run_turn(session: ChatSession, text: str, show_prompt: bool, lead: str = "") -> bool:
+    """Answer ``text``: notices on stderr, ``lead`` + the streamed answer + a newline on stdout.
+    Returns False (nothing printed on stdout, history unchanged) when the message cannot fit."""
+    try:
+        ids, dropped = session.prompt_ids(text)
+    except ContextError as e:
+        _note(f"error: {e}")
+        return False
+    if dropped:
+        _note(f"(history: dropped the oldest {dropped} turn(s) to fit the model's context of {session.context} "
+              f"tokens with --max-new-tokens {session.settings.max_new_tokens})")
+    if show_prompt:
+        _note(f"prompt ({len(ids)} tokens): {session.tokenizer.decode(ids)!r}")
+    _say(lead, nl=False)
+    session.reply(text, on_text=lambda piece: _say(piece, nl=False))
+    _say("")
+    return True
+
+
+def session_loop(session: ChatSession, read: Callable[[str], str], show_prompt: bool) -> None:
+    """Read a message with ``read("you> ")`` (EOFError ends), answer it as ``model> ...``; the commands of
+    :data:`COMMANDS` act on the session; an empty line is skipped."""
+    while True:
+        try:
+            text = read("you> ").strip()
+        except EOFError:
+            _say("")
+            return
+        if not text:
+            continue
+        if text == "/exit":
+            return
+        if text == "/reset":
+            session.reset()
+            _note("(history cleared)")
+        elif text.startswith("/") and " " not in text:  # a one-word "/..." that is no command
+            _note(f"unknown command {text!r}; commands: {', '.join(COMMANDS)}")
+        else:
+            run_turn(session, text, show_prompt, lead="model> ")
+
+
+def chat(model: str, prompt: str | None, settings: dict, system: str | None = None, show_prompt: bool = False) -> None:
+    """Check the settings and the model directory, then answer ``prompt`` or run a session on stdin.
+
+    ``settings``: the :class:`~rlhf_cli.chat_session.GenerationSettings` fields, as given on the command line.
+    """
+    try:
+        gen = GenerationSettings(**settings)
+    except ValueError as e:
+        fail(str(e))
+    if system is not None and not system.strip():
+        fail("--system: an empty system prompt is not allowed; leave --system out for none")
     preflight_chat(model)
     import torch
-    from rlhf_data import encode_prompt
     from rlhf_hybrid import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(model)
-    lm = load_causal_lm(model).eval()
-
-    def answer(text: str) -> str:
-        ids = torch.tensor([encode_prompt(tok, text)])
-        with torch.no_grad():
-            out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                              do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                              top_k=None, top_p=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-
+    # CUDA path written for GPU machines; the tests run it on the CPU only
+    lm = load_causal_lm(model).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    session = ChatSession(tok, lm, gen, system=system)
     if prompt is not None:
-        typer.echo(answer(prompt))
+        if not run_turn(session, prompt, show_prompt):
+            raise typer.Exit(2)
         return
-    typer.echo("Interactive chat; an empty line or Ctrl-D ends it.")
-    while True:
-        try:
-            text = input("you> ").strip()
-        except EOFError:
-            break
-        if not text:
-            break
-        typer.echo(f"model> {answer(text)}")
+    _note(WELCOME)
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input() on a terminal)
+    session_loop(session, input, show_prompt)

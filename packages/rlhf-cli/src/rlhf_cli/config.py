@@ -17,15 +17,15 @@ from pathlib import Path
 
 import yaml
 
+from .config_model import ModelSection
 from .config_report import ReportSection
-from .config_runtime import CheckpointSection, OffloadSection, TrainSection
+from .config_runtime import CheckpointSection, DistributedSection, OffloadSection, TrainSection
 from .config_sections import (
     AlgoSection,
     ConfigError,
     DataSection,
     DeepSpeedSection,
     LoRASection,
-    ModelSection,
     PrefSection,
     RLSection,
     RMSection,
@@ -42,6 +42,7 @@ __all__ = [
     "ConfigError",
     "DataSection",
     "DeepSpeedSection",
+    "DistributedSection",
     "LoRASection",
     "ModelSection",
     "OffloadSection",
@@ -82,6 +83,7 @@ class RunConfig:
     lora: LoRASection = field(default_factory=LoRASection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     train: TrainSection = field(default_factory=TrainSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     offload: OffloadSection = field(default_factory=OffloadSection)
     report: ReportSection = field(default_factory=ReportSection)
 
@@ -102,6 +104,7 @@ class RunConfig:
             raise ConfigError(f"rl.gather_quantization: {rl.gather_quantization!r} is not supported with LoRA on "
                               f"the RL actor (lora.rank={lo.rank}, lora.stages={lo.stages!r}): the adapters are fused "
                               f"into exactly gathered weights; use 'none'")
+        self.model.check_dtype(ds.dtype)
         self.algorithm_config()  # the algo.<field> values fit the algorithm's config class, with the rl.* ones
 
     def algorithm(self):

@@ -1,15 +1,16 @@
 """The sections about how a run is carried out rather than what it trains: ``checkpoint.*`` (resumable
-state, :mod:`rlhf_cli.resume`), ``train.*`` (the guards around every optimizer step) and ``offload.*``
-(which models' parameters live on the CPU under ZeRO-3)."""
+state, :mod:`rlhf_cli.resume`), ``train.*`` (the guards around every optimizer step), ``distributed.*``
+(the process group) and ``offload.*`` (which models' parameters live on the CPU under ZeRO-3)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 from .config_sections import Section, option
 
-__all__ = ["CheckpointSection", "OffloadSection", "TrainSection"]
+__all__ = ["CheckpointSection", "DistributedSection", "OffloadSection", "TrainSection"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,25 @@ class TrainSection(Section):
 
     def __post_init__(self) -> None:
         self._check_min(1, "max_nonfinite_steps")
+
+
+@dataclass(frozen=True)
+class DistributedSection(Section):
+    """The process group every rank joins (docs/cli.md, "Multi-process and multi-node runs")."""
+
+    section: ClassVar[str] = "distributed"
+
+    # rlhf_hybrid.distributed.DEFAULT_TIMEOUT_S, spelled out: importing rlhf_hybrid (torch) here would slow
+    # every `rlhf` command (a test checks that the two agree)
+    timeout_s: float = option(1800.0, "seconds the ranks wait for each other, at the rendezvous and in every "
+                                      "collective of the default process group (its torch.distributed timeout; "
+                                      "groups DeepSpeed makes itself keep torch's default), before the run "
+                                      "stops with an error; raise it when one rank can be busy for long alone (e.g. "
+                                      "saving a large checkpoint on a slow disk).")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.timeout_s < math.inf:  # nan fails this comparison too
+            self._fail("timeout_s", f"must be finite and > 0, got {self.timeout_s!r}")
 
 
 @dataclass(frozen=True)

@@ -110,35 +110,6 @@ class Section:
 
 
 @dataclass(frozen=True)
-class ModelSection(Section):
-    """Models."""
-
-    section: ClassVar[str] = "model"
-
-    actor_model: str = option("", "HF hub name or local directory of a causal LM; \"\" = the demo's tiny Llama.")
-    reward_model: str = option("", "HF hub name or local directory for the reward model and critic (a fresh value "
-                                   "head is added); \"\" = start them from the SFT model.")
-    hidden_size: int = option(256, "tiny demo model: hidden width.")
-    num_layers: int = option(2, "tiny demo model: transformer layers.")
-    num_heads: int = option(8, "tiny demo model: attention heads.")
-    intermediate_size: int = option(1024, "tiny demo model: MLP width.")
-    tokenizer_vocab_size: int = option(0, "tiny demo model: vocabulary of the byte-level BPE tokenizer trained on the "
-                                          "data in-process; 0 = 320 for the demo task, 2048 for other data.")
-
-    # the byte-level BPE's 256 byte tokens plus its special tokens: the smallest vocabulary it can have
-    MIN_VOCAB: ClassVar[int] = 260
-
-    def __post_init__(self) -> None:
-        self._check_min(1, "hidden_size", "num_layers", "num_heads", "intermediate_size")
-        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 2:
-            self._fail("num_heads", f"{self.num_heads} is not allowed with model.hidden_size={self.hidden_size}; "
-                                    f"allowed: a divisor of hidden_size that leaves an even head size (rotary)")
-        if self.tokenizer_vocab_size != 0 and not self.MIN_VOCAB <= self.tokenizer_vocab_size <= 1_000_000:
-            self._fail("tokenizer_vocab_size", f"{self.tokenizer_vocab_size} is not allowed; allowed: 0 (auto) or "
-                                               f"{self.MIN_VOCAB}..1000000")
-
-
-@dataclass(frozen=True)
 class DataSection(Section):
     """Data."""
 
@@ -213,6 +184,13 @@ class DeepSpeedSection(Section):
             self._fail("offload_optimizer", "needs deepspeed.zero_stage >= 1, got 0")
 
 
+PADDING_FREE_HELP = ("train on the same micro-batches laid out without padding: each micro-batch's {what} packed into "
+                     "rows, position ids restarting per sequence (the same loss and gradients as padded rows; "
+                     "rlhf_hybrid.padding_free_layout picks rows no longer than the longest sequence for sdpa/eager "
+                     "attention, one row for flash attention). Off by default: slower on the demo's short, "
+                     "even-length data (docs/performance.md).")
+
+
 @dataclass(frozen=True)
 class SFTSection(Section):
     """Stage 1, supervised fine-tuning."""
@@ -229,12 +207,17 @@ class SFTSection(Section):
                                         "rm.* and pref.*) or \"constant\".")
     weight_decay: float = option(0.1, "AdamW weight decay (decoupled, Loshchilov & Hutter 2019).")
     packing: bool = option(False, "pack several samples into each row (fewer pad tokens); attention stays within "
-                                  "each sample through packed position ids (transformers 5 decoder models).")
+                                  "each sample through packed position ids (transformers 5 decoder models); "
+                                  "sft.batch_size then counts rows, so a step sees more samples than unpacked.")
+    padding_free: bool = option(False, PADDING_FREE_HELP.format(what="samples"))
 
     def __post_init__(self) -> None:
         self._check_loop()
         self._check_finite("weight_decay")
         self._check_choice("lr_schedule", ("cosine", "constant"))
+        if self.padding_free and self.packing:
+            self._fail("padding_free", "true together with sft.packing=true; sft.packing already packs the data into "
+                                       "rows (sft.batch_size rows per step), set one of them")
 
 
 @dataclass(frozen=True)
@@ -250,6 +233,7 @@ class RMSection(Section):
     center_coef: float = option(0.01, "weight of the centring term (r_c + r_r)^2 that keeps scores comparable across "
                                       "prompts (a pairwise-only loss learns per-prompt offsets).")
     warmup_steps: int = option(20, "linear LR warm-up steps.")
+    padding_free: bool = option(False, PADDING_FREE_HELP.format(what="pairs"))
 
     def __post_init__(self) -> None:
         self._check_loop()
@@ -344,6 +328,10 @@ class RLSection(Section):
     ema_beta: float = option(0.0, "keep an exponential moving average of the actor, updated after every optimizer step "
                                   "(ema = beta * ema + (1 - beta) * weights; DeepSpeed-Chat's --enable_ema uses "
                                   "0.992), saved as <out>/<algo>_ema and scored on the held-out prompts too; 0 = off.")
+    ptx_coef: float = option(0.0, "weight of the ptx term: the SFT loss (as stage 1's, sft.mask_prompt) on a batch of "
+                                  "rl.micro_batch_size demonstrations from the SFT split, drawn for every actor step "
+                                  "and added to its loss (InstructGPT's PPO-ptx, DeepSpeed-Chat's unsupervised loss; "
+                                  "docs/pipeline.md, \"The ptx term\"); 0 = off.")
     health_window: int = option(15, "RL health warnings: iterations before \"reward flat while the KL rises\" is "
                                     "first judged, from then on over every iteration since the first (>= 2; "
                                     "docs/pipeline.md, rlhf_algos.HealthMonitor).")
@@ -372,7 +360,7 @@ class RLSection(Section):
     # run (set as rl.<key>, never as algo.<field>)
     ALGO_KEYS: ClassVar[dict[str, str]] = {
         "micro_batch_size": "micro_batch_size", "ppo_epochs": "epochs", "max_new_tokens": "max_new_tokens",
-        "temperature": "temperature",
+        "temperature": "temperature", "ptx_coef": "ptx_coef",
     }
 
     def __post_init__(self) -> None:
@@ -384,6 +372,7 @@ class RLSection(Section):
         if not 0.0 <= self.ema_beta < 1.0:  # nan fails this comparison too
             self._fail("ema_beta", f"must be in [0, 1) (0 = off), got {self.ema_beta!r}")
         self._check_choice("gather_quantization", ("none", "int8", "int4"))
+        self._check_finite("ptx_coef")
         self.health_thresholds()
         if self.inference_tp_size > 1 and self.generation != "fast":
             self._fail("inference_tp_size", f"{self.inference_tp_size} needs rl.generation=fast, got "

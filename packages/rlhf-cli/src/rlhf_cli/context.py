@@ -18,8 +18,8 @@ from .config import RunConfig
 from .ledger import check_inputs, checkpoint_id, config_fingerprint, new_checkpoint_id
 from .report import Reporter
 
-__all__ = ["Context", "PipelineError", "engine_config", "frozen_config", "load_data", "load_model", "note_input", "require_stage_output", "save_stage",
-           "seed_everything", "tokenized", "with_lora"]
+__all__ = ["Context", "PipelineError", "engine_config", "frozen_config", "load_data", "note_input", "require_stage_output",
+           "check_reward_vocab", "load_model", "load_run_tokenizer", "reward_model_dir", "save_stage", "seed_everything", "tokenized", "trained_reward_model", "with_lora"]
 
 
 class PipelineError(RuntimeError):
@@ -128,7 +128,8 @@ def engine_config(cfg: RunConfig, *, lr: float, batch: int, grad_accum: int = 1,
                         inference_tp_size=cfg.rl.inference_tp_size,
                         cuda_graphs=cfg.rl.cuda_graphs, keep_decode_cache=cfg.rl.keep_decode_cache,
                         gather_quantization=cfg.rl.gather_quantization,
-                        max_nonfinite_steps=cfg.train.max_nonfinite_steps, offload_param=cfg.offload.params)
+                        max_nonfinite_steps=cfg.train.max_nonfinite_steps,
+                        gradient_checkpointing=cfg.model.gradient_checkpointing, offload_param=cfg.offload.params)
 
 
 def frozen_config(cfg: RunConfig, engine, role: str):
@@ -139,16 +140,61 @@ def frozen_config(cfg: RunConfig, engine, role: str):
     return dataclasses.replace(engine, offload_param=getattr(cfg.offload, role))
 
 
-def load_model(ctx: Context, path: str, engine, *, value: bool = False, trainable: bool = True, lora_stage: str = ""):
-    """The causal LM (``value``: the value model) at ``path`` for an engine of config ``engine``: under
-    deepspeed.zero_stage=3 built partitioned from the first byte (``rlhf_hybrid.zero_init``; collective), else
-    whole. A policy that gets LoRA adapters in ``lora_stage`` is built whole: the adapters are added before
-    the engine partitions it."""
-    from rlhf_hybrid.zero_init import build_causal_lm, build_value_model
+def trained_reward_model(cfg: RunConfig) -> str | None:
+    """Where model.reward_model's trained head is ("sequence_classification" or the older "value_head"
+    format), or None: no model.reward_model, or a plain causal LM (the rm stage trains its head)."""
+    m = cfg.model
+    if not m.reward_model:
+        return None
+    from rlhf_hybrid import trained_reward_head
 
-    partition = engine.zero_stage == 3 and not (lora_stage and ctx.cfg.lora.applies_to(lora_stage))
-    build = build_value_model if value else build_causal_lm
-    return build(path, engine, trainable=trainable, partition=partition)
+    return trained_reward_head(m.reward_model, **m.tokenizer_kwargs(user_model=True))
+
+
+def reward_model_dir(ctx: Context, needed_by: str) -> str:
+    """The reward model stage 3 scores with (and starts the critic from): model.reward_model when it is a
+    trained reward model (:func:`trained_reward_model`; said on the console), else ``<out>/rm`` (which must
+    exist)."""
+    if trained_reward_model(ctx.cfg):
+        ctx.reporter.print(f"{needed_by}: scoring with the trained reward model {ctx.cfg.model.reward_model} "
+                           f"(model.reward_model)")
+        return ctx.cfg.model.reward_model
+    return str(require_stage_output(ctx, "rm", needed_by))
+
+
+def load_model(ctx: Context, name: str | Path, kind: str = "causal_lm", engine=None, *, trainable: bool = True,
+               lora_stage: str = ""):
+    """A causal LM (``kind="causal_lm"``) or a :class:`rlhf_hybrid.ValueModel` (``"value"``) with the run's
+    model.* load settings (dtype, attn_implementation, trust_remote_code; revision for model.actor_model /
+    model.reward_model themselves). Given the ``engine`` config it is for, under deepspeed.zero_stage=3 it
+    is built partitioned from the first byte (``rlhf_hybrid.zero_init``; collective, in the engine's dtype);
+    a policy that gets LoRA adapters in ``lora_stage`` is built whole (the adapters are added before the
+    engine partitions it)."""
+    from rlhf_hybrid import ValueModel, build_causal_lm, build_value_model, load_causal_lm
+
+    m = ctx.cfg.model
+    kw = m.load_kwargs(ctx.cfg.deepspeed.dtype, user_model=str(name) in (m.actor_model, m.reward_model))
+    if engine is not None and engine.zero_stage == 3 and not (lora_stage and ctx.cfg.lora.applies_to(lora_stage)):
+        build = build_value_model if kind == "value" else build_causal_lm
+        return build(str(name), engine, trainable=trainable, **kw)
+    return ValueModel.from_pretrained(str(name), **kw) if kind == "value" else load_causal_lm(str(name), **kw)
+
+
+def check_reward_vocab(name: str | Path, model, tokenizer) -> None:
+    """A reward model (or critic) must embed every token of the actor's tokenizer (PipelineError naming
+    model.reward_model otherwise)."""
+    if len(tokenizer) > model.config.vocab_size:
+        raise PipelineError(f"model.reward_model: {str(name)!r} has vocab_size {model.config.vocab_size} but the "
+                            f"actor's tokenizer has {len(tokenizer)} tokens; the reward model must share the actor's "
+                            f"tokenizer")
+
+
+def load_run_tokenizer(ctx: Context, name: str | Path):
+    """``rlhf_hybrid.load_tokenizer`` with the run's trust_remote_code (and revision for model.actor_model)."""
+    from rlhf_hybrid import load_tokenizer
+
+    m = ctx.cfg.model
+    return load_tokenizer(str(name), **m.tokenizer_kwargs(user_model=str(name) in (m.actor_model, m.reward_model)))
 
 
 def with_lora(ctx: Context, model, stage: str):

@@ -27,7 +27,7 @@ def load_inspection_tokenizer(cfg: RunConfig, name: str | None, corpus: list[str
     if name:
         from rlhf_hybrid import load_tokenizer
 
-        return load_tokenizer(name)
+        return load_tokenizer(name, **cfg.model.tokenizer_kwargs(user_model=name == cfg.model.actor_model))
     return train_demo_tokenizer(corpus, vocab_size=tiny_vocab_size(cfg))
 
 

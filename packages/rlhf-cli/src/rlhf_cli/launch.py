@@ -9,7 +9,17 @@ import sys
 
 import typer
 
-__all__ = ["child_args", "relaunch"]
+__all__ = ["child_args", "launched", "relaunch"]
+
+
+def launched() -> bool:
+    """Whether a launcher (torchrun, deepspeed, srun) started this process as one rank of its world: then
+    ``--nproc`` is not acted on (``rlhf_hybrid.launch_env`` says which variables tell)."""
+    if "RANK" in os.environ:  # torchrun, deepspeed: no need to import torch to know
+        return True
+    from rlhf_hybrid.launch_env import launched as in_world
+
+    return in_world(os.environ)
 
 
 def child_args(argv: list[str]) -> list[str]:

@@ -16,7 +16,7 @@ import time
 from rlhf_algos import ModelReward, TextReward
 
 from .config import RunConfig, resolved_settings, to_dict, to_yaml
-from .context import Context, PipelineError, load_data
+from .context import Context, PipelineError, load_data, trained_reward_model
 from .data_report import check_stage_data
 from .evaluation import evaluate_policy
 from .ledger import checkpoint_id, clean_orphans, remove_stale, write_ledger
@@ -34,11 +34,12 @@ STAGES = ("sft", "rm", "ppo")
 
 def stages_for(cfg: RunConfig, stage: str) -> list[str]:
     """The stages ``--stage`` runs: ``all`` = sft, rm (when the algorithm trains on a reward model's
-    scores), then the algorithm; ``sft``, ``rm`` or the algorithm's name alone."""
+    scores and model.reward_model is no trained reward model), then the algorithm; ``sft``, ``rm`` or the
+    algorithm's name alone."""
     cls = cfg.algorithm()
     if stage != "all":
         return [stage]
-    needs_rm = cls.kind == "online" and cfg.rl.reward == "model"
+    needs_rm = cls.kind == "online" and cfg.rl.reward == "model" and trained_reward_model(cfg) is None
     return ["sft", *(["rm"] if needs_rm else []), cls.name]
 
 

@@ -120,10 +120,12 @@ def _weights_params(d: Path) -> int:
     raise ValueError(f"no weights (none of {', '.join(_WEIGHT_FILES)})")
 
 
-def check_model_dir(key: str, path: str, *, tokenizer: bool) -> tuple[list[str], int | None]:
+def check_model_dir(key: str, path: str, *, tokenizer: bool, trust_remote_code: bool = False,
+                    revision: str | None = None) -> tuple[list[str], int | None]:
     """Problems with model directory ``path`` (set by ``key``) and its parameter count (None: unknown).
 
-    A hub name (not a local path) is checked only for being in the local cache when the hub is offline.
+    A hub name (not a local path) is checked only for being in the local cache (at ``revision``) when the hub
+    is offline. ``trust_remote_code``: model.trust_remote_code, for a model with its own code.
     """
     from rlhf_hybrid import resolve_model_path
 
@@ -132,13 +134,17 @@ def check_model_dir(key: str, path: str, *, tokenizer: bool) -> tuple[list[str],
     except FileNotFoundError as e:
         return [f"{key}: {e}"], None
     if not local.is_dir():
-        return _check_hub_name(key, path), None
+        return _check_hub_name(key, path, revision), None
     problems = []
     try:
         json.loads((local / "config.json").read_text(encoding="utf-8"))
         from transformers import AutoConfig
 
-        AutoConfig.from_pretrained(str(local))
+        config = AutoConfig.from_pretrained(str(local), trust_remote_code=trust_remote_code)
+        labels = config.num_labels
+        if any(a.endswith("ForSequenceClassification") for a in config.architectures or []) and labels != 1:
+            problems.append(f"{key}: {str(local)!r} is a sequence-classification model with num_labels={labels}; a "
+                            f"reward model has one output (num_labels=1)")
     except (OSError, ValueError, KeyError) as e:
         problems.append(f"{key}: {str(local / 'config.json')!r} is not a valid model config: {' '.join(str(e).split())[:300]}")
     params = None
@@ -147,30 +153,30 @@ def check_model_dir(key: str, path: str, *, tokenizer: bool) -> tuple[list[str],
     except (OSError, ValueError) as e:
         problems.append(f"{key}: {str(local)!r}: weights: {e}")
     if tokenizer and not problems:
-        problems += _check_tokenizer(key, local)
+        problems += _check_tokenizer(key, local, trust_remote_code)
     return problems, params
 
 
-def _check_tokenizer(key: str, local: Path) -> list[str]:
+def _check_tokenizer(key: str, local: Path, trust_remote_code: bool = False) -> list[str]:
     if not any((local / f).is_file() for f in _TOKENIZER_FILES):
         return [f"{key}: {str(local)!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)})"]
     try:
         from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(str(local))
+        AutoTokenizer.from_pretrained(str(local), trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - tokenizers raise many types for a broken file
         return [f"{key}: {str(local)!r}: the tokenizer does not load: {' '.join(str(e).split())[:300]}"]
     return []
 
 
-def _check_hub_name(key: str, name: str) -> list[str]:
+def _check_hub_name(key: str, name: str, revision: str | None = None) -> list[str]:
     """A hub name: fine online (transformers downloads it); offline it must be in the local cache."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True", "YES", "yes"):
         return []
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        cached = try_to_load_from_cache(name, "config.json")
+        cached = try_to_load_from_cache(name, "config.json", revision=revision or None)
     except Exception:  # noqa: BLE001 - an invalid repo id
         cached = None
     if not isinstance(cached, str):
@@ -205,15 +211,19 @@ def preflight_run(cfg, stages: list[str]) -> None:
     :class:`PreflightError` listing every problem (one line each)."""
     problems = check_out_dir(cfg.out)
     actor_params = reward_params = None
-    if cfg.model.actor_model:
-        found, actor_params = check_model_dir("--actor-model (model.actor_model)", cfg.model.actor_model, tokenizer=True)
+    m = cfg.model
+    remote = {"trust_remote_code": m.trust_remote_code}
+    if m.actor_model:
+        found, actor_params = check_model_dir("--actor-model (model.actor_model)", m.actor_model, tokenizer=True,
+                                              revision=m.revision, **remote)
         problems += found
-    if cfg.model.reward_model:
-        found, reward_params = check_model_dir("--reward-model (model.reward_model)", cfg.model.reward_model, tokenizer=False)
+    if m.reward_model:
+        found, reward_params = check_model_dir("--reward-model (model.reward_model)", m.reward_model, tokenizer=False,
+                                               revision=m.revision, **remote)
         problems += found
     sft_dir = Path(cfg.out).expanduser() / "sft"
     if not problems and "sft" not in stages and (sft_dir / "config.json").is_file():  # a later stage's input
-        found, sft_params = check_model_dir(f"--stage {stages[0]} input", str(sft_dir), tokenizer=True)
+        found, sft_params = check_model_dir(f"--stage {stages[0]} input", str(sft_dir), tokenizer=True, **remote)
         problems += found
         actor_params = sft_params if actor_params is None else actor_params
     if not problems:

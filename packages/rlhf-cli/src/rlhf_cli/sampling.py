@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 from .context import Context, PipelineError
 
-__all__ = ["epoch_batches", "prompt_batches", "resumed_prompt_batches", "resumable_epochs", "steps_per_epoch"]
+__all__ = ["PtxBatches", "epoch_batches", "prompt_batches", "resumed_prompt_batches", "resumable_epochs",
+           "steps_per_epoch"]
 
 
 def steps_per_epoch(ctx: Context, n: int, batch: int, key: str, what: str) -> int:
@@ -74,3 +75,29 @@ def resumed_prompt_batches(ctx: Context, prompts: list[dict], per_rank: int, see
     for _ in range(done):
         next(batches)
     return batches
+
+
+class PtxBatches:
+    """The ptx term's SFT batches (rl.ptx_coef): :func:`prompt_batches`'s endless seeded stream of this rank's
+    share of the SFT examples, collated on demand (``rlhf_data.collate_sft``).
+
+    The online algorithm draws one per actor step. A resumed stage stores no position: :meth:`skip` replays
+    the batches the finished iterations drew (index shuffles only, nothing collated).
+    """
+
+    def __init__(self, ctx: Context, examples: list[dict], per_rank: int, seed: int, pad_token_id: int,
+                 mask_prompt: bool) -> None:
+        self._raw = prompt_batches(ctx, examples, per_rank, seed)
+        self._pad, self._mask_prompt = pad_token_id, mask_prompt
+
+    def __iter__(self) -> PtxBatches:
+        return self
+
+    def __next__(self) -> dict:
+        from rlhf_data import collate_sft
+
+        return collate_sft(next(self._raw), self._pad, mask_prompt=self._mask_prompt)
+
+    def skip(self, n: int) -> None:
+        for _ in range(n):
+            next(self._raw)

@@ -5,6 +5,13 @@ from ._version import __version__
 from .collate import IGNORE_INDEX, collate_packed, collate_pairs, collate_prompts, collate_sft, pack_sft
 from .demo import AdditionTask, AdditionTaskConfig
 from .inspection import Inspection, histogram, inspect_stage_data
+from .packing import (
+    PADDING_FREE_LAYOUTS,
+    collate_pairs_padding_free,
+    collate_sft_padding_free,
+    first_fit_rows,
+    packed_positions,
+)
 from .records import (
     ChatRecord,
     PreferenceRecord,
@@ -30,6 +37,7 @@ from .sources import (
 from .stage_data import SourceReport, StageData
 from .stages import StageSplit, blend, build_stage_data, split_groups
 from .tokenization import (
+    PLAIN_CHAT_TEMPLATE,
     TokenizeConfig,
     TokenizedSet,
     TokenizeStats,
@@ -42,10 +50,13 @@ from .tokenization import (
     render_response,
     tokenize_records,
     train_demo_tokenizer,
+    uses_chat_template,
 )
 from .trl_formats import TRLAdapter
 
 __all__ = [
+    "PADDING_FREE_LAYOUTS",
+    "PLAIN_CHAT_TEMPLATE",
     "IGNORE_INDEX",
     "Inspection",
     "AdditionTask",
@@ -72,16 +83,20 @@ __all__ = [
     "build_stage_data",
     "collate_packed",
     "collate_pairs",
+    "collate_pairs_padding_free",
     "collate_prompts",
     "collate_sft",
+    "collate_sft_padding_free",
     "default_cache_dir",
     "encode_pair",
     "encode_prompt",
     "encode_response",
+    "first_fit_rows",
     "get_source",
     "histogram",
     "inspect_stage_data",
     "pack_sft",
+    "packed_positions",
     "parse_data_spec",
     "parse_transcript",
     "prompt_messages",
@@ -95,4 +110,5 @@ __all__ = [
     "split_groups",
     "tokenize_records",
     "train_demo_tokenizer",
+    "uses_chat_template",
 ]

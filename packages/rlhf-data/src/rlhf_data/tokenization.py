@@ -38,8 +38,31 @@ TRUNCATION_POLICIES = ("truncate", "drop")
 CACHE_VERSION = 1  # bump when the tokenized format or the rendering changes
 
 
+# The plain format above as a chat template: the demo tokenizer is saved with it, so that
+# ``tokenizer.apply_chat_template`` works on the demo's outputs (``rlhf chat``, TRL, vLLM ...). With
+# ``add_generation_prompt=True`` it renders exactly :func:`render_plain`'s text, so the prompt's token ids
+# are the training ones. A closing assistant turn (a whole training sample) gets " " + its text + EOS,
+# the training *text*; its ids may still differ at the prompt/response seam, because training tokenizes
+# the prompt and the response separately (the demo's BPE merges across the seam when given both).
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}{{ 'Human: ' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' and loop.last and not add_generation_prompt %}"
+    "{{ 'Assistant: ' + m['content'].lstrip() + eos_token }}"
+    "{% elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'] }}"
+    "{% else %}{{ raise_exception('role ' + m['role'] + ' is not allowed; allowed: system, user, assistant') }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n\\nAssistant:' }}{% endif %}"
+)
+
+
 def uses_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+    """Whether prompts render through the tokenizer's own chat template. A tokenizer whose template is
+    :data:`PLAIN_CHAT_TEMPLATE` renders through :func:`render_plain` instead: the same text, and its
+    responses keep the plain format's leading space, so adding the template changed no training ids."""
+    template = getattr(tokenizer, "chat_template", None)
+    return bool(template) and template != PLAIN_CHAT_TEMPLATE
 
 
 def render_plain(messages: Sequence[dict]) -> str:
@@ -299,7 +322,8 @@ def train_demo_tokenizer(corpus: Iterable[str], vocab_size: int = 320,
     becomes a handful of tokens and sequences stay short (about 11 tokens a demo sample).
 
     Returns:
-        A ``transformers.PreTrainedTokenizerFast`` with ``<pad>`` and ``<eos>`` special tokens.
+        A ``transformers.PreTrainedTokenizerFast`` with ``<pad>`` and ``<eos>`` special tokens and
+        :data:`PLAIN_CHAT_TEMPLATE` as its chat template.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -326,4 +350,6 @@ def train_demo_tokenizer(corpus: Iterable[str], vocab_size: int = 320,
             long, len(texts), max_chars, max_chars)
         texts = [t[:max_chars] for t in texts]
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+    out.chat_template = PLAIN_CHAT_TEMPLATE  # saved by save_pretrained (chat_template.jinja)
+    return out

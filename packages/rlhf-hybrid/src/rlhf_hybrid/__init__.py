@@ -9,13 +9,18 @@ from .guards import NonFiniteError, NonFiniteWeightsError, check_finite_state
 from .models import (
     ModelNotAvailableError,
     ValueModel,
+    causal_lm_from_config,
+    enable_gradient_checkpointing,
+    hf_kwargs,
     last_token_index,
     load_causal_lm,
     load_tokenizer,
     position_ids_from_mask,
     resolve_model_path,
     tiny_llama_config,
+    trained_reward_head,
 )
+from .packed import padding_free_layout
 from .zero_init import build_causal_lm, build_value_model
 
 __all__ = [
@@ -33,15 +38,20 @@ __all__ = [
     "barrier",
     "build_causal_lm",
     "build_value_model",
+    "causal_lm_from_config",
     "check_finite_state",
     "deepspeed_config",
+    "enable_gradient_checkpointing",
+    "hf_kwargs",
     "init_distributed",
     "last_token_index",
     "load_causal_lm",
     "load_tokenizer",
+    "padding_free_layout",
     "position_ids_from_mask",
     "resolve_model_path",
     "save_hf_checkpoint",
     "tiny_llama_config",
+    "trained_reward_head",
     "write_json_atomic",
 ]

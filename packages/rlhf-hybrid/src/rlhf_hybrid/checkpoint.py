@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .guards import check_finite_state
-from .models import VALUE_HEAD_FILE, ValueModel
+from .models import ValueModel
 
 
 def atomic_dir(final: str | os.PathLike):
@@ -48,21 +48,26 @@ def save_hf_checkpoint(module: torch.nn.Module, state: dict[str, torch.Tensor], 
                        extra_files: dict[str, str] | None = None) -> None:
     """Save ``state`` (a full state dict of ``module``) as a HF checkpoint directory.
 
-    For a :class:`ValueModel` the causal LM goes in the usual files and the head in
-    ``value_head.safetensors``.
+    A :class:`ValueModel` is saved as its transformers sequence-classification model (config.architectures
+    ``<Arch>ForSequenceClassification``, num_labels=1, the head as ``score.weight``), with
+    ``config.pad_token_id`` set to ``tokenizer``'s pad token when one is given: transformers' sequence
+    classification scores the last token that is not the pad token.
 
     Raises:
         NonFiniteWeightsError: a weight of ``state`` is nan/inf (checked before anything is written).
     """
-    from safetensors.torch import save_file
-
     check_finite_state(state, str(out_dir))
     with atomic_dir(out_dir) as tmp:
         if isinstance(module, ValueModel):
-            lm_state = {k.removeprefix("lm."): v for k, v in state.items() if k.startswith("lm.")}
-            head = {k: v.contiguous() for k, v in state.items() if k.startswith("v_head.")}
-            module.lm.save_pretrained(tmp, state_dict=lm_state)
-            save_file(head, str(tmp / VALUE_HEAD_FILE))
+            seq = module.model
+            pad = getattr(tokenizer, "pad_token_id", None)
+            old_pad = seq.config.pad_token_id
+            if pad is not None:
+                seq.config.pad_token_id = pad
+            try:
+                seq.save_pretrained(tmp, state_dict={k.removeprefix("model."): v for k, v in state.items()})
+            finally:
+                seq.config.pad_token_id = old_pad
         else:
             module.save_pretrained(tmp, state_dict=state)
         if tokenizer is not None:

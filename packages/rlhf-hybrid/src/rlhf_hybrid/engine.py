@@ -30,7 +30,13 @@ from torch import nn
 from .generation import GenerationMixin
 from .guards import NonFiniteGuard
 from .lora import has_lora, merged_state_dict, plain_model
-from .models import ValueModel, last_token_index, position_ids_from_mask  # noqa: F401 (ValueModel: re-export)
+from .models import (  # noqa: F401 (ValueModel: re-export)
+    ValueModel,
+    enable_gradient_checkpointing,
+    last_token_index,
+    position_ids_from_mask,
+)
+from .packed import packed_positions_checked
 
 
 @dataclass(frozen=True)
@@ -47,9 +53,8 @@ class EngineConfig:
         max_grad_norm: gradient clipping (0 disables).
         offload_optimizer: keep optimizer state on the CPU (ZeRO-Offload; stage >= 1). The optimizer step
             runs there: DeepSpeedCPUAdam on CUDA machines (``optimizer="adamw"``), else the torch optimizer.
-        offload_param: ZeRO-3 parameter offload: the partitions live in CPU memory and are fetched to the
-            device for each forward (stage 3 only). For frozen engines (reference, reward model) this
-            is their offload to the CPU between uses.
+        offload_param: ZeRO-3 parameter offload: partitions in CPU memory, fetched to the device for each
+            forward (stage 3 only; for frozen engines, their offload between uses).
         warmup_steps: linear learning-rate warm-up steps (0 = none).
         decay_steps: total optimizer steps of a cosine decay to 10% of ``lr`` after the warm-up
             (0 = constant learning rate after the warm-up).
@@ -74,6 +79,8 @@ class EngineConfig:
             from the trained ones by up to half a quantization step per 128-element block).
         max_nonfinite_steps: optimizer steps in a row with a non-finite loss or gradient (each one
             skipped, see :mod:`rlhf_hybrid.guards`) that stop training with ``NonFiniteError``.
+        gradient_checkpointing: a trainable engine recomputes each layer's activations in the backward
+            pass (:func:`rlhf_hybrid.models.enable_gradient_checkpointing`); frozen engines ignore it.
     """
 
     zero_stage: int = 0
@@ -94,6 +101,7 @@ class EngineConfig:
     keep_decode_cache: bool = False
     gather_quantization: str = "none"
     max_nonfinite_steps: int = 3
+    gradient_checkpointing: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -164,9 +172,8 @@ def deepspeed_config(cfg: EngineConfig, world_size: int, trainable: bool = True)
 
 
 def _cpu_adam(cfg: EngineConfig) -> bool:
-    """Whether the optimizer of an offloaded engine is DeepSpeedCPUAdam: on CUDA machines with AdamW (its
-    vectorised CPU step is what makes ZeRO-Offload usable there; it JIT-compiles once, ~1 min). On a CPU-only
-    machine the torch optimizer, numerically the same AdamW, steps the CPU partitions (no compile)."""
+    """Whether an offloaded engine's optimizer is DeepSpeedCPUAdam (CUDA machines, AdamW; JIT-compiled once);
+    on CPU-only machines the torch optimizer steps the CPU partitions."""
     return cfg.offload_optimizer and cfg.optimizer == "adamw" and torch.cuda.is_available()
 
 
@@ -223,7 +230,11 @@ class HybridEngine(GenerationMixin):
         if cfg.gather_quantization != "none" and has_lora(module):
             raise ValueError(f"gather_quantization: {cfg.gather_quantization!r} is not supported with LoRA "
                              "(the adapters are fused into exactly gathered weights); use 'none'")
-        module = self._to_dtype(module)
+        from .zero_init import to_engine_dtype  # a model built partitioned stays so (zero_init)
+
+        module = to_engine_dtype(module, cfg, name)
+        if trainable and cfg.gradient_checkpointing:  # before DeepSpeed wraps it (ZeRO-3 hooks see the flag)
+            enable_gradient_checkpointing(module)
         fused = self._share_storage(module)
         if trainable or cfg.zero_stage == 3:
             ds = _import_deepspeed()
@@ -258,18 +269,6 @@ class HybridEngine(GenerationMixin):
             self.module.eval()
             for p in self.module.parameters():
                 p.requires_grad_(False)
-
-    def _to_dtype(self, module: nn.Module) -> nn.Module:
-        """``module`` in the engine's dtype. One built partitioned (``rlhf_hybrid.zero_init``) stays partitioned:
-        ``module.to`` would not cast its partitions, only their placeholders."""
-        from .zero_init import cast_partitioned_, is_partitioned
-
-        if not is_partitioned(module):
-            return module.to(self.cfg.torch_dtype)
-        if self.cfg.zero_stage != 3:
-            raise ValueError(f"zero_stage: {self.name} was built ZeRO-3 partitioned; its engine needs zero_stage=3, "
-                             f"got {self.cfg.zero_stage}")
-        return cast_partitioned_(module, self.cfg.torch_dtype)
 
     def _share_storage(self, module: nn.Module) -> list[tuple[str, ...]]:
         """Lets the fast path's inference layout be views of the training weights (ZeRO-0/1/2).
@@ -344,9 +343,7 @@ class HybridEngine(GenerationMixin):
         attention inside each sample.
         """
         if attention_mask is None:
-            if position_ids is None:
-                raise ValueError("logits: give attention_mask, or position_ids for packed rows")
-            mask = None
+            position_ids, mask = packed_positions_checked(self.module, position_ids), None
         else:
             mask = attention_mask.to(self.device)
             if position_ids is None:
@@ -371,16 +368,30 @@ class HybridEngine(GenerationMixin):
         targets = input_ids[:, start:].to(logits.device)
         return fused_logprobs(logits, targets, temperature=temperature, return_entropy=return_entropy)
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Per-position values (B, L) of a value model."""
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-position values (B, L) of a value model. Packed rows: see :meth:`logits`."""
+        if attention_mask is None:
+            return self._forward(input_ids=input_ids.to(self.device), attention_mask=None,
+                                 position_ids=packed_positions_checked(self.module, position_ids).to(self.device))
         return self._forward(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device))
 
-    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Reward-model score: the value at each row's last real token. (B,).
+    def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
+              position_ids: torch.Tensor | None = None, last_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Reward-model score: the value at each sequence's last token. (B,), or (N,) for packed rows.
 
-        Differentiable (reward-model training uses it); wrap scoring-only calls in ``no_grad``.
+        Padded rows: ``attention_mask`` (B, L), one sequence per row, scored at its last real token.
+        Packed rows (``rlhf_data.collate_pairs_padding_free``): ``attention_mask=None``, ``position_ids``
+        (R, L) restarting at 0 per sequence and ``last_index`` (N, 2), the ``(row, column)`` of each of
+        the N sequences' last token. Differentiable (reward-model training uses it); wrap scoring-only
+        calls in ``no_grad``.
         """
-        v = self.values(input_ids, attention_mask)
+        v = self.values(input_ids, attention_mask, position_ids)
+        if attention_mask is None:
+            if last_index is None:
+                raise ValueError("score: packed rows (attention_mask=None) need last_index")
+            last_index = last_index.to(v.device)
+            return v[last_index[:, 0], last_index[:, 1]].float()
         idx = last_token_index(attention_mask.to(v.device))
         return v.gather(1, idx[:, None]).squeeze(1).float()
 

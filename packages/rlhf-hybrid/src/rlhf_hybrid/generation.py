@@ -167,6 +167,29 @@ class GenerationMixin:
         self.timings["generate_s"] = t2 - t1
         return seqs, logprobs
 
+    def turn_session(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_total_tokens: int,
+                     eos_token_id: int | None, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0):
+        """A multi-turn session continuing on one KV cache (:class:`~rlhf_hybrid.inference.turns.KVCacheSession`)
+        when ``generation="fast"``, the model is supported and generation is not tensor-parallel; else None,
+        and the caller re-prefills each turn (``rlhf_algos.trajectories.RePrefillSession``). Under ZeRO-3
+        the weights are gathered once here (collective) and held by the session until it is dropped."""
+        from . import inference
+        from .inference.turns import KVCacheSession
+
+        if isinstance(self.module, ValueModel):
+            raise TypeError("turn_session: this engine holds a value model, not a causal LM")
+        length = prompt_ids.shape[1] + max_total_tokens + 1
+        if self.cfg.generation != "fast" or self.cfg.inference_tp_size != 1 \
+                or inference.supported(plain_model(self.module), max_length=length) is not None:
+            return None
+        if eos_token_id is None:
+            eos_token_id = getattr(getattr(self.module, "generation_config", None), "eos_token_id", None)
+        self.generation_used = "fast"
+        return KVCacheSession(self._rollout_layout(), prompt_ids, prompt_mask, max_total_tokens=max_total_tokens,
+                              eos_token_id=eos_token_id, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                              top_p=top_p)
+
     def _rollout_layout(self):
         """The fast path's inference layout for one rollout, with ``timings`` of what it shares / copies.
 

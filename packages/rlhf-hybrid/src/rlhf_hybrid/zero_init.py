@@ -163,8 +163,23 @@ def cast_partitioned_(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     return module
 
 
+def to_engine_dtype(module: nn.Module, cfg: EngineConfig, name: str) -> nn.Module:
+    """``module`` in the dtype of an engine of ``cfg`` (``HybridEngine`` calls it). One built partitioned stays
+    partitioned (:func:`cast_partitioned_`: ``module.to`` would cast only its placeholders).
+
+    Raises:
+        ValueError: a partitioned module for an engine that is not ZeRO-3, or partitioned in another dtype.
+    """
+    if not is_partitioned(module):
+        return module.to(cfg.torch_dtype)
+    if cfg.zero_stage != 3:
+        raise ValueError(f"zero_stage: {name} was built ZeRO-3 partitioned; its engine needs zero_stage=3, got "
+                         f"{cfg.zero_stage}")
+    return cast_partitioned_(module, cfg.torch_dtype)
+
+
 def build_causal_lm(source, cfg: EngineConfig, *, trainable: bool = True, seed: int = 0,
-                    partition: bool | None = None) -> nn.Module:
+                    partition: bool | None = None, **load_kwargs) -> nn.Module:
     """A causal LM for an engine of ``cfg``, partitioned from the first byte under ZeRO-3.
 
     Args:
@@ -176,6 +191,8 @@ def build_causal_lm(source, cfg: EngineConfig, *, trainable: bool = True, seed: 
         seed: Random init only.
         partition: Build partitioned (default: when ``cfg.zero_stage == 3``). ``False`` builds whole
             (today's path, the reference the tests compare with).
+        **load_kwargs: for a checkpoint, :func:`~rlhf_hybrid.models.load_causal_lm`'s settings (dtype,
+            attn_implementation, ...); partitioned, the dtype is the engine's (``zero.Init`` casts to it).
 
     Returns:
         The model in ``cfg``'s dtype; under ZeRO-3 each rank holds its partition of every parameter.
@@ -184,7 +201,7 @@ def build_causal_lm(source, cfg: EngineConfig, *, trainable: bool = True, seed: 
     partition = cfg.zero_stage == 3 if partition is None else partition
     if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
         with zero3_init(cfg, trainable=trainable) if partition else contextlib.nullcontext():
-            return load_causal_lm(str(source), cfg.torch_dtype)
+            return load_causal_lm(str(source), **_load_kw(cfg, partition, load_kwargs))
     return _from_config(source, cfg.torch_dtype, seed, _zero3_config(cfg, trainable) if partition else None)
 
 
@@ -217,18 +234,44 @@ def _from_config(config, dtype: torch.dtype, seed: int, ds_config: dict | None) 
     return model
 
 
+def _load_kw(cfg: EngineConfig, partition: bool, load_kwargs: dict) -> dict:
+    return {"dtype": cfg.torch_dtype} | load_kwargs | ({"dtype": cfg.torch_dtype} if partition else {})
+
+
 def build_value_model(source, cfg: EngineConfig, *, trainable: bool = True, seed: int = 0,
-                      partition: bool | None = None) -> ValueModel:
+                      partition: bool | None = None, **load_kwargs) -> ValueModel:
     """A value model (reward model, critic) for an engine of ``cfg``, partitioned from the first byte
     under ZeRO-3: its causal-LM backbone as :func:`build_causal_lm` builds it; from a checkpoint
     directory, ``ValueModel.from_pretrained`` (with its value head) built inside ZeRO-3's init. The
-    value head (hidden_size x 1) is built whole and partitioned when the engine is created."""
+    value head of a config-built one (hidden_size x 1) is built whole and partitioned by the engine. A
+    checkpoint in the older causal LM + ``value_head.safetensors`` format is loaded whole (its head file is
+    checked against the whole head's shape)."""
     partition = cfg.zero_stage == 3 if partition is None else partition
-    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
-        ctx = zero3_init(cfg, trainable=trainable) if partition else contextlib.nullcontext()
-        with ctx:
-            return ValueModel.from_pretrained(str(source), cfg.torch_dtype)
-    return ValueModel(build_causal_lm(source, cfg, trainable=trainable, seed=seed, partition=partition))
+    if not (isinstance(source, (str, bytes)) or hasattr(source, "__fspath__")):
+        return ValueModel(build_causal_lm(source, cfg, trainable=trainable, seed=seed, partition=partition))
+    head = _head_format(str(source), load_kwargs) if partition else None
+    partition = partition and head != "value_head"
+    with zero3_init(cfg, trainable=trainable) if partition else contextlib.nullcontext():
+        model = ValueModel.from_pretrained(str(source), **_load_kw(cfg, partition, load_kwargs))
+    if partition and head is None:  # no trained head: ValueModel zeroed the placeholder only; zero the partitions
+        import deepspeed
+
+        params = list(model.head.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
+            for p in params:
+                p.zero_()
+    return model
 
 
-__all__ = ["build_causal_lm", "cast_partitioned_", "build_value_model", "is_partitioned", "local_numel", "seeded_init_", "zero3_init"]
+def _head_format(path: str, load_kwargs: dict) -> str | None:
+    """``rlhf_hybrid.models.reward_head_of`` for the checkpoint at ``path``."""
+    from transformers import AutoConfig
+
+    from .models import resolve_model_path, reward_head_of
+
+    local = resolve_model_path(path)
+    kw = {k: load_kwargs[k] for k in ("trust_remote_code", "revision") if load_kwargs.get(k) is not None}
+    return reward_head_of(AutoConfig.from_pretrained(local, **kw), local)
+
+
+__all__ = ["build_causal_lm", "cast_partitioned_", "to_engine_dtype", "build_value_model", "is_partitioned", "local_numel", "seeded_init_", "zero3_init"]

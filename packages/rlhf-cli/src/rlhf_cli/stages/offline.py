@@ -12,11 +12,13 @@ from ..context import (
     frozen_config,
     load_data,
     load_model,
+    load_run_tokenizer,
     note_input,
     require_stage_output,
     save_stage,
     seed_everything,
     tokenized,
+    trained_reward_model,
     with_lora,
 )
 from ..evaluation import Evaluator, KeepBest, kept_message, verifier_reward
@@ -35,10 +37,10 @@ def _build_offline(ctx: Context, algo_cls, data, sft_dir, total: int):
     cfg, s = ctx.cfg, ctx.cfg.pref
     train = engine_config(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum, warmup=s.warmup_steps,
                           decay=total // s.grad_accum)
-    policy = HybridEngine(with_lora(ctx, load_model(ctx, str(sft_dir), train, lora_stage="pref"), "pref"), train)
+    policy = HybridEngine(with_lora(ctx, load_model(ctx, sft_dir, engine=train, lora_stage="pref"), "pref"), train)
     frozen = engine_config(cfg, lr=s.lr, batch=s.batch_size)
     ref_cfg = frozen_config(cfg, frozen, "reference")
-    reference = HybridEngine(load_model(ctx, str(sft_dir), ref_cfg, trainable=False), ref_cfg, trainable=False) if (
+    reference = HybridEngine(load_model(ctx, sft_dir, engine=ref_cfg, trainable=False), ref_cfg, trainable=False) if (
         "reference" in algo_cls.required_models or data.verifier is not None) else None
     algo = algo_cls(cfg.algorithm_config(), policy=policy,
                     reference=reference if "reference" in algo_cls.required_models else None,
@@ -47,26 +49,26 @@ def _build_offline(ctx: Context, algo_cls, data, sft_dir, total: int):
 
 
 def _scorer(ctx: Context, data, tokenizer, frozen):
-    """What held-out answers are scored with: the verifier if the data has one, else the reward model if
-    stage 2 ran, else nothing. Returns ``(metric name, scorer or None)``."""
+    """What held-out answers are scored with: the verifier if the data has one, else the trained
+    model.reward_model, else the reward model if stage 2 ran, else nothing. Returns ``(metric name, scorer or
+    None)``."""
     rm_dir = ctx.stage_dir("rm")
     if data.verifier is not None:
         return "verifier_score", verifier_reward(data, tokenizer)
-    if (rm_dir / "config.json").is_file():
+    if trained_reward_model(ctx.cfg) or (rm_dir / "config.json").is_file():
         from rlhf_algos import ModelReward
         from rlhf_hybrid import HybridEngine
 
-        note_input(ctx, "rm")
+        source = ctx.cfg.model.reward_model if trained_reward_model(ctx.cfg) else note_input(ctx, "rm")
         rm_cfg = frozen_config(ctx.cfg, frozen, "reward")
         return "reward_model_score", ModelReward(
-            HybridEngine(load_model(ctx, str(rm_dir), rm_cfg, value=True, trainable=False), rm_cfg, trainable=False))
+            HybridEngine(load_model(ctx, source, "value", rm_cfg, trainable=False), rm_cfg, trainable=False))
     return "none", None
 
 
 def run_offline(ctx: Context) -> dict:
     """Preference-optimisation epochs over the RM pairs, validated after every epoch (select=best keeps the best)."""
     from rlhf_data import collate_pairs
-    from rlhf_hybrid import load_tokenizer
 
     cfg, s = ctx.cfg, ctx.cfg.pref
     algo_cls = cfg.algorithm()
@@ -74,7 +76,7 @@ def run_offline(ctx: Context) -> dict:
     seed_everything(cfg.seed + 3)
     data = load_data(ctx)
     sft_dir = require_stage_output(ctx, "sft", name)
-    tokenizer = load_tokenizer(str(sft_dir))
+    tokenizer = load_run_tokenizer(ctx, sft_dir)
     data_stats: dict = {}
     train = tokenized(ctx, tokenizer, data.rm, "rm", "pairs", data_stats)
     steps = steps_per_epoch(ctx, len(train), s.batch_size, "pref.batch_size", "preference pairs")

@@ -8,11 +8,15 @@ from pathlib import Path
 
 from ..context import (
     Context,
+    PipelineError,
+    check_reward_vocab,
     engine_config,
     frozen_config,
     load_data,
     load_model,
+    load_run_tokenizer,
     require_stage_output,
+    reward_model_dir,
     save_stage,
     seed_everything,
     tokenized,
@@ -20,13 +24,13 @@ from ..context import (
 )
 from ..evaluation import Evaluator, KeepBest, eval_metric, kept_message, verifier_reward
 from ..resume import StageState
-from ..sampling import resumed_prompt_batches
+from ..sampling import PtxBatches, resumed_prompt_batches
 from ..train_stats import StepTimer
 
-__all__ = ["build_online", "progress_line", "reward_function", "run_online"]
+__all__ = ["build_online", "progress_line", "ptx_batches", "reward_function", "run_online"]
 
 
-def reward_function(ctx: Context, data, tokenizer, rm_dir: Path | None, batch: int):
+def reward_function(ctx: Context, data, tokenizer, rm_dir: Path | str | None, batch: int):
     """The stage-3 reward: the frozen reward model, the data's verifier, or a registered function."""
     from rlhf_algos import ModelReward, TextReward, get_reward
     from rlhf_hybrid import HybridEngine
@@ -34,8 +38,9 @@ def reward_function(ctx: Context, data, tokenizer, rm_dir: Path | None, batch: i
     r = ctx.cfg.rl.reward
     if r == "model":
         frozen = frozen_config(ctx.cfg, engine_config(ctx.cfg, lr=ctx.cfg.rl.critic_lr, batch=batch), "reward")
-        return ModelReward(HybridEngine(load_model(ctx, str(rm_dir), frozen, value=True, trainable=False), frozen,
-                                        trainable=False))
+        model = load_model(ctx, rm_dir, "value", frozen, trainable=False)
+        check_reward_vocab(rm_dir, model, tokenizer)
+        return ModelReward(HybridEngine(model, frozen, trainable=False))
     if r == "verifier":
         return verifier_reward(data, tokenizer)
     return TextReward(get_reward(r), tokenizer)
@@ -49,9 +54,11 @@ def _monitor_fn(ctx: Context, data, tokenizer):
     return verifier_reward(data, tokenizer)
 
 
-def build_online(ctx: Context, algo_cls, data, tokenizer, sft_dir: Path, rm_dir: Path | None):
+def build_online(ctx: Context, algo_cls, data, tokenizer, sft_dir: Path, rm_dir: Path | str | None, ptx=None):
     """The online algorithm and its engines: the actor, the frozen reference, the reward, the critic when
     the algorithm has one (from the reward model, DeepSpeed-Chat's choice, else the SFT model), the monitor.
+
+    ``ptx``: the SFT batches of the ptx term (:func:`ptx_batches`), with rl.ptx_coef > 0.
 
     Returns:
         ``(algo, actor, reference, reward_fn)``.
@@ -60,21 +67,36 @@ def build_online(ctx: Context, algo_cls, data, tokenizer, sft_dir: Path, rm_dir:
 
     cfg, p = ctx.cfg, ctx.cfg.rl
     engine = engine_config(cfg, lr=p.actor_lr, batch=p.micro_batch_size)
-    actor = HybridEngine(with_lora(ctx, load_model(ctx, str(sft_dir), engine, lora_stage="rl"), "rl"), engine,
+    actor = HybridEngine(with_lora(ctx, load_model(ctx, sft_dir, engine=engine, lora_stage="rl"), "rl"), engine,
                          name="actor")
     frozen = frozen_config(cfg, engine, "reference")
-    reference = HybridEngine(load_model(ctx, str(sft_dir), frozen, trainable=False), frozen, trainable=False)
+    reference = HybridEngine(load_model(ctx, sft_dir, engine=frozen, trainable=False), frozen, trainable=False)
     reward_fn = reward_function(ctx, data, tokenizer, rm_dir, p.micro_batch_size)
     critic = None
     if "critic" in algo_cls.required_models:
         critic_cfg = engine_config(cfg, lr=p.critic_lr, batch=p.micro_batch_size)
-        critic = HybridEngine(load_model(ctx, str(rm_dir or sft_dir), critic_cfg, value=True), critic_cfg, name="critic")
+        critic = HybridEngine(load_model(ctx, rm_dir or sft_dir, "value", critic_cfg), critic_cfg, name="critic")
     monitor_fn = _monitor_fn(ctx, data, tokenizer)
     algo = algo_cls(cfg.algorithm_config(), actor=actor, reference=reference, critic=critic, reward_fn=reward_fn,
                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                     reduce_metrics=all_reduce_mean, seed=cfg.seed + ctx.rank,
-                    **({"monitor_fn": monitor_fn} if monitor_fn is not None else {}))
+                    **({"monitor_fn": monitor_fn} if monitor_fn is not None else {}),
+                    **({"ptx_batches": ptx} if ptx is not None else {}))
     return algo, actor, reference, reward_fn
+
+
+def ptx_batches(ctx: Context, data, tokenizer, stats: dict):
+    """With rl.ptx_coef > 0, the ptx term's SFT batches (rl.micro_batch_size demonstrations of the SFT split
+    per actor step, seeded, the same order on every run: :class:`rlhf_cli.sampling.PtxBatches`); else None."""
+    cfg = ctx.cfg
+    if cfg.rl.ptx_coef == 0:
+        return None
+    if not data.sft:
+        raise PipelineError(f"rl.ptx_coef={cfg.rl.ptx_coef}: the ptx term draws SFT demonstrations, but the data has "
+                            f"none: {data.why_empty('sft')}; set rl.ptx_coef=0 or give the SFT split data (data.split)")
+    examples = tokenized(ctx, tokenizer, data.sft, "sft", "ptx", stats)
+    return PtxBatches(ctx, examples, cfg.rl.micro_batch_size, cfg.seed + 11, tokenizer.pad_token_id,
+                      cfg.sft.mask_prompt)
 
 
 def progress_line(row: dict, valid: float) -> dict:
@@ -113,7 +135,6 @@ def _iteration(ctx: Context, it: int, algo, actor, prompts: list[dict], pad_id: 
 def run_online(ctx: Context) -> dict:
     """The online recipe, top to bottom; the rollout and learning math are the algorithm's."""
     from rlhf_algos import HealthMonitor
-    from rlhf_hybrid import load_tokenizer
 
     cfg, p = ctx.cfg, ctx.cfg.rl
     algo_cls = cfg.algorithm()
@@ -123,14 +144,16 @@ def run_online(ctx: Context) -> dict:
     # 2. Inputs: the data, the SFT model and (rl.reward=model) the reward model, checked before any work.
     data = load_data(ctx)
     sft_dir = require_stage_output(ctx, "sft", name)
-    rm_dir = require_stage_output(ctx, "rm", name) if p.reward == "model" else None
-    tokenizer = load_tokenizer(str(sft_dir))
-    # 3. The algorithm and its engines: actor, frozen reference, reward, critic (when it has one), monitor.
-    algo, actor, reference, reward_fn = build_online(ctx, algo_cls, data, tokenizer, sft_dir, rm_dir)
+    rm_dir = reward_model_dir(ctx, name) if p.reward == "model" else None
+    tokenizer = load_run_tokenizer(ctx, sft_dir)
+    # 3. The algorithm and its engines: actor, frozen reference, reward, critic (when it has one), monitor;
+    #    with rl.ptx_coef > 0, the SFT batches of its ptx term.
+    data_stats: dict = {}
+    ptx = ptx_batches(ctx, data, tokenizer, data_stats)
+    algo, actor, reference, reward_fn = build_online(ctx, algo_cls, data, tokenizer, sft_dir, rm_dir, ptx)
     if p.ema_beta > 0:  # DeepSpeed-Chat's EMA actor: updated after every optimizer step, scored and saved in 7.
         actor.enable_ema(p.ema_beta)
     # 4. Prompts: an endless, seeded stream of this rank's share of the RL prompts (see step 6).
-    data_stats: dict = {}
     rl_prompts = tokenized(ctx, tokenizer, data.rl, "rl", "rl", data_stats)
     # 5. Evaluation, and the saved state when resuming (checkpoint.every_iterations, SIGTERM; rlhf_cli.resume).
     metric, scorer = eval_metric(data, reward_fn, p.reward)
@@ -155,6 +178,8 @@ def run_online(ctx: Context) -> dict:
             rep.log({"stage": name, "iteration": 0, f"valid_{metric}": keep.score, **before})
         # 6. Iterations: rollout -> learn -> validate every rl.eval_every (keep the best) -> health warnings.
         batches = resumed_prompt_batches(ctx, rl_prompts, p.rollout_batch_size, cfg.seed + 7, done)
+        if ptx is not None:  # the ptx batches the finished iterations drew, replayed
+            ptx.skip(done * algo.actor_steps(p.rollout_batch_size * algo.config.samples_per_prompt))
         for it in range(done + 1, p.iterations + 1):
             row = _iteration(ctx, it, algo, actor, next(batches), tokenizer.pad_token_id, ev, keep, health)
             rep.update(show=progress_line(row, row.get(f"valid_{metric}", keep.score)), log=row)

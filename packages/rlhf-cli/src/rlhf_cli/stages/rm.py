@@ -8,13 +8,16 @@ import time
 from ..context import (
     Context,
     PipelineError,
+    check_reward_vocab,
     engine_config,
     load_data,
     load_model,
+    load_run_tokenizer,
     require_stage_output,
     save_stage,
     seed_everything,
     tokenized,
+    trained_reward_model,
 )
 from ..resume import StageState
 from ..sampling import steps_per_epoch
@@ -24,22 +27,24 @@ from .epochs import train_epochs
 def run_rm(ctx: Context) -> dict:
     """Reward-model epochs over the RM pairs, held-out pairwise accuracy before, after every epoch and at the end.
 
-    The model is the SFT model's backbone (or model.reward_model's) with a fresh value head.
+    The model is the SFT model's backbone (or model.reward_model's, a plain causal LM) with a fresh value head.
     """
     from rlhf_algos import get_algorithm
-    from rlhf_data import collate_pairs
-    from rlhf_hybrid import HybridEngine, load_tokenizer
+    from rlhf_hybrid import HybridEngine, padding_free_layout
 
     cfg, s = ctx.cfg, ctx.cfg.rm
     seed_everything(cfg.seed + 1)
+    head = trained_reward_model(cfg)
+    if head:  # stage 3 would score with it, not with <out>/rm: training another one here is a mistake
+        raise PipelineError(f"model.reward_model: {cfg.model.reward_model!r} is a trained reward model ({head.replace('_', ' ')} "
+                            f"head), which stage 3 uses as is; --stage rm trains one from a causal LM: give a plain "
+                            f"causal LM, or leave model.reward_model empty to start from the SFT model")
     data = load_data(ctx)
     sft_dir = require_stage_output(ctx, "sft", "rm")
-    tokenizer = load_tokenizer(str(sft_dir))
+    tokenizer = load_run_tokenizer(ctx, sft_dir)
     base = cfg.model.reward_model or str(sft_dir)
-    model = load_model(ctx, base, engine_config(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum), value=True)
-    if len(tokenizer) > model.config.vocab_size:
-        raise PipelineError(f"model.reward_model: {base!r} has vocab_size {model.config.vocab_size} but the actor's "
-                            f"tokenizer has {len(tokenizer)} tokens; the reward model must share the actor's tokenizer")
+    model = load_model(ctx, base, "value", engine_config(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum))
+    check_reward_vocab(base, model, tokenizer)
     data_stats: dict = {}
     train = tokenized(ctx, tokenizer, data.rm, "rm", "rm", data_stats)
     heldout = tokenized(ctx, tokenizer, data.rm_eval, "rm", "rm held-out", data_stats)
@@ -48,7 +53,8 @@ def run_rm(ctx: Context) -> dict:
     engine = HybridEngine(model, engine_config(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
                                                warmup=s.warmup_steps, decay=total // s.grad_accum))
     rm_cls = get_algorithm("rm")
-    rm = rm_cls(rm_cls.config_class(center_coef=s.center_coef), model=engine)
+    layout = padding_free_layout(model) if s.padding_free else "padded"
+    rm = rm_cls(rm_cls.config_class(center_coef=s.center_coef, batch_layout=layout), model=engine)
     pad = tokenizer.pad_token_id
     rng = random.Random(cfg.seed + 1)
     jsonl = ctx.metrics_file("rm")
@@ -60,7 +66,7 @@ def run_rm(ctx: Context) -> dict:
         before, done = start["before"], start["step"]
 
         def learn(chunk):
-            m = rm.learn(collate_pairs(chunk, pad))  # loss, train_accuracy, margin
+            m = rm.learn(rm.collate(chunk, pad))  # loss, train_accuracy, margin
             return {"loss": m["loss"], "acc": m["train_accuracy"]}, m
 
         def end_of_epoch(epoch, step):

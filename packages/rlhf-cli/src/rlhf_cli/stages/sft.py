@@ -11,6 +11,7 @@ from ..context import (
     engine_config,
     load_data,
     load_model,
+    load_run_tokenizer,
     save_stage,
     seed_everything,
     tokenized,
@@ -25,24 +26,23 @@ def _starting_model(ctx: Context, data):
     """The tokenizer and causal LM SFT starts from: model.actor_model, else the demo's tiny Llama with a
     tokenizer trained on the data (its weights are drawn from the seeded global RNG)."""
     from rlhf_data import train_demo_tokenizer
-    from rlhf_hybrid import load_tokenizer, tiny_llama_config
+    from rlhf_hybrid import causal_lm_from_config, tiny_llama_config
 
-    cfg, s = ctx.cfg, ctx.cfg.sft
-    if cfg.model.actor_model:
-        tokenizer = load_tokenizer(cfg.model.actor_model)
-        model = load_model(ctx, cfg.model.actor_model, engine_config(cfg, lr=s.lr, batch=s.batch_size,
-                                                                     grad_accum=s.grad_accum), lora_stage="sft")
+    cfg, m = ctx.cfg, ctx.cfg.model
+    if m.actor_model:
+        tokenizer = load_run_tokenizer(ctx, m.actor_model)
+        s = cfg.sft
+        model = load_model(ctx, m.actor_model, engine=engine_config(cfg, lr=s.lr, batch=s.batch_size,
+                                                                    grad_accum=s.grad_accum), lora_stage="sft")
     else:
-        from transformers import LlamaForCausalLM
-
         from ..data_report import tiny_vocab_size
 
-        m = cfg.model
         tokenizer = train_demo_tokenizer(data.corpus, vocab_size=tiny_vocab_size(cfg))
-        model = LlamaForCausalLM(tiny_llama_config(len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
-                                                   num_heads=m.num_heads, intermediate_size=m.intermediate_size,
-                                                   pad_token_id=tokenizer.pad_token_id,
-                                                   eos_token_id=tokenizer.eos_token_id))
+        config = tiny_llama_config(len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
+                                   num_heads=m.num_heads, intermediate_size=m.intermediate_size,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        load = m.load_kwargs(cfg.deepspeed.dtype)
+        model = causal_lm_from_config(config, load["dtype"], attn_implementation=load["attn_implementation"])
     if len(tokenizer) > model.config.vocab_size:
         raise PipelineError(f"model.actor_model: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                             f"{model.config.vocab_size}")
@@ -53,7 +53,7 @@ def run_sft(ctx: Context) -> dict:
     """SFT epochs over the SFT split, the held-out loss before, after every epoch and at the end."""
     from rlhf_algos import get_algorithm
     from rlhf_data import pack_sft
-    from rlhf_hybrid import HybridEngine
+    from rlhf_hybrid import HybridEngine, padding_free_layout
 
     cfg, s = ctx.cfg, ctx.cfg.sft
     seed_everything(cfg.seed)
@@ -74,7 +74,8 @@ def run_sft(ctx: Context) -> dict:
                           engine_config(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum,
                                         warmup=s.warmup_steps, decay=decay, weight_decay=s.weight_decay))
     sft_cls = get_algorithm("sft")
-    sft = sft_cls(sft_cls.config_class(mask_prompt=s.mask_prompt, packing=s.packing), policy=engine)
+    layout = padding_free_layout(model) if s.padding_free else "padded"
+    sft = sft_cls(sft_cls.config_class(mask_prompt=s.mask_prompt, packing=s.packing, batch_layout=layout), policy=engine)
     pad = tokenizer.pad_token_id
     jsonl = ctx.metrics_file("sft")
     state = StageState(ctx, "sft", {"policy": engine}, cfg.checkpoint.every, jsonl)

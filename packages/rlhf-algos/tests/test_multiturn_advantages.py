@@ -1,0 +1,144 @@
+"""PPO, GRPO, RLOO and REINFORCE++ on multi-turn trajectories (rlhf_algos.multiturn), values worked out by hand.
+
+The tiny constructed batch (one group of two samples of one prompt, P = 1):
+
+    row 0:  m m e e m m      two model turns, two environment tokens between them
+            turn reward 0.5 at the end of turn 1 (index 1), final reward 1.0 (at index 5)
+    row 1:  m m m . . .      one turn, final reward 0.0
+
+``response_mask`` (the loss mask) is 1 on the ``m`` only. The log-probs equal the reference's, so
+every KL term is 0 and the rewards are exactly the ones above.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from rlhf_algos import (
+    BATCH_WHITENED,
+    GROUP_NORMALIZED,
+    GRPO,
+    LEAVE_ONE_OUT,
+    Experience,
+    GAEEstimator,
+    GRPOConfig,
+    PPOConfig,
+    ReinforcePPConfig,
+    RLOOConfig,
+)
+from rlhf_algos.environments import EpisodeBudget, StepResult
+from rlhf_algos.multiturn import EnvRollout
+from rlhf_algos.testing import TinyPolicy
+
+MASK = torch.tensor([[1, 1, 0, 0, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.float32)
+
+
+def experience(values=None) -> Experience:
+    N, R = MASK.shape
+    lp = torch.full((N, R), -1.0) * MASK
+    turn = torch.zeros(N, R)
+    turn[0, 1] = 0.5
+    scores = torch.tensor([1.0, 0.0])
+    seqs = torch.ones(N, 1 + R, dtype=torch.long)
+    return Experience(prompt_ids=seqs[:, :1], prompt_mask=torch.ones(N, 1, dtype=torch.long), meta=[{}, {}],
+                      sequences=seqs, attention_mask=torch.ones(N, 1 + R, dtype=torch.long), prompt_len=1,
+                      response_mask=MASK, logprobs=lp, ref_logprobs=lp.clone(),
+                      values=(values if values is not None else torch.zeros(N, R)) * MASK, scores=scores,
+                      train_scores=scores, turn_rewards=turn)
+
+
+def test_ppo_gae_skips_the_environment_tokens() -> None:
+    v = torch.tensor([[0.1, 0.2, 9.0, 9.0, 0.3, 0.4], [0.5, 0.5, 0.5, 0.0, 0.0, 0.0]])
+    est = GAEEstimator()(experience(v), PPOConfig(gamma=0.9, lam=0.5, whiten_advantages=False))
+    # row 0, model steps 0, 1, 4, 5 (env tokens 2-3 are not steps; their 9.0 values are masked away):
+    #   d5 = 1.0 - 0.4 = 0.6                      A5 = 0.6
+    #   d4 = 0 + 0.9 * 0.4 - 0.3 = 0.06           A4 = 0.06 + 0.45 * 0.6 = 0.33
+    #   d1 = 0.5 + 0.9 * 0.3 - 0.2 = 0.57         A1 = 0.57 + 0.45 * 0.33 = 0.7185
+    #   d0 = 0 + 0.9 * 0.2 - 0.1 = 0.08           A0 = 0.08 + 0.45 * 0.7185 = 0.403325
+    # row 1: d2 = 0 - 0.5 = -0.5, A2 = -0.5; d1 = 0.9*0.5 - 0.5 = -0.05, A1 = -0.05 - 0.225 = -0.275;
+    #        d0 = -0.05, A0 = -0.05 + 0.45 * -0.275 = -0.17375
+    want = torch.tensor([[0.403325, 0.7185, 0, 0, 0.33, 0.6], [-0.17375, -0.275, -0.5, 0, 0, 0]])
+    torch.testing.assert_close(est.advantages, want)
+    torch.testing.assert_close(est.returns, (want + v) * MASK)
+    torch.testing.assert_close(est.rewards, torch.tensor([[0, 0.5, 0, 0, 0, 1.0], [0.0] * 6]))
+
+
+def test_grpo_group_advantage_at_the_last_model_token_plus_turn_rewards() -> None:
+    est = GROUP_NORMALIZED(experience(), GRPOConfig(samples_per_prompt=2))
+    # scores (1, 0): mean 0.5, unbiased std sqrt(0.5) -> advantages +-0.5 / (0.70711 + 1e-6)
+    a = 0.5 / (math.sqrt(0.5) + 1e-6)
+    # KL in the loss: reward-to-go (gamma 1) of [0, 0.5, -, -, 0, a] on row 0, [0, 0, -a] on row 1
+    want = torch.tensor([[0.5 + a, 0.5 + a, 0, 0, a, a], [-a, -a, -a, 0, 0, 0]])
+    torch.testing.assert_close(est.advantages, want)
+
+
+def test_rloo_leave_one_out_on_trajectories() -> None:
+    est = LEAVE_ONE_OUT(experience(), RLOOConfig(samples_per_prompt=2))
+    # k = 2: A_i = r_i - r_other = +-1; row 0 adds the turn reward 0.5 before index 2
+    want = torch.tensor([[1.5, 1.5, 0, 0, 1.0, 1.0], [-1.0, -1.0, -1.0, 0, 0, 0]])
+    torch.testing.assert_close(est.advantages, want)
+
+
+def test_reinforce_pp_whitens_the_returns_over_model_tokens_only() -> None:
+    est = BATCH_WHITENED(experience(), ReinforcePPConfig())
+    # returns on model tokens: row 0 (1.5, 1.5, 1.0, 1.0), row 1 (0, 0, 0): 7 values, sum 5
+    vals = [1.5, 1.5, 1.0, 1.0, 0.0, 0.0, 0.0]
+    mean = 5 / 7
+    std = math.sqrt(sum((x - mean) ** 2 for x in vals) / 6 + 1e-8)  # unbiased, eps 1e-8 under the root
+    z = [(x - mean) / std for x in vals]
+    want = torch.tensor([[z[0], z[1], 0, 0, z[2], z[3]], [z[4], z[5], z[6], 0, 0, 0]])
+    torch.testing.assert_close(est.advantages, want)
+    torch.testing.assert_close(est.returns, torch.tensor([[1.5, 1.5, 0, 0, 1.0, 1.0], [0.0] * 6]))
+
+
+class CountDown:
+    """Replies two ids each turn; done after ``record['turns']`` turns with reward = the number of 5s said."""
+
+    name, description = "countdown", "test"
+
+    def reset(self, record):
+        self.left, self.said = record["turns"], 0
+
+    def step(self, action):
+        self.left -= 1
+        self.said += action.split().count("5")
+        if self.left == 0:
+            return StepResult(reward=float(self.said), done=True)
+        return StepResult(reply=[2, 3], reward=0.25)
+
+
+def test_grpo_learns_on_episodes_and_trains_only_model_tokens() -> None:
+    V, EOS, PAD = 11, 1, 0
+    actor = TinyPolicy(V, seed=1)
+    algo = GRPO(GRPOConfig(samples_per_prompt=2, micro_batch_size=4, max_new_tokens=3), actor=actor,
+                reference=actor.frozen_copy(), reward_fn=lambda *a: None, eos_token_id=EOS, pad_token_id=PAD)
+    algo.env_rollout = EnvRollout(CountDown, EpisodeBudget(max_turns=3, max_turn_tokens=3, max_total_tokens=20),
+                                  decode=lambda ids: " ".join(map(str, ids)),
+                                  encode=lambda s: [int(t) for t in s.split()], vocab_size=V)
+    ids = torch.tensor([[0, 4, 6], [7, 8, 9]])
+    torch.manual_seed(0)
+    exp = algo.generate_experience(ids, (ids != 0).long(), [{"turns": 2}, {"turns": 1}])
+    P = exp.prompt_len
+    env = (exp.attention_mask[:, P:] == 1) & (exp.response_mask == 0)  # environment tokens
+    assert env[:2].sum() == 4 and env[2:].sum() == 0  # two replies of 2 ids on the 2-turn rows
+    assert torch.equal(exp.sequences[:2, P:][env[:2]].view(2, 2), torch.tensor([[2, 3], [2, 3]]))
+    for name in ("advantages", "returns", "logprobs", "ref_logprobs", "rewards"):
+        assert (getattr(exp, name)[env] == 0).all(), name
+    assert exp.num_turns.tolist() == [2, 2, 1, 1] and exp.end_reasons == ["done"] * 4
+    metrics = algo.learn(exp)
+    assert metrics["env_turns_mean"] == 1.5 and metrics["env_end_done"] == 4 and metrics["env_tokens_mean"] == 1.0
+    assert metrics["gen_logprob_gap_max"] < 1e-5  # the sampler's log-probs are the recomputed ones
+    assert math.isfinite(metrics["policy_loss"])
+
+
+def test_remax_refuses_an_environment() -> None:
+    from rlhf_algos import ReMax, ReMaxConfig
+
+    actor = TinyPolicy(11, seed=1)
+    algo = ReMax(ReMaxConfig(), actor=actor, reference=actor.frozen_copy(), reward_fn=lambda *a: None,
+                 eos_token_id=1, pad_token_id=0)
+    algo.env_rollout = EnvRollout(CountDown, EpisodeBudget(), decode=str, encode=lambda s: [])
+    with pytest.raises(ValueError, match="remax: a rollout baseline"):
+        algo.generate_experience(torch.tensor([[4, 5]]), torch.ones(1, 2, dtype=torch.long), [{"turns": 1}])
