@@ -298,3 +298,27 @@ def test_terminal_session_through_tmux(letters_model, replies, tmp_path, cli_too
         _wait_for(pane, r"CHAT-EXITED-0")
     finally:
         subprocess.run([*tmux, "kill-server"], check=False)  # our own server (its own socket): the pane goes too
+
+
+@pytest.mark.parametrize("fmt", ["sequence_classification", "value_head"])
+def test_a_reward_model_is_refused_by_name(fmt, letters_model, tmp_path, in_process_world) -> None:
+    """A reward model (either saved format) would load as a causal LM with a fresh output layer and answer
+    gibberish: chat refuses it, naming the option and the head it found."""
+    from rlhf_cli.app import app
+    from rlhf_hybrid import ValueModel, save_hf_checkpoint
+    from typer.testing import CliRunner
+
+    d, tok, model = letters_model
+    rm_dir = tmp_path / "rm"
+    if fmt == "sequence_classification":
+        value = ValueModel(model)
+        save_hf_checkpoint(value, value.state_dict(), str(rm_dir), tok)
+    else:  # the older format: the causal LM plus value_head.safetensors
+        from safetensors.torch import save_file
+
+        model.save_pretrained(rm_dir)
+        tok.save_pretrained(rm_dir)
+        save_file({"v_head.weight": torch.zeros(1, model.config.hidden_size)}, str(rm_dir / "value_head.safetensors"))
+    result = CliRunner().invoke(app, ["chat", "--model", str(rm_dir), "--prompt", Q1])
+    assert result.exit_code != 0
+    assert f"--model: {str(rm_dir)!r} is a reward model ({fmt.replace('_', ' ')} head)" in result.output

@@ -89,7 +89,12 @@ def chat(model: str, prompt: str | None, settings: dict, system: str | None = No
         fail("--system: an empty system prompt is not allowed; leave --system out for none")
     preflight_chat(model)
     import torch
-    from rlhf_hybrid import load_causal_lm, load_tokenizer
+    from rlhf_hybrid import load_causal_lm, load_tokenizer, trained_reward_head
+
+    head = trained_reward_head(model)
+    if head:  # it would load as a causal LM with an untrained output layer and answer gibberish
+        fail(f"--model: {model!r} is a reward model ({head.replace('_', ' ')} head): it scores text and does not "
+             f"write any; chat with a policy, e.g. <out>/sft or <out>/<algo> of a run")
 
     tok = load_tokenizer(model)
     # CUDA path written for GPU machines; the tests run it on the CPU only
