@@ -250,12 +250,7 @@ class OnlineAlgorithm(Algorithm):
         seqs, sample_logprobs, P = gen.sequences, gen.logprobs, gen.prompt_len
         resp_mask, attn = gen.response_mask, gen.attention_mask  # (N, R), (N, P + R)
         # 3. score (eval mode, the weights that sampled: the recomputation must match the sampler)
-        logprobs = self.actor.token_logprobs(seqs, attn, P, temperature=c.temperature).float().cpu()
-        ref_logprobs = self.reference.token_logprobs(seqs, attn, P, temperature=c.temperature).float().cpu()
-        if self.critic is not None:
-            values = self.critic.values(seqs, attn)[:, P - 1 : -1].float().cpu()  # V(s_t) before token t
-        else:
-            values = torch.zeros_like(logprobs)
+        logprobs, ref_logprobs, values = self.score_tokens(seqs, attn, P)
         scores = self.reward_fn(seqs, attn, P, meta).float().cpu()  # (N,)
         monitor = None if self.monitor_fn is None else self.monitor_fn(seqs, attn, P, meta).float().cpu()  # (N,)
         exp = Experience(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(), meta=meta, sequences=seqs,
@@ -266,6 +261,20 @@ class OnlineAlgorithm(Algorithm):
         exp.baseline_scores = self.baseline_scores(exp)
         # 4. advantages: the one step the algorithms differ in
         return exp.with_estimate(self.advantage_estimator(exp, c))
+
+    def score_tokens(self, seqs: torch.Tensor, attn: torch.Tensor, P: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per response token (N, R), on the CPU in fp32: the actor's and the reference's log-probs at the
+        sampling temperature, and the critic's V(s_t) before each token (zeros without a critic). Call in eval
+        mode with the weights that sampled: the recomputation must match the sampler."""
+        t = self.config.temperature
+        logprobs = self.actor.token_logprobs(seqs, attn, P, temperature=t).float().cpu()
+        ref_logprobs = self.reference.token_logprobs(seqs, attn, P, temperature=t).float().cpu()
+        if self.critic is not None:
+            values = self.critic.values(seqs, attn)[:, P - 1 : -1].float().cpu()  # V(s_t) before token t
+        else:
+            values = torch.zeros_like(logprobs)
+        return logprobs, ref_logprobs, values
 
     def process_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """Clip the sequence scores ``(N,)`` to ``±clip_reward``, then whiten them if ``reward_norm == "batch"``."""

@@ -73,12 +73,7 @@ class EnvRollout:
         del session  # the KV cache (and ZeRO-3 gathered weights) go before scoring
         seqs, attn, P, mask = batch.sequences, batch.attention_mask, batch.prompt_len, batch.loss_mask
         # 3. score on the model's tokens (eval mode, the weights that sampled)
-        logprobs = algo.actor.token_logprobs(seqs, attn, P, temperature=c.temperature).float().cpu()
-        ref_logprobs = algo.reference.token_logprobs(seqs, attn, P, temperature=c.temperature).float().cpu()
-        if algo.critic is not None:
-            values = algo.critic.values(seqs, attn)[:, P - 1 : -1].float().cpu()  # V(s_t) before token t
-        else:
-            values = torch.zeros_like(logprobs)
+        logprobs, ref_logprobs, values = algo.score_tokens(seqs, attn, P)
         exp = Experience(prompt_ids=prompt_ids.cpu(), prompt_mask=prompt_mask.cpu(), meta=meta, sequences=seqs,
                          attention_mask=attn, prompt_len=P, response_mask=mask, logprobs=logprobs * mask,
                          ref_logprobs=ref_logprobs * mask, values=values * mask, scores=batch.scores,
