@@ -33,11 +33,12 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from rlhf_hybrid.distributed import free_port
 
 MODES = ("whole", "partitioned", "partitioned+offload", "partitioned+offload-all")
 PAD = 0
@@ -125,10 +126,6 @@ def _worker(rank: int, world: int, port: int, mode: str, a, out: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _args(argv=None):
@@ -172,7 +169,7 @@ def main(argv=None) -> None:
     if a.worker:
         import torch.multiprocessing as mp
 
-        mp.spawn(_worker, args=(2, _free_port(), a.worker, a, a.tmp), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), a.worker, a, a.tmp), nprocs=2, join=True)
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -6,22 +6,19 @@ Each case is one CLI process that fails at the process-group set-up, before any 
 
 from __future__ import annotations
 
-import socket
 import time
+
+from rlhf_hybrid.distributed import free_port
 
 SMALL = ["--stage", "sft", "data.num_eval=16", "data.num_valid=8", "data.sft_samples=64"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ranks_that_never_join_stop_after_distributed_timeout_s(rlhf, tmp_path) -> None:
     """Rank 0 of a world of 2 whose rank 1 never comes: the rendezvous gives up after timeout_s."""
     env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+           "MASTER_PORT": str(free_port())}
     t0 = time.perf_counter()
     proc = rlhf(["run", "--out", tmp_path / "out", *SMALL, "distributed.timeout_s=3"], env=env, timeout=120)
     waited = time.perf_counter() - t0

@@ -15,13 +15,13 @@ step of it, with a quarter of the bytes sent.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from rlhf_hybrid.distributed import free_port
 
 PAD, EOS, VOCAB, NEW = 0, 1, 97, 24
 
@@ -99,10 +99,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str, family: str, tp: int
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -138,4 +134,4 @@ def test_zero3_two_ranks_fast_greedy_matches_hf(tmp_path, family: str, tp: int) 
 
 
 if __name__ == "__main__":
-    mp.spawn(_worker, args=(2, _free_port(), sys.argv[1], sys.argv[2], int(sys.argv[3])), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), sys.argv[1], sys.argv[2], int(sys.argv[3])), nprocs=2, join=True)

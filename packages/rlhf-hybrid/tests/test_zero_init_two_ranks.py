@@ -13,13 +13,13 @@ not the transfers).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from rlhf_hybrid.distributed import free_port
 
 PAD, VOCAB, NEW = 0, 97, 12
 
@@ -96,10 +96,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str, ckpt: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _saved_checkpoint(path) -> dict[str, torch.Tensor]:
@@ -169,4 +165,4 @@ def test_zero3_partitioned_construction_two_ranks(tmp_path) -> None:
 
 
 if __name__ == "__main__":
-    mp.spawn(_worker, args=(2, _free_port(), sys.argv[1], sys.argv[2]), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), sys.argv[1], sys.argv[2]), nprocs=2, join=True)

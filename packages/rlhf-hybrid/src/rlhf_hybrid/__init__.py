@@ -2,7 +2,7 @@
 
 from ._version import __version__
 from .checkpoint import atomic_dir, save_hf_checkpoint, write_json_atomic
-from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed
+from .distributed import DistInfo, all_reduce_mean, barrier, free_port, init_distributed
 from .ema import ParamEMA
 from .engine import EngineConfig, HybridEngine, deepspeed_config
 from .guards import NonFiniteError, NonFiniteWeightsError, check_finite_state
@@ -43,6 +43,7 @@ __all__ = [
     "deepspeed_config",
     "enable_gradient_checkpointing",
     "hf_kwargs",
+    "free_port",
     "init_distributed",
     "last_token_index",
     "load_causal_lm",

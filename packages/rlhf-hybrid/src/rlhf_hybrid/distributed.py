@@ -31,7 +31,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for MASTER_PORT of a local world; the tests and benchmarks use it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -60,7 +61,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         if source == "none":  # a plain single process: make a world of one
             variables = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                              MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                             MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                             MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
         # env:// reads them, and so does DeepSpeed (LOCAL_RANK) at every deepspeed.initialize
         os.environ.update(variables)
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
