@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from .config_env import EnvSection
 from .config_model import ModelSection
 from .config_report import ReportSection
 from .config_runtime import CheckpointSection, DistributedSection, OffloadSection, TrainSection
@@ -43,6 +44,7 @@ __all__ = [
     "DataSection",
     "DeepSpeedSection",
     "DistributedSection",
+    "EnvSection",
     "LoRASection",
     "ModelSection",
     "OffloadSection",
@@ -79,6 +81,7 @@ class RunConfig:
     rm: RMSection = field(default_factory=RMSection)
     algo: AlgoSection = field(default_factory=AlgoSection)
     rl: RLSection = field(default_factory=RLSection)
+    env: EnvSection = field(default_factory=EnvSection)
     pref: PrefSection = field(default_factory=PrefSection)
     lora: LoRASection = field(default_factory=LoRASection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -105,6 +108,11 @@ class RunConfig:
                               f"the RL actor (lora.rank={lo.rank}, lora.stages={lo.stages!r}): the adapters are fused "
                               f"into exactly gathered weights; use 'none'")
         self.model.check_dtype(ds.dtype)
+        if self.env.name and (self.algorithm().kind != "online" or rl.reward == "model"):
+            bad = (f"algo.name={self.algo.name!r} is not an online algorithm" if self.algorithm().kind != "online"
+                   else "rl.reward='model': the environment gives the reward; use rl.reward=verifier")
+            raise ConfigError(f"env.name: {self.env.name!r} needs an online algorithm that takes its reward from the "
+                              f"environment; {bad}")
         self.algorithm_config()  # the algo.<field> values fit the algorithm's config class, with the rl.* ones
 
     def algorithm(self):
@@ -309,7 +317,9 @@ def load_config(path: str | None, overrides: list[str] | None = None, **cli_valu
             raise ConfigError(f"override {item!r}: expected key=value, e.g. algo.kl_coef=0.05")
         values[key.strip()] = value
     values.update({k: v for k, v in cli_values.items() if v is not None})
-    return build_config(values)
+    from .tool_demo_preset import with_tool_demo_defaults
+
+    return build_config(with_tool_demo_defaults(values))
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -134,8 +134,9 @@ class DataSection(Section):
     sft_carry_error: float = option(0.7, "demo: fraction of SFT demonstrations of carry questions that forget the "
                                          "carry.")
     label_noise: float = option(0.1, "demo: fraction of preference pairs with flipped labels.")
-    num_eval: int = option(300, "demo: held-out evaluation prompts.")
-    num_valid: int = option(200, "demo: validation prompts (RL checkpoint selection).")
+    num_eval: int = option(300, "demo and tool-demo: held-out evaluation prompts.")
+    num_valid: int = option(200, "demo and tool-demo: validation prompts (RL checkpoint "
+                                              "selection).")
     pairs_per_prompt: int = option(4, "demo: preference pairs per reward-model prompt.")
 
     def __post_init__(self) -> None:

@@ -308,4 +308,6 @@ def save_stage(ctx: Context, engine, stage: str, tokenizer, metrics: dict) -> No
         extra = {"run_card.json": _run_card(ctx, stage, metrics)}
         if jsonl.exists():
             extra["metrics.jsonl"] = jsonl.read_text()
+        for f in ctx.stage_dir(stage).glob("eval_episodes_*.jsonl"):  # an env stage's held-out episodes
+            extra[f.name] = f.read_text()
         save_hf_checkpoint(engine.module, state, str(ctx.stage_dir(stage)), tokenizer, extra_files=extra)

@@ -45,7 +45,8 @@ def load_stage_data(cfg: RunConfig):
     sizes = {"sft": d.sft_samples, "rm": d.rm_samples, "rl": d.rl_samples}
     return build_stage_data(d.sources, split=d.split or None, seed=cfg.seed, eval_fraction=d.eval_fraction,
                             max_eval=d.max_eval, sizes={k: v for k, v in sizes.items() if v},
-                            source_options={"demo": d.demo_options()})
+                            source_options={"demo": d.demo_options(),
+                                            "tool-demo": {"num_eval": d.num_eval, "num_valid": d.num_valid}})
 
 
 # the sets of StageData each stage tokenizes (an RL algorithm's by its kind; it also evaluates on rl_valid/rl_eval)

@@ -18,6 +18,7 @@ from rlhf_algos import ModelReward, TextReward
 from .config import RunConfig, resolved_settings, to_dict, to_yaml
 from .context import Context, PipelineError, load_data, trained_reward_model
 from .data_report import check_stage_data
+from .env_stage import check_env_run
 from .evaluation import evaluate_policy
 from .ledger import checkpoint_id, clean_orphans, remove_stale, write_ledger
 from .report import Reporter
@@ -75,6 +76,7 @@ def _run_stages(ctx: Context, stages: list[str], overwrite: bool) -> dict:
     barrier()
     data = load_data(ctx)  # load (and check) the data before any stage starts
     algo_cls = cfg.algorithm()
+    check_env_run(ctx, data, stages, algo_cls)  # env.* against the data and the stages (the tool demo has no rm)
     check_stage_data(cfg, data, stages, algo_cls.kind)  # a stage without samples fails now, not after the others
     if algo_cls.name in stages and algo_cls.kind == "online" and cfg.rl.reward == "verifier" and data.verifier is None:
         raise PipelineError(f"rl.reward: 'verifier' needs data with a ground-truth verifier (the demo task); "
@@ -171,6 +173,10 @@ def summary_rows(summary: dict) -> list[tuple[str, str, str, str, str]]:
             rows.append((stage, f"{name}, greedy", f(s.get(f"{m}_before")), f(s.get(f"{m}_after")),
                          f"{w.get(stage, 0):.0f} s"))
             rows.append((stage, f"{name}, sampled", f(s.get(f"{m}_sampled_before")), f(s.get(f"{m}_sampled_after")), ""))
+        for rate in ("tool_call_rate", "copy_error_rate"):  # the tool demo's (rlhf_cli.env_stage)
+            if f"{rate}_before" in s:
+                rows.append((stage, f"{rate.replace('_', ' ')}, greedy", f(s.get(f"{rate}_before")),
+                             f(s.get(f"{rate}_after")), ""))
         rows.append((stage, "KL to reference", f(s.get("kl_to_ref_before")), f(s.get("kl_to_ref_after")),
                      "" if m != "none" else f"{w.get(stage, 0):.0f} s"))
     return rows

@@ -32,10 +32,12 @@ def collate_sft(examples: list[dict], pad_id: int, mask_prompt: bool = True) -> 
     """Right-padded SFT batch.
 
     Args:
-        examples: dicts with ``input_ids`` (prompt + response + eos) and ``prompt_len``.
+        examples: dicts with ``input_ids`` (prompt + response + eos) and ``prompt_len``, or with
+            ``labels`` of their own (a multi-turn demonstration whose tool turns are out of the loss,
+            :func:`rlhf_data.tool_demo.demonstration_example`): those are used as given.
         pad_id: padding token id.
         mask_prompt: if True the prompt tokens get label ``-100`` (no loss), as in DeepSpeed-Chat's
-            and TRL's completion-only training.
+            and TRL's completion-only training (examples with their own ``labels`` keep them).
 
     Returns:
         ``input_ids``, ``attention_mask``, ``labels`` — each (B, L); labels are -100 on padding
@@ -43,8 +45,13 @@ def collate_sft(examples: list[dict], pad_id: int, mask_prompt: bool = True) -> 
     """
     ids, mask = _pad([e["input_ids"] for e in examples], pad_id, left=False)
     labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-    if mask_prompt:
-        for i, e in enumerate(examples):
+    for i, e in enumerate(examples):
+        if "labels" in e:
+            if len(e["labels"]) != len(e["input_ids"]):
+                raise ValueError(f"collate_sft: example {i} has {len(e['labels'])} labels for {len(e['input_ids'])} "
+                                 "input_ids; they must be equal")
+            labels[i, : len(e["labels"])] = torch.tensor(e["labels"], dtype=torch.long)
+        elif mask_prompt:
             labels[i, : e["prompt_len"]] = IGNORE_INDEX
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 

@@ -22,6 +22,7 @@ from ..context import (
     tokenized,
     with_lora,
 )
+from ..env_stage import EnvEvaluator, env_rollout
 from ..evaluation import Evaluator, KeepBest, eval_metric, kept_message, verifier_reward
 from ..resume import StageState
 from ..sampling import PtxBatches, resumed_prompt_batches
@@ -156,8 +157,13 @@ def run_online(ctx: Context) -> dict:
     # 4. Prompts: an endless, seeded stream of this rank's share of the RL prompts (see step 6).
     rl_prompts = tokenized(ctx, tokenizer, data.rl, "rl", "rl", data_stats)
     # 5. Evaluation, and the saved state when resuming (checkpoint.every_iterations, SIGTERM; rlhf_cli.resume).
-    metric, scorer = eval_metric(data, reward_fn, p.reward)
-    ev = Evaluator(ctx, tokenizer, data, actor, reference, scorer or verifier_reward(data, tokenizer), metric)
+    if cfg.env.name:  # rollouts against env.name, judged by held-out greedy episodes (rlhf_cli.env_stage)
+        algo.env_rollout = env_rollout(ctx, tokenizer)
+        ev = EnvEvaluator(ctx, tokenizer, data, actor)
+        metric = ev.metric
+    else:
+        metric, scorer = eval_metric(data, reward_fn, p.reward)
+        ev = Evaluator(ctx, tokenizer, data, actor, reference, scorer or verifier_reward(data, tokenizer), metric)
     data_stats |= ev.stats
     jsonl = ctx.metrics_file(name)
     engines = {"actor": actor, **({"critic": algo.critic} if algo.critic is not None else {})}

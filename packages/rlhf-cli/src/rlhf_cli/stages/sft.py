@@ -14,9 +14,9 @@ from ..context import (
     load_run_tokenizer,
     save_stage,
     seed_everything,
-    tokenized,
     with_lora,
 )
+from ..multiturn_sft import sft_examples
 from ..resume import StageState
 from ..sampling import steps_per_epoch
 from .epochs import train_epochs
@@ -60,8 +60,9 @@ def run_sft(ctx: Context) -> dict:
     data = load_data(ctx)
     tokenizer, model = _starting_model(ctx, data)
     data_stats: dict = {}
-    train = tokenized(ctx, tokenizer, data.sft, "sft", "sft", data_stats)
-    evals = tokenized(ctx, tokenizer, data.sft_eval, "sft", "sft held-out", data_stats)
+    # multi-turn demonstrations (--data tool-demo): labels on the model's turns only (rlhf_cli.multiturn_sft)
+    train = sft_examples(ctx, tokenizer, data.sft, "sft", data_stats)
+    evals = sft_examples(ctx, tokenizer, data.sft_eval, "sft held-out", data_stats)
     if s.packing:
         n = len(train)
         train = pack_sft(train, max(len(e["input_ids"]) for e in train) if train else 1)
