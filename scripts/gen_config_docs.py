@@ -1,9 +1,10 @@
-"""Regenerates the config-keys table of docs/cli.md and configs/demo.yaml from rlhf_cli.config.
+"""Regenerates the config-keys table of docs/cli.md, configs/demo.yaml and configs/tool-demo.yaml from rlhf_cli.config.
 
     python scripts/gen_config_docs.py      # from the repository root, after changing a config section
 
 tests/test_configs_dir.py checks both against the code (every key has a row showing its default;
-demo.yaml loads to exactly the defaults).
+demo.yaml loads to exactly the defaults); tests/test_cli_tool_demo.py checks that tool-demo.yaml
+loads to the config of ``--data tool-demo`` (rlhf_cli.tool_demo_preset).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import dataclasses
 from pathlib import Path
 
 import yaml
-from rlhf_cli.config import RunConfig, all_keys, field_help
+from rlhf_cli.config import RunConfig, all_keys, field_help, load_config, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "| key | type | default | meaning |"
@@ -59,6 +60,9 @@ def main() -> None:
     demo = ROOT / "configs" / "demo.yaml"
     text = demo.read_text()
     demo.write_text(text[: text.index("out:")] + demo_yaml_body())  # the comment header stays
+    tool = ROOT / "configs" / "tool-demo.yaml"
+    header = tool.read_text().split("\n\n", 1)[0] + "\n\n" if tool.is_file() else "# The tool demo.\n\n"
+    tool.write_text(header + to_yaml(load_config(None, [], **{"data.sources": "tool-demo"})))  # the header stays
 
 
 if __name__ == "__main__":
