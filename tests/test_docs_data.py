@@ -24,7 +24,7 @@ def test_format_is_documented_with_its_example(name) -> None:
         assert f"`{cls.hub_id}`" in DOC
 
 
-@pytest.mark.parametrize("name", sorted(set(BUILTIN) - {"demo"}))
+@pytest.mark.parametrize("name", sorted(set(BUILTIN) - {"demo", "tool-demo"}))
 def test_example_row_converts(name) -> None:
     adapter = BUILTIN[name](OPTIONS.get(name))
     record = adapter.convert(json.loads(adapter.example))
@@ -39,6 +39,17 @@ def test_demo_example_is_a_demo_record() -> None:
     row = json.loads(BUILTIN["demo"].example)
     rec = SFTRecord(row["prompt"], row["response"])
     assert AdditionTask.verify(rec.response, {"a": 47, "b": 38}) == 1.0
+
+
+def test_tool_demo_example_is_a_tool_demo_record() -> None:
+    from rlhf_data import build_stage_data
+    from rlhf_data.tool_demo import verify_answer
+
+    row = json.loads(BUILTIN["tool-demo"].example)
+    assert verify_answer(row["response"], {"a": 12345, "b": 6789}) == 1.0
+    assert [r for r, _ in row["turns"]] == ["model", "tool", "model"] and row["turns"][-1][1] == row["response"]
+    rec = build_stage_data("tool-demo[num_sft=5,num_rl=2,num_sft_eval=1]", seed=3).sft[0]  # the same layout
+    assert [r for r, _ in rec.meta["turns"]][0] == "model" and rec.meta["turns"][-1][1] == rec.response
 
 
 def test_rlhf_data_readme_examples_run() -> None:
