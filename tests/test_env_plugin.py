@@ -74,3 +74,23 @@ def test_the_documented_environment_is_listed_and_used(plugin, rlhf) -> None:
     for it in (0, 1):
         _, turns, ended, _ = lines[it].split()
         assert 1.0 <= float(turns) <= 3.0 and float(ended) == 8.0  # every trajectory ended done or at max_turns
+
+
+def test_the_plugin_is_selected_by_env_name_in_a_run(plugin, rlhf, explain, tmp_path) -> None:
+    """``rlhf run ... env.name=guess``: the online stage rolls out against the installed plugin. The demo's
+    prompt records carry no ``target``, so its ``reset`` raises: every trajectory ends ``env_error`` (counted,
+    never the run), which shows that the plugin, not the single-turn reward, was used."""
+    import json
+
+    out = tmp_path / "out"
+    proc = rlhf(["run", "--stage", "all", "--out", str(out), "algo.name=grpo", "rl.reward=verifier", "env.name=guess",
+                 "sft.epochs=1", "data.sft_samples=64", "rl.iterations=1", "rl.rollout_batch_size=4", "data.num_eval=4", "data.num_valid=4",
+                 "model.hidden_size=32", "model.num_layers=1", "model.num_heads=4", "model.intermediate_size=64"],
+                timeout=600)
+    assert proc.returncode == 0, explain(proc)
+    rows = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    (row,) = [r for r in rows if r.get("iteration") == 1 and "reward_mean" in r]
+    assert row["env_end_env_error"] == 4 * 4 and row["reward_mean"] == 0.0, row
+    g = json.loads((out / "summary.json").read_text())["grpo"]
+    assert g["eval_metric"] == "env_score" and g["env_score_before"] == 0.0 and g["env_turns_mean_before"] == 0.0
+    assert not (out / "rm").exists()
