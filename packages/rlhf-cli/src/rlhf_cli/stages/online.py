@@ -133,6 +133,16 @@ def _iteration(ctx: Context, it: int, algo, actor, prompts: list[dict], pad_id: 
     return row
 
 
+def _evaluator(ctx: Context, algo, data, tokenizer, actor, reference, reward_fn):
+    """The held-out judge: with env.name, greedy episodes against it (its rollout attached to ``algo``,
+    :mod:`rlhf_cli.env_stage`); else the verifier's (or the reward's) score of single responses."""
+    if ctx.cfg.env.name:
+        algo.env_rollout = env_rollout(ctx, tokenizer)
+        return EnvEvaluator(ctx, tokenizer, data, actor)
+    metric, scorer = eval_metric(data, reward_fn, ctx.cfg.rl.reward)
+    return Evaluator(ctx, tokenizer, data, actor, reference, scorer or verifier_reward(data, tokenizer), metric)
+
+
 def run_online(ctx: Context) -> dict:
     """The online recipe, top to bottom; the rollout and learning math are the algorithm's."""
     from rlhf_algos import HealthMonitor
@@ -156,14 +166,10 @@ def run_online(ctx: Context) -> dict:
         actor.enable_ema(p.ema_beta)
     # 4. Prompts: an endless, seeded stream of this rank's share of the RL prompts (see step 6).
     rl_prompts = tokenized(ctx, tokenizer, data.rl, "rl", "rl", data_stats)
-    # 5. Evaluation, and the saved state when resuming (checkpoint.every_iterations, SIGTERM; rlhf_cli.resume).
-    if cfg.env.name:  # rollouts against env.name, judged by held-out greedy episodes (rlhf_cli.env_stage)
-        algo.env_rollout = env_rollout(ctx, tokenizer)
-        ev = EnvEvaluator(ctx, tokenizer, data, actor)
-        metric = ev.metric
-    else:
-        metric, scorer = eval_metric(data, reward_fn, p.reward)
-        ev = Evaluator(ctx, tokenizer, data, actor, reference, scorer or verifier_reward(data, tokenizer), metric)
+    # 5. Evaluation (with env.name: greedy episodes against it, and its rollout attached to the algorithm),
+    #    and the saved state when resuming (checkpoint.every_iterations, SIGTERM; rlhf_cli.resume).
+    ev = _evaluator(ctx, algo, data, tokenizer, actor, reference, reward_fn)
+    metric = ev.metric
     data_stats |= ev.stats
     jsonl = ctx.metrics_file(name)
     engines = {"actor": actor, **({"critic": algo.critic} if algo.critic is not None else {})}
