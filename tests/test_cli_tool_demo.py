@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-TINY = ["--data", "tool-demo[num_sft=256,num_rl=32,num_sft_eval=8]", "sft.epochs=3", "sft.lr=1e-2",
-        "rl.iterations=2", "rl.rollout_batch_size=4", "data.num_eval=8", "data.num_valid=4", "model.hidden_size=64",
-        "model.num_layers=1", "model.intermediate_size=128"]
+# tiny: the model learns too little to call the tool (the rates of scripted episodes are checked below)
+TINY = ["--data", "tool-demo[num_sft=64,num_rl=32,num_sft_eval=8]", "sft.epochs=1", "rl.iterations=2",
+        "rl.rollout_batch_size=4", "data.num_eval=8", "data.num_valid=4", "model.hidden_size=32", "model.num_layers=1",
+        "model.intermediate_size=64"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,6 +110,60 @@ def test_run_sft_then_grpo_with_rates_from_the_episodes(tool_run, explain) -> No
         assert r["env_turns_mean"] >= 1
         ends = sum(v for k, v in r.items() if k.startswith("env_end_"))
         assert ends == 4 * 4  # rollout_batch_size x samples_per_prompt trajectories, each one reason
+
+
+class _ScriptedActor:
+    """A policy whose turns are written by ``script(context_text) -> text`` (then EOS), for RePrefillSession."""
+
+    def __init__(self, tok, script) -> None:
+        self.tok, self.script = tok, script
+
+    def eval(self) -> None: ...
+
+    def train(self) -> None: ...
+
+    def generate(self, ids, mask, *, max_new_tokens, eos_token_id, pad_token_id, return_logprobs, **sampling):
+        import torch
+
+        rows = [self.tok.encode(self.script(self.tok.decode(r[m.bool()].tolist())), add_special_tokens=False)
+                + [eos_token_id] for r, m in zip(ids, mask, strict=True)]
+        width = max(map(len, rows))
+        new = torch.tensor([r + [pad_token_id] * (width - len(r)) for r in rows])
+        return torch.cat([ids, new], dim=1), torch.zeros(new.shape)
+
+
+def test_held_out_rates_of_scripted_episodes(tmp_path) -> None:
+    """Four held-out problems answered by a script: a right call copied right, a right call copied wrong,
+    no call and a wrong answer, no call and the right answer. By hand: tool_call_rate 2/4, copy_error_rate
+    1/2, verifier_score 2/4; the saved episodes give the same by the recount."""
+    from rlhf_cli.config import load_config
+    from rlhf_cli.context import Context
+    from rlhf_cli.env_stage import EnvEvaluator
+    from rlhf_cli.report import Reporter
+    from rlhf_data import PromptRecord, StageData, train_demo_tokenizer
+
+    problems = [(12345, 6789), (23456, 7890), (34567, 8901), (45678, 9012)]
+    tok = train_demo_tokenizer([f"Human: What is {a} + {b}?\n\nAssistant: <calc>{a}+{b}</calc><result>{a + b}</result>"
+                                f"{a + b}" for a, b in problems] * 3)
+
+    def script(context: str) -> str:
+        a, b = map(int, re.findall(r"What is (\d+) \+ (\d+)", context)[0])
+        k = [p[0] for p in problems].index(a)
+        result = re.search(r"<result>(\d+)</result>", context)
+        if k >= 2:  # no call: wrong (k = 2) or right (k = 3) from the head
+            return str(a + b + (1 if k == 2 else 0))
+        return f"<calc>{a}+{b}</calc>" if result is None else (result.group(1) if k == 0 else result.group(1)[::-1])
+
+    held = [PromptRecord(f"What is {a} + {b}?", {"a": a, "b": b}) for a, b in problems]
+    cfg = load_config(None, [f"out={tmp_path}", "data.cache=false", "algo.name=grpo"], **{"data.sources": "tool-demo"})
+    ev = EnvEvaluator(Context(cfg, Reporter(enabled=False)), tok, StageData(rl_valid=held, rl_eval=held),
+                      _ScriptedActor(tok, script))
+    got = ev.held_out("before")
+    assert got["tool_call_rate_before"] == 0.5 and got["copy_error_rate_before"] == 0.5, got
+    assert got["verifier_score_before"] == 0.5 and got["env_turns_mean_before"] == (2 + 2 + 1 + 1) / 4, got
+    episodes = [json.loads(x) for x in (tmp_path / "grpo" / "eval_episodes_before.jsonl").read_text().splitlines()]
+    assert _recount(episodes, tok) == {"tool_call_rate": 0.5, "copy_error_rate": 0.5, "verifier_score": 0.5}
+    assert ev.validate() == 0.5
 
 
 # --------------------------------------------------------------------------------------------

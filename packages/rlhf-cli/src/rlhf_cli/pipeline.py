@@ -172,7 +172,9 @@ def summary_rows(summary: dict) -> list[tuple[str, str, str, str, str]]:
         if m != "none":
             rows.append((stage, f"{name}, greedy", f(s.get(f"{m}_before")), f(s.get(f"{m}_after")),
                          f"{w.get(stage, 0):.0f} s"))
-            rows.append((stage, f"{name}, sampled", f(s.get(f"{m}_sampled_before")), f(s.get(f"{m}_sampled_after")), ""))
+            if f"{m}_sampled_before" in s:  # (an env stage scores greedy episodes only)
+                rows.append((stage, f"{name}, sampled", f(s.get(f"{m}_sampled_before")),
+                             f(s.get(f"{m}_sampled_after")), ""))
         for rate in ("tool_call_rate", "copy_error_rate"):  # the tool demo's (rlhf_cli.env_stage)
             if f"{rate}_before" in s:
                 rows.append((stage, f"{rate.replace('_', ' ')}, greedy", f(s.get(f"{rate}_before")),
