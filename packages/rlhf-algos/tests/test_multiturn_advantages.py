@@ -184,12 +184,68 @@ def test_grpo_learns_on_episodes_and_trains_only_model_tokens() -> None:
     assert math.isfinite(metrics["policy_loss"])
 
 
-def test_remax_refuses_an_environment() -> None:
+class FirstTokenEnv:
+    """Ends after ``record['turns']`` turns; each non-final turn: reward 0.5 and the reply [2, 3]; the final
+    reward: 1.0 when the first token of the first turn is even, else 0.0 (so a greedy episode's return is
+    0.5 * (turns - 1) + [its first greedy token is even])."""
+
+    name, description = "first-token", "test"
+
+    def reset(self, record):
+        self.left, self.first = record["turns"], None
+
+    def step(self, action):
+        self.left -= 1
+        if self.first is None:
+            self.first = int(action.split()[0])
+        if self.left == 0:
+            return StepResult(reward=float(self.first % 2 == 0), done=True)
+        return StepResult(reply=[2, 3], reward=0.5)
+
+
+def test_remax_baseline_is_a_greedy_episode_through_the_environment() -> None:
     from rlhf_algos import ReMax, ReMaxConfig
 
+    V, EOS, PAD, k = 11, 1, 0, 3
+    actor = TinyPolicy(V, seed=2)
+    algo = ReMax(ReMaxConfig(samples_per_prompt=k, micro_batch_size=6, kl_coef=0.0), actor=actor,
+                 reference=actor.frozen_copy(), reward_fn=lambda *a: None, eos_token_id=EOS, pad_token_id=PAD)
+    algo.env_rollout = EnvRollout(FirstTokenEnv, EpisodeBudget(max_turns=3, max_turn_tokens=3, max_total_tokens=20),
+                                  decode=lambda ids: " ".join(map(str, ids)),
+                                  encode=lambda s: [int(t) for t in s.split()], vocab_size=V)
+    ids, records = torch.tensor([[0, 4, 6], [7, 8, 9]]), [{"turns": 2}, {"turns": 1}]
+    mask = (ids != 0).long()
+    torch.manual_seed(3)
+    exp = algo.generate_experience(ids, mask, records)
+    # the baseline by hand: each prompt's first greedy token, straight from the policy
+    greedy = actor.generate(ids, mask, max_new_tokens=3, do_sample=False, eos_token_id=EOS, pad_token_id=PAD)
+    b = [0.5 * (r["turns"] - 1) + float(int(greedy[j, ids.shape[1]]) % 2 == 0) for j, r in enumerate(records)]
+    assert exp.baseline_scores.tolist() == [b[0]] * k + [b[1]] * k
+    P = exp.prompt_len
+    want = torch.zeros_like(exp.advantages)
+    for i in range(2 * k):
+        turns, final = records[i // k]["turns"], float(int(exp.sequences[i, P]) % 2 == 0)  # the sampled first token
+        model = exp.response_mask[i].bool()
+        env = exp.attention_mask[i, P:].bool() & ~model
+        first_env = int(env.nonzero()[0]) if env.any() else model.shape[0]
+        for t in model.nonzero().flatten().tolist():
+            # reward-to-go - baseline: turn 1 sees 0.5 * (turns - 1) + final, turn 2 only the final reward
+            want[i, t] = (0.5 * (turns - 1) if t < first_env else 0.0) + final - b[i // k]
+    assert exp.num_turns.tolist() == [2] * k + [1] * k
+    torch.testing.assert_close(exp.advantages, want)
+    assert math.isfinite(algo.learn(exp)["policy_loss"])
+
+
+def test_an_algorithm_with_a_single_turn_baseline_refuses_an_environment() -> None:
+    from rlhf_algos import ReMax, ReMaxConfig
+
+    class SingleTurnBaseline(ReMax):
+        name = "single-turn-baseline"
+        env_baseline = False  # its baseline_scores knows nothing of environments
+
     actor = TinyPolicy(11, seed=1)
-    algo = ReMax(ReMaxConfig(), actor=actor, reference=actor.frozen_copy(), reward_fn=lambda *a: None,
-                 eos_token_id=1, pad_token_id=0)
+    algo = SingleTurnBaseline(ReMaxConfig(), actor=actor, reference=actor.frozen_copy(), reward_fn=lambda *a: None,
+                              eos_token_id=1, pad_token_id=0)
     algo.env_rollout = EnvRollout(CountDown, EpisodeBudget(), decode=str, encode=lambda s: [])
-    with pytest.raises(ValueError, match="remax: a rollout baseline"):
+    with pytest.raises(ValueError, match="single-turn-baseline: a rollout baseline"):
         algo.generate_experience(torch.tensor([[4, 5]]), torch.ones(1, 2, dtype=torch.long), [{"turns": 1}])
