@@ -1,13 +1,13 @@
-"""Multi-turn rollouts on two gloo ranks under ZeRO-3 (every parameter sharded), re-prefill (hf) path.
+"""Multi-turn rollouts on two gloo ranks under ZeRO-3 (every parameter sharded), hf and fast paths.
 
 Each turn's ``generate`` gathers the sharded weights (a collective), and rank 0's trajectories all end
 after one turn while rank 1's run three and two turns. The turn loop must keep the ranks in step
 (``HybridEngine.any_rank_active`` before every turn, ``RePrefillSession.idle`` on a rank with nothing
-left), so:
+left); the fast path gathers once per rollout (``turn_session``) and needs no such step. So:
 
 * both ranks finish (a hang fails at the timeout: the gloo timeout is 60 s, the test's 300 s), and the
   collectives after the rollout (a ZeRO-3 forward) still line up;
-* rank 0 idled through exactly the two turns it had nothing to do in, rank 1 never;
+* on the hf path rank 0 idled through exactly the two turns it had nothing to do in, rank 1 never;
 * each rank's trajectories equal a single-process run (ZeRO-0, the unsharded weights, the same seed)
   on the same prompts: token ids, loss masks and turn counts exactly, sampling log-probs within 1e-5.
 """
@@ -81,7 +81,7 @@ def rollout(engine, rank: int):
     return batch, len(idled)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, generation: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -89,7 +89,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from rlhf_hybrid import EngineConfig, HybridEngine, init_distributed
 
     init_distributed(timeout_s=60)  # a collective mismatch fails within a minute instead of hanging
-    engine = HybridEngine(tiny_llama(), EngineConfig(zero_stage=3, micro_batch_size=2, generation="hf"))
+    engine = HybridEngine(tiny_llama(), EngineConfig(zero_stage=3, micro_batch_size=2, generation=generation))
     engine.eval()
     batch, idled = rollout(engine, rank)
     # after the rollout the ranks must still be in step: a ZeRO-3 forward (collective) on the trajectories
@@ -105,24 +105,27 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.usefixtures("in_process_world")
-def test_ranks_ending_at_different_turns_stay_in_step_and_match_one_process(tmp_path) -> None:
+@pytest.mark.parametrize("generation", ["hf", "fast"])
+def test_ranks_ending_at_different_turns_stay_in_step_and_match_one_process(tmp_path, generation: str) -> None:
     from rlhf_hybrid import EngineConfig, HybridEngine
     from rlhf_hybrid.distributed import free_port
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
     try:
-        proc = subprocess.run([sys.executable, __file__, str(tmp_path), str(free_port())], env=env,
+        proc = subprocess.run([sys.executable, __file__, str(tmp_path), str(free_port()), generation], env=env,
                               capture_output=True, text=True, timeout=300)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the two ranks did not finish within 300 s (hang): {str(e.stderr)[-3000:]}")
     assert proc.returncode == 0, proc.stderr[-5000:]
-    reference = HybridEngine(tiny_llama(), EngineConfig(zero_stage=0, micro_batch_size=2, generation="hf"))
+    reference = HybridEngine(tiny_llama(), EngineConfig(zero_stage=0, micro_batch_size=2, generation=generation))
     reference.eval()
-    for rank, want_turns, want_idled in ((0, [1, 1], 2), (1, [3, 2], 0)):
+    # the fast path gathers once per rollout and its turns run no collective: no rank idles
+    idles = (2, 0) if generation == "hf" else (0, 0)
+    for rank, want_turns, want_idled in ((0, [1, 1], idles[0]), (1, [3, 2], idles[1])):
         r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         assert r["numel"] < r["full"], "ZeRO-3 did not shard the parameters"
-        assert r["path"] == "hf"
+        assert r["path"] == generation
         got, (want, _) = r["batch"], rollout(reference, rank)
         assert got.num_turns.tolist() == want.num_turns.tolist() == want_turns
         assert got.end_reasons == ["done", "done"]
@@ -135,4 +138,4 @@ def test_ranks_ending_at_different_turns_stay_in_step_and_match_one_process(tmp_
 
 
 if __name__ == "__main__":
-    mp.spawn(_worker, args=(2, int(sys.argv[2]), sys.argv[1]), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, int(sys.argv[2]), sys.argv[1], sys.argv[3]), nprocs=2, join=True)
