@@ -191,6 +191,8 @@ class OnlineAlgorithm(Algorithm):
     config_class: ClassVar[type] = OnlineConfig
     # Multi-turn rollouts against an environment (rlhf_algos.multiturn.EnvRollout); None: one generation.
     env_rollout: Any = None
+    # Whether baseline_scores handles multi-turn experiences (env_rollout set); if not, an environment is refused.
+    env_baseline: ClassVar[bool] = False
 
     def __init__(self, config: OnlineConfig, *, actor: TrainablePolicy, reference: ScoringPolicy,
                  reward_fn: RewardFunction, critic: ValueFunction | None = None, eos_token_id: int | None,
