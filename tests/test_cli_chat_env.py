@@ -68,15 +68,17 @@ def plain(task: str) -> str:
     return f"Human: {task}\n\nAssistant:"
 
 
-def hf_turn(model, tok, seq: list[int]) -> list[int]:
+def hf_turn(model, tok, seq: list[int], **sampling) -> list[int]:
+    """One turn by HF generate on ``seq`` (greedy unless ``sampling``), up to and including EOS."""
     x = torch.tensor([seq])
     with torch.no_grad():
-        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=N_NEW, do_sample=False,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=N_NEW,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             **(sampling or {"do_sample": False}))
     return out[0, len(seq):].tolist()
 
 
-def reference_episode(model, tok, env, task: str, record: dict, max_turns: int):
+def reference_episode(model, tok, env, task: str, record: dict, max_turns: int, **sampling):
     """``([(who, text) shown], [StepResult of each turn], ids, is_model)``: HF generate turn by turn on one
     growing token sequence ``ids`` (the prompt's, then each turn's and each reply's; ``is_model`` marks the
     turns' ids); the episode ends when the environment says done or after ``max_turns`` turns."""
@@ -85,8 +87,8 @@ def reference_episode(model, tok, env, task: str, record: dict, max_turns: int):
     env.reset({**record, "prompt": plain(task)})
     shown, results = [], []
     for t in range(max_turns):
-        new = hf_turn(model, tok, seq)
-        assert tok.eos_token_id not in new and len(new) == N_NEW  # the letters model never stops early
+        new = hf_turn(model, tok, seq, **sampling)
+        assert sampling or (tok.eos_token_id not in new and len(new) == N_NEW)  # greedy, it never stops early
         text = tok.decode(new, skip_special_tokens=True)
         shown.append(("model", text.strip()))
         seq, is_model = seq + new, is_model + [True] * len(new)
@@ -153,6 +155,35 @@ def test_the_episode_is_the_token_sequence_of_a_training_rollout(letters_model, 
     assert "model> " in capsys.readouterr().out
 
 
+def test_sampled_episode_equals_hf_generate_with_the_same_seed(letters_model, count_env, monkeypatch, capsys) -> None:
+    """At --temperature > 0 the turns are HF generate's samples with the same seed, and the kept sampling
+    log-probs are the model's log-softmax(logits / T) of the sampled tokens recomputed on the whole sequence."""
+    from rlhf_cli.chat_env import EnvOptions, EpisodeRunner, environment_factory
+    from rlhf_cli.chat_session import GenerationSettings
+
+    d, tok, model = letters_model
+    monkeypatch.syspath_prepend(str(count_env[0]))
+    T = 1.5
+    torch.manual_seed(11)
+    _, _, seq, is_model = reference_episode(model, tok, count_env[1](), TASK, {}, 3, do_sample=True, temperature=T,
+                                            top_p=0.9, top_k=None)
+    run = EpisodeRunner(tok, model, GenerationSettings(max_new_tokens=N_NEW, temperature=T, top_p=0.9),
+                        EnvOptions("count", max_turns=3), environment_factory("count", {}))
+    torch.manual_seed(11)
+    batch = run(TASK)
+    assert batch.sequences[0][batch.attention_mask[0].bool()].tolist() == seq
+    greedy, *_ = reference_episode(model, tok, count_env[1](), TASK, {}, 3)
+    assert tok.decode(seq[batch.prompt_len:], skip_special_tokens=True) != "".join(t for _, t in greedy)  # it sampled
+    with torch.no_grad():
+        logits = model(torch.tensor([seq])).logits[0, :-1].float() / T  # (L - 1, V): position i predicts i + 1
+    lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(seq[1:])[:, None])[:, 0]
+    P, n = batch.prompt_len, len(seq) - batch.prompt_len
+    mine = torch.tensor(is_model[P:])
+    assert torch.allclose(batch.sample_logprobs[0, :n][mine], lp[P - 1:][mine], atol=1e-4)
+    assert batch.sample_logprobs[0, :n][~mine].abs().sum() == 0
+    capsys.readouterr()
+
+
 def test_an_environment_that_raises_ends_the_episode_with_its_reason(letters_model, count_env, monkeypatch,
                                                                      in_process_world) -> None:
     d, tok, model = letters_model
@@ -167,6 +198,20 @@ def test_an_environment_that_raises_ends_the_episode_with_its_reason(letters_mod
     (final, turns) = re.findall(r"^reward: (\S+) \(turn rewards: (.*)\)$", result.stdout, flags=re.M)[0]
     assert float(final) == 0.0 and float(turns) == pytest.approx(results[0].reward, abs=1e-5)
     assert "info:" not in result.stdout  # the failed step has none
+
+
+def test_a_reply_over_the_total_budget_ends_the_episode(letters_model, count_env, monkeypatch, in_process_world) -> None:
+    d, tok, model = letters_model
+    monkeypatch.syspath_prepend(str(count_env[0]))
+    expected, results, *_ = reference_episode(model, tok, count_env[1](), TASK, {}, max_turns=1)
+    reply = tok.encode(results[0].reply, add_special_tokens=False)
+    result = invoke(["--model", str(d), "--env", "count", "--prompt", TASK, "--max-new-tokens", str(N_NEW),
+                     "--max-total-tokens", str(N_NEW + len(reply))])  # the reply would leave no room for a turn
+    assert result.exit_code == 0, result.output
+    assert shown_turns(result.stdout) == expected  # the refused reply is not shown: the model never saw it
+    assert f"end: reply_over_budget after 1 model turn; {N_NEW} model + 0 environment tokens after the prompt " \
+           f"(reply of {len(reply)} tokens)" in result.stdout
+    assert re.search(rf"^reward: {results[0].reward:.6g}$", result.stdout, flags=re.M), result.stdout
 
 
 def test_the_calculator_verifies_the_answer(letters_model, in_process_world) -> None:

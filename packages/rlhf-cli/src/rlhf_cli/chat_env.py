@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import typer
 import yaml
 
+from .chat import _note, _say
 from .chat_session import ChatSession, ContextError, GenerationSettings, TextStream, reply_text
 from .errors import fail
 
@@ -33,16 +34,6 @@ __all__ = ["EnvOptions", "EpisodeRunner", "ShownSession", "StreamingLM", "chat_e
 
 ENV_ONLY_FLAGS = {"env_args": "--env-arg", "meta": "--meta", "max_turns": "--max-turns",
                   "max_total_tokens": "--max-total-tokens"}
-
-
-def _say(text: str, nl: bool = True) -> None:
-    from .chat import _say as say
-
-    say(text, nl)
-
-
-def _note(text: str) -> None:
-    typer.echo(text, err=True)
 
 
 def parse_pairs(flag: str, items: Sequence[str]) -> dict[str, object]:
@@ -110,9 +101,14 @@ def environment_factory(name: str, env_args: dict) -> Callable[[], object]:
         cls = get_environment(name)
     except (ValueError, EnvironmentLoadError) as e:
         raise ValueError(f"--env: {e}") from None
-    params = ", ".join(str(p) for p in inspect.signature(cls).parameters.values()) or "none"
     try:
-        inspect.signature(cls).bind(**env_args)
+        signature = inspect.signature(cls)
+        params = ", ".join(str(p) for p in signature.parameters.values()) or "none"
+    except (TypeError, ValueError):  # no introspectable signature: let the call itself tell
+        signature, params = None, "unknown"
+    try:
+        if signature is not None:
+            signature.bind(**env_args)
         cls(**env_args)
     except Exception as e:  # noqa: BLE001 - whatever the plugin's constructor raises is the user's argument's fault
         raise ValueError(f"--env-arg: environment {name!r} refuses {env_args!r}: {type(e).__name__}: {e} "
