@@ -31,8 +31,8 @@ PLUGIN = textwrap.dedent('''
         name = "count"
         description = "test: replies with each turn's length; step fail_at raises"
 
-        def __init__(self, fail_at: int = 0) -> None:
-            self.fail_at = fail_at
+        def __init__(self, fail_at: int = 0, silent: bool = False) -> None:
+            self.fail_at, self.silent = fail_at, silent
 
         def reset(self, record):
             self.record, self.turn = record, 0
@@ -42,7 +42,8 @@ PLUGIN = textwrap.dedent('''
             if self.turn == self.fail_at:
                 raise RuntimeError(f"step {self.turn} failed on purpose")
             # "an" right after a turn ending in "t" merges into the token "tan" when the text is re-tokenized
-            return StepResult(reply=f"an echo of {len(action)} letters, {self.record.get('tag')!r}.",
+            reply = None if self.silent else f"an echo of {len(action)} letters, {self.record.get('tag')!r}."
+            return StepResult(reply=reply,
                               reward=self.turn + len(action) / 100, info={"turn": self.turn})
 ''')
 
@@ -95,8 +96,9 @@ def reference_episode(model, tok, env, task: str, record: dict, max_turns: int, 
         results.append(env.step(text))
         if results[-1].done or t == max_turns - 1:
             break
-        reply = tok.encode(results[-1].reply, add_special_tokens=False)
-        shown.append(("env", tok.decode(reply, skip_special_tokens=True).strip()))
+        reply = tok.encode(results[-1].reply or "", add_special_tokens=False)
+        if reply:
+            shown.append(("env", tok.decode(reply, skip_special_tokens=True).strip()))
         seq, is_model = seq + reply, is_model + [False] * len(reply)
     return shown, results, seq, is_model
 
@@ -133,6 +135,23 @@ def test_turns_rewards_and_end_equal_hf_generate_against_the_environment(letters
     assert float(line[0]) == pytest.approx(results[-1].reward, abs=1e-5)  # the last step's reward is the final one
     assert [float(r) for r in line[1].split(", ")] == pytest.approx([r.reward for r in results[:-1]], abs=1e-5)
     assert "info: turn=3" in result.stdout
+
+
+def test_turns_without_replies_keep_their_own_rewards(letters_model, count_env, monkeypatch, in_process_world) -> None:
+    """An environment that says nothing between turns: the model's turns follow each other directly, and each
+    non-final turn's reward is still listed (from where its turn ended, not from the masks)."""
+    d, tok, model = letters_model
+    monkeypatch.syspath_prepend(str(count_env[0]))
+    expected, results, *_ = reference_episode(model, tok, count_env[1](silent=True), TASK, {}, max_turns=3)
+    assert [w for w, _ in expected] == ["model"] * 3
+    result = invoke(["--model", str(d), "--env", "count", "--env-arg", "silent=true", "--max-turns", "3",
+                     "--prompt", TASK, "--max-new-tokens", str(N_NEW)])
+    assert result.exit_code == 0, result.output
+    assert shown_turns(result.stdout) == expected
+    (final, turns) = re.findall(r"^reward: (\S+) \(turn rewards: (.*)\)$", result.stdout, flags=re.M)[0]
+    assert float(final) == pytest.approx(results[-1].reward, abs=1e-5)
+    assert [float(r) for r in turns.split(", ")] == pytest.approx([r.reward for r in results[:-1]], abs=1e-5)
+    assert f"end: max_turns after 3 model turns; {3 * N_NEW} model + 0 environment tokens" in result.stdout
 
 
 def test_the_episode_is_the_token_sequence_of_a_training_rollout(letters_model, count_env, monkeypatch, capsys) -> None:

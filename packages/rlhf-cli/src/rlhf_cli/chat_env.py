@@ -153,10 +153,13 @@ class StreamingLM:
 
 class ShownSession:
     """A turn session that shows the conversation: the environment's reply (the ids appended before a
-    turn, decoded) as ``env> ...``, then the model's turn streamed as ``model> ...``; ``inner`` does the work."""
+    turn, decoded) as ``env> ...``, then the model's turn streamed as ``model> ...``; ``inner`` does the work.
+    ``turn_ends`` collects the index (after the prompt) of each turn's last token."""
 
     def __init__(self, inner, lm: StreamingLM, tokenizer) -> None:
         self.inner, self.tokenizer = inner, tokenizer
+        self.turn_ends: list[int] = []
+        self._length = 0  # trajectory tokens so far
         lm.on_text = lambda piece: _say(piece, nl=False)
 
     def turn(self, rows, appended, caps):
@@ -165,15 +168,17 @@ class ShownSession:
         _say("model> ", nl=False)
         out = self.inner.turn(rows, appended, caps)
         _say("")
+        self._length += len(appended[0]) + len(out[0][0])
+        self.turn_ends.append(self._length - 1)
         return out
 
 
-def _summary(batch) -> list[str]:
-    """The episode's end, rewards and last ``info`` as printed lines (row 0 of ``batch``)."""
+def _summary(batch, ends: list[int]) -> list[str]:
+    """The episode's end, rewards and last ``info`` as printed lines (row 0 of ``batch``); ``ends``:
+    the index of each model turn's last token (the per-turn rewards sit there, the last turn's is final)."""
     P = batch.prompt_len
     n = int(batch.attention_mask[0, P:].sum())
     model = batch.loss_mask[0, :n].tolist()
-    ends = [j for j in range(n) if model[j] == 1 and (j + 1 == n or model[j + 1] == 0)]  # each turn's last token
     turns = int(batch.num_turns[0])
     detail = batch.end_details[0] if batch.end_details else ""
     lines = [f"end: {batch.end_reasons[0]} after {turns} model turn{'s' * (turns != 1)}; {int(sum(model))} model + "
@@ -237,11 +242,12 @@ class EpisodeRunner:
                                do_sample=gen.temperature > 0, temperature=gen.temperature or 1.0, top_k=0,
                                top_p=gen.top_p)
         record = {**self.options.meta, "prompt": decode(ids)}  # as a training rollout's record
-        batch = run_episodes(ShownSession(session, lm, tok), [self.factory()], [record], budget=budget,
+        shown = ShownSession(session, lm, tok)
+        batch = run_episodes(shown, [self.factory()], [record], budget=budget,
                              decode=decode, encode=lambda text: tok.encode(text, add_special_tokens=False),
                              prompt_ids=prompt, prompt_mask=mask, pad_token_id=tok.pad_token_id,
                              vocab_size=len(tok))
-        for line in _summary(batch):
+        for line in _summary(batch, shown.turn_ends):
             _say(line)
         return batch
 
