@@ -172,6 +172,8 @@ class TrajectoryBatch:
         end_reasons: ``N`` strings from :data:`~rlhf_algos.environments.END_REASONS`.
         prompt_len: ``P``.
         final_info: ``N`` dicts, the ``info`` of each trajectory's last step ({} when it failed).
+        end_details: ``N`` strings: why a trajectory ended for ``env_error``, ``bad_step`` or
+            ``reply_over_budget`` (the exception, the problem, the reply's length), else "".
     """
 
     sequences: torch.Tensor
@@ -184,6 +186,7 @@ class TrajectoryBatch:
     end_reasons: list[str]
     prompt_len: int
     final_info: list[dict] = field(default_factory=list)
+    end_details: list[str] = field(default_factory=list)
 
 
 def _to_batch(episodes: list[Episode], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pad: int) -> TrajectoryBatch:
@@ -205,7 +208,7 @@ def _to_batch(episodes: list[Episode], prompt_ids: torch.Tensor, prompt_mask: to
         scores=torch.tensor([e.score for e in episodes], dtype=torch.float32),
         num_turns=torch.tensor([e.num_turns for e in episodes], dtype=torch.long),
         end_reasons=[e.end_reason or "done" for e in episodes], prompt_len=prompt_ids.shape[1],
-        final_info=[e.info for e in episodes])
+        final_info=[e.info for e in episodes], end_details=[e.detail for e in episodes])
 
 
 def _safe_step(env: Environment, text: str, vocab_size: int | None) -> tuple[StepResult | None, str, str]:
@@ -273,6 +276,7 @@ def run_episodes(session: TurnSession, envs: Sequence[Environment], records: Seq
             ep.num_turns += 1
             result, reason, detail = _safe_step(envs[i], decode(list(tokens)), vocab_size)
             if result is None:
+                ep.info = {}  # a failed step has no info; an earlier step's would pass for the last one's
                 ep.end(reason, 0.0, detail)
                 continue
             ep.info = result.info

@@ -111,7 +111,8 @@ class GenerationMixin:
         if return_logprobs:
             eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
             seqs = out.sequences
-            out = (seqs, _hf_logprobs(out.logits, seqs[:, input_ids.shape[1]:], temperature if do_sample else 1.0, eos))
+            out = (seqs, generated_logprobs(out.logits, seqs[:, input_ids.shape[1]:], temperature if do_sample else 1.0,
+                                            eos))
         t2 = time.perf_counter()
         self.timings["gather_s"] = t1 - t0
         self.timings["generate_s"] = t2 - t1
@@ -337,9 +338,10 @@ def _tp_own_rows(seqs: torch.Tensor, own, eos_token_id, logprobs: torch.Tensor |
     return mine[:, : P + width], None if logprobs is None else logprobs[rows, :width]
 
 
-def _hf_logprobs(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float, eos) -> torch.Tensor:
+def generated_logprobs(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float, eos) -> torch.Tensor:
     """(B, R) float32 log-probs of the generated ``tokens`` (B, R) under ``softmax(logits / temperature)``
-    from transformers' raw per-step logits (R tensors of (B, V)), 0 after each row's first EOS."""
+    from transformers' raw per-step logits (R tensors of (B, V)), 0 after each row's first EOS. Public for
+    other callers of transformers ``generate`` that keep its log-probs (``rlhf chat --env``)."""
     from rlhf_kernels import fused_logprobs
 
     lp = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
