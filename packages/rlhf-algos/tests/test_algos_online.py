@@ -412,6 +412,18 @@ def test_critic_free_algorithms_increase_a_toy_reward(cls, config_class, prompts
     assert last > 0.45, rewards
 
 
+def _record_forwards(policy: TinyPolicy) -> list:
+    """From now on, ``(input_ids.shape, position_ids)`` of every ``policy.token_logprobs`` call."""
+    seen, forward = [], policy.token_logprobs
+
+    def recording(ids, *a, **kw):
+        seen.append((ids.shape, kw.get("position_ids")))
+        return forward(ids, *a, **kw)
+
+    policy.token_logprobs = recording
+    return seen
+
+
 @pytest.mark.parametrize("layout", ["rows", "one_row"])
 @pytest.mark.parametrize(("cls", "config_class"), [(PPO, PPOConfig), *CRITIC_FREE])
 def test_a_padding_free_learn_step_learns_what_the_padded_one_does(cls, config_class, layout: str) -> None:
@@ -429,10 +441,7 @@ def test_a_padding_free_learn_step_learns_what_the_padded_one_does(cls, config_c
         algo = build(cls, cfg, actor, FirstTokenReward(3), critic=TinyCritic(V, seed=2) if cls is PPO else None)
         prompts = torch.tensor([[0, 0, 4, 5], [0, 6, 7, 8], [2, 3, 4, 5], [0, 0, 0, 9]])  # left-padded, 2-4-4-1
         exp = algo.generate_experience(prompts, (prompts != PAD).long())
-        seen = []
-        forward = actor.token_logprobs
-        actor.token_logprobs = lambda ids, *a, **kw: seen.append((ids.shape, kw.get("position_ids"))) or forward(
-            ids, *a, **kw)
+        seen = _record_forwards(actor)
         metrics = algo.learn(exp)
         runs[layout_] = (metrics, [p.detach().clone() for p in actor.module.parameters()], seen)
     (m_pad, w_pad, seen_pad), (m_packed, w_packed, seen_packed) = runs["padded"], runs[layout]
