@@ -1,4 +1,4 @@
-"""`rlhf run` with sft.padding_free / rm.padding_free trains as the padded run does.
+"""`rlhf run` with sft.padding_free / rm.padding_free / rl.padding_free trains as the padded run does.
 
 Padding-free batches hold the same samples per step with the same loss, so the SFT and reward-model
 stages of a tiny run must log the same training losses step for step (up to float rounding carried
