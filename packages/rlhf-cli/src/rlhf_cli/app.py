@@ -244,6 +244,7 @@ def algos_show(name: str = typer.Argument(..., help="A name from `rlhf algos lis
         t = getattr(hints[f.name], "__name__", str(hints[f.name]))
         if f.name in shared:  # set by the run's rl.* keys, whatever the class default
             key, value = f"rl.{shared[f.name]}", getattr(rl, shared[f.name])
+            t = type(value).__name__  # rl.padding_free (bool) sets batch_layout (str)
         else:
             key, value = f"{prefix}.{f.name}", getattr(run_default, f.name, getattr(default, f.name))
         typer.echo(f"{key} ({t}, default {value!r}): {docs.get(f.name, '')}")
