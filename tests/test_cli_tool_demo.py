@@ -257,7 +257,7 @@ def no_training(monkeypatch):
 @pytest.mark.parametrize(("args", "needle"), [
     (["--stage", "rm", "--data", "tool-demo"], "--stage rm: the tool demo"),
     (["--stage", "all", "--data", "tool-demo", "env.name="], "env.name: the tool demo"),
-    (["--stage", "all", "--data", "tool-demo", "algo.name=remax"], "not supported with algo.name='remax'"),
+    (["--stage", "all", "--data", "tool-demo", "rl.ptx_coef=0.5"], "rl.ptx_coef: 0.5 is not supported on the tool demo"),
     (["--stage", "grpo", "--data", "LOCAL", "algo.name=grpo", "rl.reward=verifier", "env.name=calculator"],
      "env.name: 'calculator' needs data with a ground-truth verifier"),
 ])

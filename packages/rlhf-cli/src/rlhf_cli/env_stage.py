@@ -40,9 +40,9 @@ def check_env_run(ctx: Context, data, stages: list[str], algo_cls) -> None:
                             f"data.sources={cfg.data.sources!r} has none")
     from rlhf_algos.base import OnlineAlgorithm
 
-    if algo_cls.baseline_scores is not OnlineAlgorithm.baseline_scores:
+    if algo_cls.baseline_scores is not OnlineAlgorithm.baseline_scores and not algo_cls.env_baseline:
         raise PipelineError(f"env.name: {env!r} is not supported with algo.name={algo_cls.name!r}: its baseline "
-                            f"(baseline_scores) is a single-turn rollout; use ppo, grpo, dr_grpo, rloo or reinforce_pp")
+                            f"(baseline_scores) is a single-turn rollout (it does not declare env_baseline)")
     if cfg.rl.ptx_coef > 0 and tool_demo:
         raise PipelineError(f"rl.ptx_coef: {cfg.rl.ptx_coef} is not supported on the tool demo (its SFT "
                             f"demonstrations are multi-turn); use rl.ptx_coef=0")
