@@ -84,8 +84,9 @@ def run(
                                           "(sequence classification, num_labels=1) is used as is by stage 3 (no rm "
                                           "stage); a causal LM is the rm stage's backbone (default: the SFT model)."),
     data: str = typer.Option(None, "--data", "-d",
-                             help="Data spec (data.sources): 'demo', a source name, a local file, or weighted sources, "
-                                  "e.g. 'hh:./hh.jsonl:0.7,shp:0.3' (docs/data.md)."),
+                             help="Data spec (data.sources): 'demo', 'tool-demo' (with its settings: docs/environments.md), "
+                                  "a source name, a local file, or weighted sources, e.g. 'hh:./hh.jsonl:0.7,shp:0.3' "
+                                  "(docs/data.md)."),
     zero_stage: int = typer.Option(None, "--zero-stage", help="DeepSpeed ZeRO stage 0-3."),
     nproc: int = typer.Option(None, "--nproc", help="Processes on this machine (>1 relaunches under torchrun)."),
     seed: int = typer.Option(None, "--seed", help="Global seed."),
