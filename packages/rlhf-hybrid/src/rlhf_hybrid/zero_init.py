@@ -241,9 +241,9 @@ def _from_config(config, dtype: torch.dtype, seed: int | None, ds_config: dict |
             from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
             contexts.append(prevent_arange_dtype_change())
-        contexts.append(deepspeed.zero.Init(config_dict_or_path=ds_config))
-        if seed is None:
+        if seed is None:  # entered first: its transformers import must not run under zero.Init's patched torch
             contexts.append(_whole_modules_init())
+        contexts.append(deepspeed.zero.Init(config_dict_or_path=ds_config))
     with contextlib.ExitStack() as stack:
         for c in contexts:
             stack.enter_context(c)
