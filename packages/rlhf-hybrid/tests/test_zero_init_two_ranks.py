@@ -84,9 +84,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str, ckpt: str) -> None:
     res["hf_seqs"] = hf_off.generate(ids, mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
                                      pad_token_id=PAD)
     # 3. trainable, parameters and optimizer state offloaded: the same step as the whole-built engine's
-    off = EngineConfig(zero_stage=3, micro_batch_size=3, lr=1e-2, offload_param=True, offload_optimizer=True)
+    off = EngineConfig(zero_stage=3, micro_batch_size=3, lr=1e-2, offload_param=True, offload_optimizer=True,
+                       generation="fast")
     offloaded = HybridEngine(build_causal_lm(llama_config(), off, seed=7), off, name="offloaded")
     res["zero_conf"] = offloaded.engine.config["zero_optimization"]
+    res["fast_off_seqs"] = offloaded.generate(ids, mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                                              pad_token_id=PAD)
+    res["fast_off_path"] = offloaded.generation_used
     res["loss_off"] = _train_step(offloaded, rank)
     res["step_off"] = offloaded.full_state_dict()
     # 4. the older value-model format (causal LM + value_head.safetensors): partitioned, the files' tensors
@@ -183,6 +187,8 @@ def test_zero3_partitioned_construction_two_ranks(tmp_path) -> None:
         assert torch.equal(r["fast_seqs"], want), (rank, r["fast_seqs"], want)
         assert len(set(want[:, ids.shape[1]:].flatten().tolist())) > 2, "degenerate greedy tokens: a weak check"
         assert torch.equal(r["hf_seqs"], want_ckpt), (rank, r["hf_seqs"], want_ckpt)
+        # the trainable actor with its parameters offloaded, fast path: HF generate's greedy tokens too
+        assert r["fast_off_path"] == "fast" and torch.equal(r["fast_off_seqs"], want), (rank, r["fast_off_seqs"])
         torch.testing.assert_close(r["scores"], want_scores, rtol=1e-5, atol=1e-6)
         # training: the partitioned-built engine's step is the whole-built engine's step
         assert r["loss_part"] == r["loss_whole"]
