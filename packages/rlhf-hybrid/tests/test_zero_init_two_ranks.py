@@ -115,6 +115,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str, ckpt: str) -> None:
     res["rng_after_global"] = torch.rand(3)
     res["numel_global"] = local_numel(drawn)
     res["global_state"] = HybridEngine(drawn, cfg, trainable=False, name="global").full_state_dict()
+    torch.manual_seed(rank)  # ranks that would draw different weights: refused, not mixed
+    try:
+        build_causal_lm(llama_config(), cfg, seed=None)
+        res["rng_refusal"] = None
+    except ValueError as e:
+        res["rng_refusal"] = str(e)
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     import torch.distributed as dist
 
@@ -222,6 +228,8 @@ def test_zero3_partitioned_construction_two_ranks(tmp_path) -> None:
         assert torch.equal(r["rng_after_global"], rng_after_global)
         for k, v in global_whole.items():
             assert torch.equal(r["global_state"][k], v), k
+        assert r["rng_refusal"] and r["rng_refusal"].startswith("seed: None draws the model's weights from the global "
+                                                                "RNG, but the ranks' torch RNG states differ")
 
 
 if __name__ == "__main__":
