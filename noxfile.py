@@ -141,7 +141,8 @@ def tests(session: nox.Session) -> None:
     session.install("-q", "-c", LOCK, *_EDITABLE, *TEST_EXTRAS)
     # Named paths replace the default ones; options alone (-m "not slow", -x, -k ...) add to them.
     paths = [] if _names_paths(session.posargs) else _existing(TEST_PATHS)
-    session.run("pytest", *paths, *session.posargs, env=TEST_ENV)
+    # --durations: the CI log names the slowest tests (the suite should stay under ~30 minutes on 2 cores)
+    session.run("pytest", *paths, "--durations=30", *session.posargs, env=TEST_ENV)
 
 
 @nox.session

@@ -41,6 +41,7 @@ from pathlib import Path
 from rlhf_hybrid.distributed import free_port
 
 MODES = ("whole", "partitioned", "partitioned+offload", "partitioned+offload-all")
+MODELS = ("actor", "reference", "critic", "reward")
 PAD = 0
 
 
@@ -81,6 +82,8 @@ def _engines(a, mode: str, phases: list):
                                         ("reference", build_causal_lm, frozen, False),
                                         ("critic", build_value_model, train, True),
                                         ("reward", build_value_model, frozen, False)):
+        if name not in a.models.split(","):
+            continue
         model = build(config, cfg, trainable=trainable, seed=len(engines), partition=partition)
         phases.append((f"{name} built", _rss_mib(), _maxrss_mib()))
         engines.append(HybridEngine(model, cfg, trainable=trainable, name=name))
@@ -104,16 +107,18 @@ def _worker(rank: int, world: int, port: int, mode: str, a, out: str) -> None:
     before = _rss_mib()
     t0 = time.perf_counter()
     phases: list = []
-    actor, reference, critic, reward = _engines(a, mode, phases)
+    engines = _engines(a, mode, phases)
     load_s = time.perf_counter() - t0
     load_peak, after_load = _maxrss_mib(), _rss_mib()
-    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in actor.module.parameters())
-    algo = PPO(PPOConfig(max_new_tokens=a.new_tokens, micro_batch_size=a.batch), actor=actor, reference=reference,
-               critic=critic, reward_fn=ModelReward(reward), eos_token_id=None, pad_token_id=PAD)
-    g = torch.Generator().manual_seed(rank)
-    prompts = torch.randint(1, a.vocab, (a.batch, a.prompt_len), generator=g)
+    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engines[0].module.parameters())
     t0 = time.perf_counter()
     if not a.load_only:
+        actor, reference, critic, reward = engines
+        algo = PPO(PPOConfig(max_new_tokens=a.new_tokens, micro_batch_size=a.batch), actor=actor,
+                   reference=reference, critic=critic, reward_fn=ModelReward(reward), eos_token_id=None,
+                   pad_token_id=PAD)
+        g = torch.Generator().manual_seed(rank)
+        prompts = torch.randint(1, a.vocab, (a.batch, a.prompt_len), generator=g)
         algo.learn(algo.generate_experience(prompts, torch.ones_like(prompts)))
     iter_s = time.perf_counter() - t0 if not a.load_only else float("nan")
     row = {"mode": mode, "rank": rank, "params_per_model": params, "fp32_model_mib": params * 4 / 2**20,
@@ -142,12 +147,20 @@ def _args(argv=None):
     p.add_argument("--out", default="runs/zero3-memory.json")
     p.add_argument("--load-only", action="store_true", help="build the four engines, skip the PPO iteration "
                                                             "(its optimizer state is the bulk of the memory)")
+    p.add_argument("--models", default=",".join(MODELS),
+                   help="comma-separated, of actor, reference, critic, reward (in that order); fewer than all "
+                        "four needs --load-only; `--models actor` measures the actor's build alone")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one mode's two ranks
     p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     bad = [m for m in a.modes.split(",") if m not in MODES]
     if bad:
         p.error(f"--modes: {', '.join(bad)} not allowed; allowed: {', '.join(MODES)}")
+    bad = [m for m in a.models.split(",") if m not in MODELS]
+    if bad or not a.models:
+        p.error(f"--models: {a.models!r} not allowed; allowed: a comma-separated subset of {', '.join(MODELS)}")
+    if set(a.models.split(",")) != set(MODELS) and not a.load_only:
+        p.error(f"--models {a.models}: the PPO iteration needs all four models; add --load-only")
     return a
 
 

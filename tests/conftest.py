@@ -151,3 +151,38 @@ def save_tiny_demo_model(d: Path, *, hidden_size: int, num_layers: int, num_head
 def tiny_demo_model():
     """:func:`save_tiny_demo_model`, for tests in other modules (conftest is not importable by name)."""
     return save_tiny_demo_model
+
+
+@pytest.fixture(scope="module")
+def demo_tok():
+    """The demo's tokenizer (trained on the addition task's corpus; its chat template is the plain format)."""
+    from rlhf_data import AdditionTask, train_demo_tokenizer
+
+    return train_demo_tokenizer(AdditionTask().corpus())
+
+
+@pytest.fixture(scope="module")
+def letters_model(demo_tok, tmp_path_factory):
+    """``(directory, tokenizer, model)``: a tiny random Llama whose output layer can only pick letter tokens
+    (every other row of ``lm_head`` is zero, so a letter always has the highest logit): its greedy replies
+    are printable, never end early (no EOS) and differ from prompt to prompt. Saved with the demo tokenizer
+    (``rlhf chat`` tests)."""
+    import re
+
+    import torch
+    from rlhf_hybrid import tiny_llama_config
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = tiny_llama_config(len(demo_tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                            pad_token_id=demo_tok.pad_token_id, eos_token_id=demo_tok.eos_token_id)
+    cfg.tie_word_embeddings = False  # the input embeddings keep every token
+    model = LlamaForCausalLM(cfg).eval()
+    letters = torch.tensor([bool(re.fullmatch(r"[A-Za-z]+", demo_tok.decode([i]))) for i in range(len(demo_tok))])
+    with torch.no_grad():
+        model.lm_head.weight[~letters] = 0
+        model.lm_head.weight[letters] *= 20
+    d = tmp_path_factory.mktemp("letters")
+    model.save_pretrained(d)
+    demo_tok.save_pretrained(d)
+    return d, AutoTokenizer.from_pretrained(d), model

@@ -3,9 +3,9 @@ the generation flags, and the interactive mode driven through a real terminal (t
 
 The references are independent of the chat code: prompts written out by hand in the plain
 "Human:/Assistant:" format the pipeline trains on, and replies from HF ``generate`` on those prompts.
-The model is a tiny random Llama whose output layer can only pick letter tokens (every other row of
-``lm_head`` is zero, so a letter always has the highest logit), so replies are printable, never end
-early, and differ from prompt to prompt.
+The model is conftest.py's ``letters_model``, a tiny random Llama whose output layer can only pick
+letter tokens (every other row of ``lm_head`` is zero, so a letter always has the highest logit), so
+replies are printable, never end early, and differ from prompt to prompt.
 """
 
 from __future__ import annotations
@@ -35,34 +35,6 @@ def plain(*turns: str, system: str | None = None) -> str:
 def messages(*turns: str, system: str | None = None) -> list[dict]:
     out = [{"role": "system", "content": system}] if system else []
     return out + [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
-
-
-@pytest.fixture(scope="module")
-def demo_tok():
-    from rlhf_data import AdditionTask, train_demo_tokenizer
-
-    return train_demo_tokenizer(AdditionTask().corpus())
-
-
-@pytest.fixture(scope="module")
-def letters_model(demo_tok, tmp_path_factory):
-    """``(directory, tokenizer, model)``: the tiny letters-only Llama, saved with the demo tokenizer."""
-    from rlhf_hybrid import tiny_llama_config
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = tiny_llama_config(len(demo_tok), hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                            pad_token_id=demo_tok.pad_token_id, eos_token_id=demo_tok.eos_token_id)
-    cfg.tie_word_embeddings = False  # the input embeddings keep every token
-    model = LlamaForCausalLM(cfg).eval()
-    letters = torch.tensor([bool(re.fullmatch(r"[A-Za-z]+", demo_tok.decode([i]))) for i in range(len(demo_tok))])
-    with torch.no_grad():
-        model.lm_head.weight[~letters] = 0
-        model.lm_head.weight[letters] *= 20
-    d = tmp_path_factory.mktemp("letters")
-    model.save_pretrained(d)
-    demo_tok.save_pretrained(d)
-    return d, AutoTokenizer.from_pretrained(d), model
 
 
 def hf_reply(model, tok, prompt_text: str, max_new_tokens: int = N_NEW, **sampling) -> str:

@@ -137,3 +137,14 @@ def test_fast_and_hf_greedy_trajectories_are_the_same_tokens() -> None:
     # some model turn ended at EOS before its cap, some at the cap: both turn ends are exercised
     seqs, m = out["fast"].sequences[:, out["fast"].prompt_len:], out["fast"].loss_mask.bool()
     assert bool(((seqs == EOS) & m).any())
+
+
+@pytest.mark.usefixtures("in_process_world")
+def test_tensor_parallel_generation_of_turns_is_refused_by_name() -> None:
+    from rlhf_hybrid import EngineConfig, HybridEngine
+
+    engine = HybridEngine(tiny_llama(), EngineConfig(zero_stage=0, micro_batch_size=4, generation="fast",
+                                                     inference_tp_size=2))
+    ids, mask = _prompts()
+    with pytest.raises(ValueError, match="inference_tp_size=2: multi-turn rollouts .* need inference_tp_size=1"):
+        make_session(engine, ids, mask, max_total_tokens=40, eos_token_id=EOS, pad_token_id=PAD)

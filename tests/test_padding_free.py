@@ -53,40 +53,16 @@ def _tiny_llama(attn: str, seed: int = 0):
     return model.float()
 
 
-class _GradOnly:
-    """Forwards to a HybridEngine, except ``step``, which does nothing: the gradients of one micro-batch
-    stay in ``.grad`` to be compared (ZeRO-0, fp32, accumulation 1: DeepSpeed leaves them unscaled)."""
-
-    def __init__(self, engine) -> None:
-        self.engine = engine
-
-    def token_logprobs(self, *a, **kw):
-        return self.engine.token_logprobs(*a, **kw)
-
-    def score(self, *a, **kw):
-        return self.engine.score(*a, **kw)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
-
-    def step(self) -> None:
-        pass
-
-    def train(self) -> None:
-        self.engine.module.train()
-
-    def eval(self) -> None:
-        self.engine.module.eval()
-
-
 def _engine(module: nn.Module):
-    from rlhf_hybrid import EngineConfig, HybridEngine
+    from rlhf_hybrid.testing import grad_only
 
-    return HybridEngine(module, EngineConfig(lr=0.0, micro_batch_size=2, optimizer="sgd", weight_decay=0.0))
+    return grad_only(module)
 
 
 def _grads(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+    from rlhf_hybrid.testing import param_grads
+
+    return param_grads(module)
 
 
 def _assert_same(a: dict, b: dict, what: str) -> None:
@@ -136,13 +112,13 @@ def test_sft_packed_equals_padded_and_reference(attn: str, mask_prompt: bool, la
     got = {}
     for layout_ in (layout, "padded"):
         engine = _engine(copy.deepcopy(base))
-        sft = SFT(SFTConfig(mask_prompt=mask_prompt, batch_layout=layout_), policy=_GradOnly(engine))
+        sft = SFT(SFTConfig(mask_prompt=mask_prompt, batch_layout=layout_), policy=engine)
         batch = sft.collate(examples, PAD)
         assert ("attention_mask" in batch) is (layout_ == "padded")
         if layout_ != "padded":
             assert batch["input_ids"].shape == SFT_PACKED_SHAPES[layout]
         loss = sft.learn(batch)["loss"]
-        got[layout_] = (loss, _grads(engine.module))
+        got[layout_] = (loss, _grads(engine.engine.module))
         assert abs(loss - want.item()) <= TOL, (layout_, loss, want.item())
         _assert_same(got[layout_][1], _grads(ref_model), f"batch_layout={layout_} vs reference")
     assert abs(got[layout][0] - got["padded"][0]) <= TOL
@@ -157,7 +133,7 @@ def test_positions_that_do_not_restart_let_attention_cross_and_are_caught() -> N
     examples = _sft_examples()
     base = _tiny_llama("sdpa")
     want = _sft_reference(copy.deepcopy(base), examples, True)
-    sft = SFT(SFTConfig(batch_layout="one_row"), policy=_GradOnly(_engine(base)))
+    sft = SFT(SFTConfig(batch_layout="one_row"), policy=_engine(base))
     batch = sft.collate(examples, PAD)
     batch["position_ids"] = torch.arange(batch["input_ids"].shape[1])[None]
     assert abs(sft.learn(batch)["loss"] - want.item()) > 100 * TOL
@@ -205,12 +181,12 @@ def test_rm_packed_equals_padded_and_reference(attn: str, layout: str) -> None:
     got = {}
     for layout_ in (layout, "padded"):
         engine = _engine(copy.deepcopy(base))
-        rm = RM(RMConfig(center_coef=coef, batch_layout=layout_), model=_GradOnly(engine))
+        rm = RM(RMConfig(center_coef=coef, batch_layout=layout_), model=engine)
         batch = rm.collate(pairs, PAD)
         if layout_ != "padded":
             assert batch["input_ids"].shape == PAIR_PACKED_SHAPES[layout]
         m = rm.learn(batch)
-        got[layout_] = (m["loss"], _grads(engine.module))
+        got[layout_] = (m["loss"], _grads(engine.engine.module))
         assert abs(m["loss"] - want.item()) <= TOL, (layout_, m["loss"], want.item())
         _assert_same(got[layout_][1], _grads(ref_model), f"batch_layout={layout_} vs reference")
     assert abs(got[layout][0] - got["padded"][0]) <= TOL

@@ -410,3 +410,44 @@ def test_critic_free_algorithms_increase_a_toy_reward(cls, config_class, prompts
     # last 5 between 0.5 (ReMax) and 0.8 (REINFORCE++).
     assert first < 0.25, rewards
     assert last > 0.45, rewards
+
+
+def _record_forwards(policy: TinyPolicy) -> list:
+    """From now on, ``(input_ids.shape, position_ids)`` of every ``policy.token_logprobs`` call."""
+    seen, forward = [], policy.token_logprobs
+
+    def recording(ids, *a, **kw):
+        seen.append((ids.shape, kw.get("position_ids")))
+        return forward(ids, *a, **kw)
+
+    policy.token_logprobs = recording
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["rows", "one_row"])
+@pytest.mark.parametrize(("cls", "config_class"), [(PPO, PPOConfig), *CRITIC_FREE])
+def test_a_padding_free_learn_step_learns_what_the_padded_one_does(cls, config_class, layout: str) -> None:
+    """batch_layout packs each row's real tokens for the learn step's forwards and scatters the outputs back.
+    The bigram doubles read no positions, so the packed forwards score every token as the padded ones: two
+    epochs of learning from the same ragged rollout (left-padded prompts, early EOS) end at the same metrics
+    and weights (fp32 rounding), and only the layout of what the models saw differs."""
+    runs = {}
+    for layout_ in ("padded", layout):
+        actor = TinyPolicy(V, lr=3e-2, seed=1)
+        with torch.no_grad():
+            actor.module.head.bias[EOS] += 1.5  # responses end early: ragged right padding
+        extra = {} if cls in (PPO, ReinforcePP) else {"samples_per_prompt": 2}
+        cfg = config_class(max_new_tokens=5, micro_batch_size=3, ppo_epochs=2, batch_layout=layout_, **extra)
+        algo = build(cls, cfg, actor, FirstTokenReward(3), critic=TinyCritic(V, seed=2) if cls is PPO else None)
+        prompts = torch.tensor([[0, 0, 4, 5], [0, 6, 7, 8], [2, 3, 4, 5], [0, 0, 0, 9]])  # left-padded, 2-4-4-1
+        exp = algo.generate_experience(prompts, (prompts != PAD).long())
+        seen = _record_forwards(actor)
+        metrics = algo.learn(exp)
+        runs[layout_] = (metrics, [p.detach().clone() for p in actor.module.parameters()], seen)
+    (m_pad, w_pad, seen_pad), (m_packed, w_packed, seen_packed) = runs["padded"], runs[layout]
+    assert m_packed.keys() == m_pad.keys()
+    for k, v in m_pad.items():
+        assert v is None or abs(m_packed[k] - v) <= 1e-5, (k, m_packed[k], v)
+    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(w_packed, w_pad, strict=True))
+    assert all(pos is None for _, pos in seen_pad) and all(pos is not None for _, pos in seen_packed)
+    assert sum(s.numel() for s, _ in seen_packed) < sum(s.numel() for s, _ in seen_pad)  # the padding is gone

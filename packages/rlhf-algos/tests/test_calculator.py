@@ -37,6 +37,21 @@ def test_calculator_is_registered_and_calculates_and_verifies() -> None:
     assert env.step("<calc>1+1</calc>").info["correct"] == 0.0  # a second call is over max_calls: a (wrong) answer
 
 
+def test_calculator_reads_the_operands_of_the_question_in_the_prompt() -> None:
+    """``rlhf chat --env calculator``: a record holding only the rendered prompt (no ``a``/``b``)."""
+    env = CalculatorEnv()
+    env.reset({"prompt": "Human: What is 12 + 30?\n\nAssistant:"})
+    assert env.step("<calc>12+30</calc>").reply == "<result>42</result>"
+    assert env.step("42").reward == 1.0
+    env.reset({"a": 1, "b": 2, "prompt": "Human: What is 12 + 30?\n\nAssistant:"})  # the record's operands first
+    assert env.step("3").reward == 1.0
+    with pytest.raises(ValueError, match="calculator: the record has no operands"):
+        env.reset({"prompt": "Human: What is twelve + 30?\n\nAssistant:"})
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=rf"calculator max_calls: {bad!r} is not allowed; allowed: an int >= 0"):
+            CalculatorEnv(max_calls=bad)
+
+
 def test_demonstrations_use_the_tool_imperfectly_in_the_configured_proportions() -> None:
     cfg = ToolTaskConfig(num_sft=2000, num_rl=10, num_eval=10, skip_tool=0.3, copy_error=0.2, wrong_operands=0.1)
     assert ToolTaskConfig().copy_error == 0.5  # by default the systematic slip is the most frequent kind

@@ -104,7 +104,7 @@ class Echo:
             return ("2", 1.0, False)
         if bad == "bad_ids":
             return StepResult(reply=[3, V + 5])
-        return StepResult(reply=self.reply, reward=0.1 * self.turn)
+        return StepResult(reply=self.reply, reward=0.1 * self.turn, info={"turn": self.turn})
 
 
 @pytest.mark.parametrize("fail,reason", [("raise", "env_error"), ("reset", "env_error"), ("huge", "reply_over_budget"),
@@ -134,6 +134,15 @@ def test_a_misbehaving_environment_ends_only_its_own_trajectory(fail, reason, ca
         assert torch.equal(bad.sequences[row][bad.attention_mask[row].bool()],
                            good.sequences[row][good.attention_mask[row].bool()])
     assert reason in caplog.text
+
+
+def test_a_failed_later_step_records_why_and_no_info() -> None:
+    budget = EpisodeBudget(max_turns=3, max_turn_tokens=3, max_total_tokens=40)
+    batch = run([Echo(), Echo(fail="raise", at=2), Echo(fail="nan", at=3)], [{}, {}, {}], budget)
+    assert batch.end_reasons == ["max_turns", "env_error", "bad_step"]
+    assert batch.end_details == ["", "KeyError: 'tool crashed'", "reward nan is not a finite number"]
+    assert batch.final_info == [{"turn": 3}, {}, {}]  # not the info of the step before the failed one
+    assert batch.num_turns.tolist() == [3, 2, 3]
 
 
 def test_budgets_end_trajectories_with_their_reason() -> None:

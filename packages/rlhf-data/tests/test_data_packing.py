@@ -62,3 +62,33 @@ def test_sft_rows_labels_and_the_padded_targets(mask_prompt: bool) -> None:
     assert one["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13]]
     assert one["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2]]
     assert torch.equal(one["labels"][one["labels"] != N], padded[padded != N])
+
+
+def test_pack_padded_batch_rows_one_row_and_the_way_back() -> None:
+    from rlhf_data import pack_padded_batch, unpack_to_padded
+
+    # left-padded prompt + right-padded response rows; real lengths 3, 5, 2 (columns 2-4, 1-5, 0-1)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 0], [0, 8, 9, 1, 2, 3], [4, 4, 0, 0, 0, 0]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    rows = pack_padded_batch(ids, mask, 99, "rows")  # rows of 5, first fit: [3, 2] [5]
+    assert rows["input_ids"].tolist() == [[5, 6, 7, 4, 4], [8, 9, 1, 2, 3]]
+    assert rows["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
+    assert rows["index"].tolist() == [[-1, -1, 0, 1, 2, -1], [-1, 5, 6, 7, 8, 9], [3, 4, -1, -1, -1, -1]]
+    one = pack_padded_batch(ids, mask, 99, "one_row")
+    assert one["input_ids"].tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4, 4]]
+    assert one["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1]]
+    for b in (rows, one):  # the packed tokens scattered back are the padded rows, 0 on padding
+        back = unpack_to_padded(b["input_ids"].float().requires_grad_(), b["index"])
+        assert torch.equal(back, (ids * mask).float())
+        back.sum().backward()  # differentiable, no gradient from the padding
+
+
+def test_pack_padded_batch_errors() -> None:
+    from rlhf_data import pack_padded_batch
+
+    with pytest.raises(ValueError, match=r"row 0's real tokens \(attention_mask == 1\) are not contiguous"):
+        pack_padded_batch(torch.ones(1, 4, dtype=torch.long), torch.tensor([[1, 0, 1, 1]]), 0)
+    with pytest.raises(ValueError, match=r"must be the same \(N, L\)"):
+        pack_padded_batch(torch.ones(2, 4, dtype=torch.long), torch.ones(2, 3), 0)
+    with pytest.raises(ValueError, match=r"padding-free layout 'tight'"):
+        pack_padded_batch(torch.ones(1, 4, dtype=torch.long), torch.ones(1, 4), 0, "tight")

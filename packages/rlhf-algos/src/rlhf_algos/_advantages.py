@@ -145,6 +145,31 @@ def group_advantages(
     return centered.reshape(-1)
 
 
+def group_scale(
+    returns: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """Per row, the factor a group-relative estimator puts on the row's rewards: ``1 / (std + eps)``
+    of its group's ``returns`` (``scale``, GRPO, as :func:`group_advantages`) or 1 (Dr. GRPO, RLOO),
+    and 0 for a group of identical returns or a group of one (no signal: every token gets 0).
+
+    Multi-turn credit (``rlhf_algos.advantages``) multiplies each per-turn reward by it, so that
+    per-turn rewards and the normalised return are on one scale.
+
+    Args:
+        returns: ``(N,)`` group-contiguous, as in :func:`group_advantages`.
+        group_size: ``k``; scale: divide by the group std; eps: added to the std.
+
+    Returns:
+        ``(N,)`` factors, detached.
+    """
+    grouped = _grouped(returns.detach(), group_size)  # (G, k)
+    if group_size == 1:
+        return torch.zeros_like(returns).detach()
+    _, constant = _centered(grouped)  # (G, 1)
+    factor = 1.0 / (grouped.std(dim=1, keepdim=True) + eps) if scale else torch.ones_like(grouped[:, :1])
+    return torch.where(constant, torch.zeros_like(factor), factor).expand_as(grouped).reshape(-1)
+
+
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """REINFORCE Leave-One-Out advantages (Ahmadian et al. 2024, "Back to Basics: Revisiting
     REINFORCE Style Optimization for Learning from Human Feedback in LLMs", sec. 3).

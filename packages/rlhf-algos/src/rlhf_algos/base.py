@@ -40,6 +40,7 @@ from typing import Any, ClassVar
 import torch
 
 from . import functional as F
+from ._padding_free import learn_logprobs, learn_values
 from ._stats import _zero_invalid
 from .advantages import AdvantageEstimator
 
@@ -155,7 +156,9 @@ class OnlineAlgorithm(Algorithm):
     4. estimate advantages (the one step the algorithms differ in);
     5. ``ppo_epochs`` passes over shuffled micro-batches: clipped policy loss (+ ``kl_coef`` *
        KL when ``kl_placement == "loss"``, + ``ptx_coef`` * the SFT loss of the next batch of
-       ``ptx_batches`` when ``ptx_coef > 0``) -> actor step; the critic step, for PPO.
+       ``ptx_batches`` when ``ptx_coef > 0``) -> actor step; the critic step, for PPO. The actor's and
+       the critic's forwards run on the rollout's padded rows or, with a packed ``batch_layout``, on
+       the same tokens packed padding-free (:meth:`learn_logprobs`, :meth:`learn_values`).
 
     Args:
         config: An instance of ``config_class``.
@@ -191,6 +194,8 @@ class OnlineAlgorithm(Algorithm):
     config_class: ClassVar[type] = OnlineConfig
     # Multi-turn rollouts against an environment (rlhf_algos.multiturn.EnvRollout); None: one generation.
     env_rollout: Any = None
+    # Whether baseline_scores handles multi-turn experiences (env_rollout set); if not, an environment is refused.
+    env_baseline: ClassVar[bool] = False
 
     def __init__(self, config: OnlineConfig, *, actor: TrainablePolicy, reference: ScoringPolicy,
                  reward_fn: RewardFunction, critic: ValueFunction | None = None, eos_token_id: int | None,
@@ -331,9 +336,7 @@ class OnlineAlgorithm(Algorithm):
     def train_step(self, mb: Experience) -> dict[str, torch.Tensor]:
         """One micro-batch: policy loss (+ KL in the loss) -> actor step, then :meth:`critic_step`."""
         c = self.config
-        P = mb.prompt_len
-        logprobs, entropy = self.actor.token_logprobs(mb.sequences, mb.attention_mask, P,
-                                                      temperature=c.temperature, return_entropy=True)
+        logprobs, entropy = self.learn_logprobs(mb)  # (n, R) each
         dev = logprobs.device
         mask = mb.response_mask.to(dev)
         pl = F.ppo_policy_loss(logprobs, mb.logprobs.to(dev), mb.advantages.to(dev), mask, clip_eps=c.clip_eps,
@@ -357,6 +360,20 @@ class OnlineAlgorithm(Algorithm):
         step.update(self.critic_step(mb, mask))
         step["entropy"] = F.masked_mean(entropy.detach().float(), mask)
         return step
+
+    def learn_logprobs(self, mb: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """The actor's log-probs and entropies ``(n, R)`` of the micro-batch's responses, with grad, at the
+        sampling temperature: on the padded rows or packed padding-free (``batch_layout``, :mod:`._padding_free`)."""
+        return learn_logprobs(self.actor, mb.sequences, mb.attention_mask, mb.prompt_len,
+                              layout=self.config.batch_layout, pad_id=self.pad_token_id,
+                              temperature=self.config.temperature)
+
+    def learn_values(self, mb: Experience) -> torch.Tensor:
+        """The critic's ``V(s_t)`` before each response token ``(n, R)``, with grad (``batch_layout`` as
+        :meth:`learn_logprobs`)."""
+        values = learn_values(self.critic, mb.sequences, mb.attention_mask, layout=self.config.batch_layout,
+                              pad_id=self.pad_token_id)  # (n, P + R)
+        return values[:, mb.prompt_len - 1 : -1]
 
     def ptx_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The SFT loss (:func:`rlhf_algos.sft.sft_batch_loss`, token-mean NLL) of the actor on one collated

@@ -96,8 +96,16 @@ class OnlineConfig(AlgorithmConfig):
     ptx_coef: float = option(0.0, "weight of the SFT loss on a batch of demonstrations added to the policy loss at "
                                   "every actor step (InstructGPT's PPO-ptx gamma, DeepSpeed-Chat's unsupervised "
                                   "loss); 0 = off")
+    batch_layout: str = option("padded", "learn-step forwards of the actor and critic: \"padded\" (the rollout's "
+                                         "rows as they are), or each row's real tokens packed padding-free "
+                                         "(rlhf_data.pack_padded_batch: position ids restarting per sequence; the "
+                                         "same losses): \"rows\" (rows no longer than the longest sequence: "
+                                         "sdpa/eager attention) or \"one_row\" (flash attention)")
 
     def __post_init__(self) -> None:
+        from rlhf_data import PADDING_FREE_LAYOUTS
+
+        self._check_choice("batch_layout", ("padded", *PADDING_FREE_LAYOUTS))
         self._check_choice("kl_estimator", F.KL_ESTIMATORS)
         self._check_choice("kl_placement", KL_PLACEMENTS)
         self._check_choice("loss_agg", F.LOSS_AGG_MODES)

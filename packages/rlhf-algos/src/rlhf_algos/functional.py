@@ -28,7 +28,7 @@ tie rule), ``_losses`` (PPO policy and value losses, the reward-model and SFT lo
 
 from __future__ import annotations
 
-from ._advantages import GAEOutput, discounted_returns, gae, group_advantages, rloo_advantages
+from ._advantages import GAEOutput, discounted_returns, gae, group_advantages, group_scale, rloo_advantages
 from ._kl import KL_ESTIMATORS, KLEstimator, ShapedRewards, kl_penalty, kl_shaped_rewards
 from ._losses import (
     PolicyLossOutput,
@@ -82,6 +82,7 @@ __all__ = [
     "explained_variance",
     "gae",
     "group_advantages",
+    "group_scale",
     "kl_penalty",
     "kl_shaped_rewards",
     "kto_loss",

@@ -16,7 +16,9 @@ instead of one generation. The experience is the one every algorithm learns from
 * ``sample_logprobs``: the sampler's log-probs, checked against the recomputation
   (``gen_kl_error``, ``gen_logprob_gap_max``) as for single-turn rollouts.
 
-ReMax's greedy baseline is a single-turn rollout and is refused here.
+An algorithm with a rollout baseline (``baseline_scores``, ReMax's greedy response) gets it here when
+it declares ``env_baseline = True`` (ReMax: :meth:`EnvRollout.greedy_returns`, a greedy episode per
+prompt through the same environment and budget); any other is refused by name.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 
 from .environments import Environment, EpisodeBudget
 from .rollout import Experience
-from .trajectories import end_reason_counts, make_session, run_episodes
+from .trajectories import TrajectoryBatch, end_reason_counts, make_session, run_episodes
 
 __all__ = ["EnvRollout", "env_metrics"]
 
@@ -57,20 +59,13 @@ class EnvRollout:
     def experience(self, algo: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                    meta: list[dict]) -> Experience:
         """``algo.generate_experience`` on episodes: the prompts already repeated ``samples_per_prompt`` times."""
-        if _overrides(type(algo), "baseline_scores"):
+        has_baseline = _overrides(type(algo), "baseline_scores")
+        if has_baseline and not getattr(algo, "env_baseline", False):
             raise ValueError(f"{algo.name}: a rollout baseline (baseline_scores) is single-turn; "
                              "not supported with an environment")
         c = algo.config
         # 2. episodes, keeping the generator's own log-probs of the model's tokens
-        session = make_session(algo.actor, prompt_ids, prompt_mask, max_total_tokens=self.budget.max_total_tokens,
-                               eos_token_id=algo.eos_token_id, pad_token_id=algo.pad_token_id, do_sample=True,
-                               temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
-        records = [{**m, "prompt": self.decode(row[mk.bool()].tolist())}
-                   for m, row, mk in zip(meta, prompt_ids.cpu(), prompt_mask.cpu(), strict=True)]
-        batch = run_episodes(session, [self.env_factory() for _ in meta], records, budget=self.budget,
-                             decode=self.decode, encode=self.encode, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                             pad_token_id=algo.pad_token_id, vocab_size=self.vocab_size)
-        del session  # the KV cache (and ZeRO-3 gathered weights) go before scoring
+        batch = self._episodes(algo, prompt_ids, prompt_mask, meta, do_sample=True)
         seqs, attn, P, mask = batch.sequences, batch.attention_mask, batch.prompt_len, batch.loss_mask
         # 3. score on the model's tokens (eval mode, the weights that sampled)
         logprobs, ref_logprobs, values = algo.score_tokens(seqs, attn, P)
@@ -80,8 +75,36 @@ class EnvRollout:
                          train_scores=algo.process_scores(batch.scores), sample_logprobs=batch.sample_logprobs,
                          turn_rewards=batch.turn_rewards * mask, end_reasons=batch.end_reasons,
                          num_turns=batch.num_turns)
+        if has_baseline:  # e.g. ReMax: the greedy episode's return (greedy_returns)
+            exp.baseline_scores = algo.baseline_scores(exp)
         # 4. advantages over model tokens only
         return exp.with_estimate(algo.advantage_estimator(exp, c))
+
+    @torch.no_grad()
+    def greedy_returns(self, algo: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                       meta: list[dict]) -> torch.Tensor:
+        """The return ``(B,)`` of one greedy episode per prompt (ReMax's baseline, multi-turn): through the
+        same environment (a fresh instance per prompt) and budget as the sampled episodes; the final reward
+        processed as ``train_scores`` (``algo.process_scores``: clipped), plus the turn rewards.
+
+        Greedy decoding draws no random numbers, so the sampled episodes are the same as without it.
+        """
+        batch = self._episodes(algo, prompt_ids, prompt_mask, meta, do_sample=False)
+        return algo.process_scores(batch.scores) + batch.turn_rewards.sum(dim=1)
+
+    def _episodes(self, algo: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, meta: list[dict], *,
+                  do_sample: bool) -> TrajectoryBatch:
+        c = algo.config
+        session = make_session(algo.actor, prompt_ids, prompt_mask, max_total_tokens=self.budget.max_total_tokens,
+                               eos_token_id=algo.eos_token_id, pad_token_id=algo.pad_token_id, do_sample=do_sample,
+                               temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
+        records = [{**m, "prompt": self.decode(row[mk.bool()].tolist())}
+                   for m, row, mk in zip(meta, prompt_ids.cpu(), prompt_mask.cpu(), strict=True)]
+        batch = run_episodes(session, [self.env_factory() for _ in meta], records, budget=self.budget,
+                             decode=self.decode, encode=self.encode, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+                             pad_token_id=algo.pad_token_id, vocab_size=self.vocab_size)
+        del session  # the KV cache (and ZeRO-3 gathered weights) go before scoring
+        return batch
 
 
 def _overrides(cls: type, method: str) -> bool:

@@ -223,6 +223,7 @@ class ReMax(OnlineAlgorithm):
     config_class: ClassVar[type] = ReMaxConfig
     description: ClassVar[str] = "ReMax: REINFORCE with a greedy-rollout baseline, no critic (Li et al. 2023)"
     advantage_estimator: ClassVar[A.AdvantageEstimator] = A.GREEDY_BASELINE
+    env_baseline: ClassVar[bool] = True
 
     config: ReMaxConfig
 
@@ -230,10 +231,14 @@ class ReMax(OnlineAlgorithm):
         """Score ``(N,)`` of the greedy response to each row's prompt (computed once per prompt).
 
         Runs inside ``generate_experience`` (no grad, actor in eval mode). Greedy decoding draws
-        no random numbers, so the sampled rollouts are the same as without the baseline.
+        no random numbers, so the sampled rollouts are the same as without the baseline. With an
+        environment (``env_rollout``): the return of a greedy episode through it
+        (:meth:`~rlhf_algos.multiturn.EnvRollout.greedy_returns`), the baseline of the sampled returns.
         """
         c, k = self.config, self.config.samples_per_prompt
         prompt_ids, prompt_mask, meta = exp.prompt_ids[::k], exp.prompt_mask[::k], exp.meta[::k]
+        if self.env_rollout is not None:
+            return self.env_rollout.greedy_returns(self, prompt_ids, prompt_mask, meta).repeat_interleave(k)  # (N,)
         gen = generate_responses(self.actor, prompt_ids, prompt_mask, max_new_tokens=c.max_new_tokens,
                                  do_sample=False, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
         scores = self.reward_fn(gen.sequences, gen.attention_mask, gen.prompt_len, meta)

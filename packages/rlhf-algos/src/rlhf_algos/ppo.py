@@ -64,8 +64,7 @@ class PPO(OnlineAlgorithm):
 
     def critic_step(self, mb: Experience, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Clipped value loss on the micro-batch -> critic step."""
-        P = mb.prompt_len
-        values = self.critic.values(mb.sequences, mb.attention_mask)[:, P - 1 : -1]
+        values = self.learn_values(mb)  # (n, R)
         vmask = mask.to(values.device)
         vl = F.ppo_value_loss(values, mb.values.to(values.device), mb.returns.to(values.device), vmask,
                               clip_eps=self.config.value_clip_eps)

@@ -27,7 +27,12 @@ class ScoringPolicy(Protocol):
 
 @runtime_checkable
 class TrainablePolicy(ScoringPolicy, Protocol):
-    """A policy that also generates and learns (the actor)."""
+    """A policy that also generates and learns (the actor).
+
+    With a packed ``batch_layout`` (SFT, or an online algorithm's learn step), ``token_logprobs`` is also
+    called on packed rows as ``token_logprobs(input_ids, None, 1, ..., position_ids=...)``, position ids
+    restarting at 0 per sequence (``rlhf_data.packing``).
+    """
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_new_tokens: int,
                  do_sample: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -49,7 +54,11 @@ class TrainablePolicy(ScoringPolicy, Protocol):
 
 @runtime_checkable
 class ValueFunction(Protocol):
-    """A trainable critic: per-position values (B, L)."""
+    """A trainable critic: per-position values (B, L).
+
+    With a packed ``OnlineConfig.batch_layout``, ``values`` is also called on packed rows as
+    ``values(input_ids, None, position_ids=...)`` (``rlhf_data.pack_padded_batch``).
+    """
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
 

@@ -115,7 +115,8 @@ class Experience:
         monitor_scores: ``(N,)`` scores of the algorithm's ``monitor_fn`` (logged, never trained
             on); None without one.
         baseline_scores: ``(N,)`` a per-row baseline scored during the rollout, processed like
-            ``train_scores`` (ReMax: the greedy response's score); None when the algorithm has none.
+            ``train_scores`` (ReMax: the greedy response's score; multi-turn: the greedy episode's return,
+            its final reward processed plus its turn rewards); None when the algorithm has none.
         rewards: ``(N, R)`` per-token rewards (KL-shaped when ``kl_placement == "reward"``).
         kl: ``(N, R)`` per-token KL estimate with the configured estimator.
         advantages: ``(N, R)`` what the policy loss multiplies the ratio by.

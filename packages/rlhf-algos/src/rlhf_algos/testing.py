@@ -100,9 +100,13 @@ class TinyPolicy(_Trainable):
         """A frozen deep copy: the reference policy at the actor's current weights."""
         return TinyPolicy(self.vocab_size, module=copy.deepcopy(self.module), trainable=False)
 
-    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 1, *,
-                       temperature: float = 1.0, return_entropy: bool = False):
-        """Log-probs (B, L - start) of ``input_ids[:, start:]``; with entropy a (logprobs, entropy) pair."""
+    def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, start: int = 1, *,
+                       temperature: float = 1.0, return_entropy: bool = False,
+                       position_ids: torch.Tensor | None = None):
+        """Log-probs (B, L - start) of ``input_ids[:, start:]``; with entropy a (logprobs, entropy) pair.
+
+        The bigram reads neither the mask nor positions, so packed rows (``position_ids``) score each token
+        as the padded rows do."""
         logits = self.module(input_ids)[:, start - 1 : -1].float() / temperature  # (B, L - start, V)
         logp = torch.log_softmax(logits, dim=-1)
         lp = logp.gather(-1, input_ids[:, start:, None]).squeeze(-1)  # (B, L - start)
@@ -207,7 +211,9 @@ class TinyCritic(_Trainable):
             self.module = nn.Sequential(nn.Embedding(vocab_size, hidden), nn.Linear(hidden, 1))
         self._init_optimizer(lr, trainable)
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, L)``; per token only, so packed rows (``position_ids``, ignored) give the padded values."""
         return self.module(input_ids).squeeze(-1).float()  # (B, L)
 
 

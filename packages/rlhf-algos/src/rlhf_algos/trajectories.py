@@ -50,6 +50,11 @@ class TurnSession(Protocol):
         that row's sequence, then sample at most ``caps[i]`` tokens (a turn ends at EOS)."""
         ...
 
+    # Optional, for a session whose ``turn`` is a collective across ranks (see :class:`RePrefillSession`):
+    # ``any_active(active: bool) -> bool`` (True when some rank still has an active row; a collective)
+    # and ``idle()`` (this rank has no active row: run the collectives of one turn, generating nothing
+    # that is kept). A session without them runs a rank's turns independently of the other ranks.
+
 
 def _cut(tokens: list[int], logprobs: list[float], eos: int | None, cap: int) -> TurnOutput:
     """The turn's tokens up to and including the first EOS, at most ``cap``."""
@@ -65,6 +70,14 @@ class RePrefillSession:
     The sequences are kept as token ids (never text); each turn's batch is left-padded with
     ``pad_token_id`` (positions are counted over real tokens, so the padding does not change them).
 
+    Several ranks: when the policy's ``generate`` is a collective (e.g. ``rlhf_hybrid.HybridEngine``
+    under ZeRO-3 gathers the weights in every call), every rank must call it the same number of
+    times, but each rank's trajectories end after their own number of turns. Such a policy has
+    ``any_rank_active(active: bool) -> bool`` (an all-reduce: is any rank's row still active?);
+    :func:`run_episodes` asks it before every turn and goes on while any rank has an active row, and
+    a rank with none runs :meth:`idle` (one throw-away ``generate`` of one token, so the collectives
+    match: the ``synced_gpus`` idea of transformers ``generate``, at turn granularity).
+
     Args:
         policy: Generates (with ``return_logprobs``).
         prompt_ids: ``(N, P)`` left-padded prompts; prompt_mask: ``(N, P)``.
@@ -76,6 +89,19 @@ class RePrefillSession:
                  eos_token_id: int | None, pad_token_id: int, **sampling) -> None:
         self.policy, self.eos, self.pad, self.sampling = policy, eos_token_id, pad_token_id, sampling
         self.context = [row[m.bool()].tolist() for row, m in zip(prompt_ids.cpu(), prompt_mask.cpu(), strict=True)]
+        self._any_rank_active = getattr(policy, "any_rank_active", None)
+
+    def any_active(self, active: bool) -> bool:
+        """Whether this rank (``active``) or any other still has an active row: a collective when the
+        policy's ``generate`` is one (``any_rank_active``), else just ``active``."""
+        return active if self._any_rank_active is None else bool(self._any_rank_active(active))
+
+    def idle(self) -> None:
+        """A turn with no row of this rank: one ``generate`` of one token from a one-token context,
+        thrown away, so that this rank takes part in the collectives of the other ranks' turn."""
+        ids = torch.tensor([[self.context[0][-1] if self.context[0] else self.pad]], dtype=torch.long)
+        self.policy.generate(ids, torch.ones_like(ids), max_new_tokens=1, eos_token_id=self.eos,
+                             pad_token_id=self.pad, return_logprobs=True, **self.sampling)
 
     def turn(self, rows: Sequence[int], appended: Sequence[list[int]], caps: Sequence[int]) -> list[TurnOutput]:
         for r, extra in zip(rows, appended, strict=True):
@@ -146,6 +172,8 @@ class TrajectoryBatch:
         end_reasons: ``N`` strings from :data:`~rlhf_algos.environments.END_REASONS`.
         prompt_len: ``P``.
         final_info: ``N`` dicts, the ``info`` of each trajectory's last step ({} when it failed).
+        end_details: ``N`` strings: why a trajectory ended for ``env_error``, ``bad_step`` or
+            ``reply_over_budget`` (the exception, the problem, the reply's length), else "".
     """
 
     sequences: torch.Tensor
@@ -158,6 +186,7 @@ class TrajectoryBatch:
     end_reasons: list[str]
     prompt_len: int
     final_info: list[dict] = field(default_factory=list)
+    end_details: list[str] = field(default_factory=list)
 
 
 def _to_batch(episodes: list[Episode], prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, pad: int) -> TrajectoryBatch:
@@ -179,7 +208,7 @@ def _to_batch(episodes: list[Episode], prompt_ids: torch.Tensor, prompt_mask: to
         scores=torch.tensor([e.score for e in episodes], dtype=torch.float32),
         num_turns=torch.tensor([e.num_turns for e in episodes], dtype=torch.long),
         end_reasons=[e.end_reason or "done" for e in episodes], prompt_len=prompt_ids.shape[1],
-        final_info=[e.info for e in episodes])
+        final_info=[e.info for e in episodes], end_details=[e.detail for e in episodes])
 
 
 def _safe_step(env: Environment, text: str, vocab_size: int | None) -> tuple[StepResult | None, str, str]:
@@ -207,7 +236,9 @@ def run_episodes(session: TurnSession, envs: Sequence[Environment], records: Seq
     Every model turn is followed by one ``step`` of that row's environment on the turn's text
     (``decode``, special tokens dropped). An environment that raises, returns a bad step, or replies
     more tokens than the total budget has left ends its own trajectory (``end_reasons``, final
-    reward 0 for a raise or a bad step), never the batch.
+    reward 0 for a raise or a bad step), never the batch. With several ranks and a session whose turns
+    are collectives (``any_active`` / ``idle``, see :class:`RePrefillSession`), every rank runs the same
+    number of turn steps: as many as the rank with the longest-running trajectory needs.
 
     Args:
         session: Generates the turns (:class:`RePrefillSession` or the engine's KV-cache session).
@@ -227,9 +258,15 @@ def run_episodes(session: TurnSession, envs: Sequence[Environment], records: Seq
         except Exception as e:  # noqa: BLE001
             episodes[i].end("env_error", 0.0, f"reset: {type(e).__name__}: {e}")
     appended: dict[int, list[int]] = {i: [] for i in active}
+    any_active = getattr(session, "any_active", None)
     for t in range(budget.max_turns):
-        if not active:
+        # Several ranks with a collective generate: all go on while any rank has an active row (the
+        # same number of turns everywhere); a rank with none idles through the turn.
+        if not (active if any_active is None else any_active(bool(active))):
             break
+        if not active:
+            session.idle()
+            continue
         caps = [min(budget.max_turn_tokens, budget.max_total_tokens - len(episodes[i].tokens)) for i in active]
         outs = session.turn(active, [appended[i] for i in active], caps)
         still: list[int] = []
@@ -239,6 +276,7 @@ def run_episodes(session: TurnSession, envs: Sequence[Environment], records: Seq
             ep.num_turns += 1
             result, reason, detail = _safe_step(envs[i], decode(list(tokens)), vocab_size)
             if result is None:
+                ep.info = {}  # a failed step has no info; an earlier step's would pass for the last one's
                 ep.end(reason, 0.0, detail)
                 continue
             ep.info = result.info

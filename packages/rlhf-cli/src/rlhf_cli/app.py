@@ -166,7 +166,8 @@ def _run_stages(cfg, stage: str, overwrite: bool = False, resume: bool = False) 
 
 @app.command(help="Talk to a trained model: one answer with --prompt, or a multi-turn session without it "
                   "(each answer sees the conversation so far; /reset forgets it, /exit or Ctrl-D ends it). "
-                  "Answers stream as they are generated.")
+                  "Answers stream as they are generated. With --env NAME the model plays episodes against that "
+                  "environment instead (docs/cli.md).")
 @user_errors
 def chat(
     model: Path = typer.Option(..., "--model", "-m", help="A model directory written by `rlhf run` (e.g. rlhf-out/ppo)."),
@@ -178,12 +179,25 @@ def chat(
                                 "most likely tokens holding this much probability; in (0, 1], 1 = all."),
     show_prompt: bool = typer.Option(False, "--show-prompt", help="Print each prompt as the model sees it "
                                      "(chat template applied, history included) on stderr."),
+    env: str = typer.Option(None, "--env", help="Play episodes against this registered environment (`rlhf envs "
+                            "list`): each message is a task; the model's turns, the environment's replies, then "
+                            "the end reason and rewards are shown. --max-new-tokens is then per model turn."),
+    env_arg: list[str] = typer.Option(None, "--env-arg", metavar="KEY=VALUE", help="An argument of the "
+                                      "environment's constructor (VALUE read as YAML); repeatable; with --env."),
+    meta: list[str] = typer.Option(None, "--meta", metavar="KEY=VALUE", help="A field of the prompt record the "
+                                   "environment's reset reads (VALUE read as YAML); repeatable; with --env."),
+    max_turns: int = typer.Option(None, "--max-turns", help="Model turns per episode at most (>= 1, default 4); "
+                                  "with --env."),
+    max_total_tokens: int = typer.Option(None, "--max-total-tokens", help="Tokens after the prompt per episode, "
+                                         "model and environment together (>= 1; default: what the model's context "
+                                         "leaves); with --env."),
 ) -> None:
     _quiet_libraries()
     from .chat import chat as run_chat
 
     run_chat(str(model), prompt, {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p},
-             system=system, show_prompt=show_prompt)
+             system=system, show_prompt=show_prompt, env={"name": env, "env_args": env_arg, "meta": meta,
+                                                          "max_turns": max_turns, "max_total_tokens": max_total_tokens})
 
 
 @app.command("config-keys", help="List every config key with its type, default and meaning.")
@@ -230,6 +244,7 @@ def algos_show(name: str = typer.Argument(..., help="A name from `rlhf algos lis
         t = getattr(hints[f.name], "__name__", str(hints[f.name]))
         if f.name in shared:  # set by the run's rl.* keys, whatever the class default
             key, value = f"rl.{shared[f.name]}", getattr(rl, shared[f.name])
+            t = type(value).__name__  # rl.padding_free (bool) sets batch_layout (str)
         else:
             key, value = f"{prefix}.{f.name}", getattr(run_default, f.name, getattr(default, f.name))
         typer.echo(f"{key} ({t}, default {value!r}): {docs.get(f.name, '')}")

@@ -5,7 +5,8 @@ it, messages are read line by line from the terminal (or from piped stdin) and a
 with the conversation so far; ``/reset`` forgets the conversation, ``/exit`` or end of input (Ctrl-D)
 ends the session. The conversation is rendered with the tokenizer's chat template, or in the plain
 "Human:/Assistant:" format when the tokenizer has none (what training used for it; see
-:mod:`rlhf_cli.chat_session`).
+:mod:`rlhf_cli.chat_session`). With ``--env NAME`` each message is instead a task the model works on
+against that environment, turn by turn (:mod:`rlhf_cli.chat_env`).
 """
 
 from __future__ import annotations
@@ -76,17 +77,23 @@ def session_loop(session: ChatSession, read: Callable[[str], str], show_prompt: 
             run_turn(session, text, show_prompt, lead="model> ")
 
 
-def chat(model: str, prompt: str | None, settings: dict, system: str | None = None, show_prompt: bool = False) -> None:
+def chat(model: str, prompt: str | None, settings: dict, system: str | None = None, show_prompt: bool = False,
+         env: dict | None = None) -> None:
     """Check the settings and the model directory, then answer ``prompt`` or run a session on stdin.
 
     ``settings``: the :class:`~rlhf_cli.chat_session.GenerationSettings` fields, as given on the command line.
+    ``env``: the environment flags (:func:`rlhf_cli.chat_env.check_env_flags`); with a ``name``, episodes
+    against that environment instead of a conversation.
     """
+    from .chat_env import chat_env, check_env_flags
+
     try:
         gen = GenerationSettings(**settings)
     except ValueError as e:
         fail(str(e))
     if system is not None and not system.strip():
         fail("--system: an empty system prompt is not allowed; leave --system out for none")
+    episodes = check_env_flags(env or {})
     preflight_chat(model)
     import torch
     from rlhf_hybrid import load_causal_lm, load_tokenizer, trained_reward_head
@@ -99,6 +106,9 @@ def chat(model: str, prompt: str | None, settings: dict, system: str | None = No
     tok = load_tokenizer(model)
     # CUDA path written for GPU machines; the tests run it on the CPU only
     lm = load_causal_lm(model).to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    if episodes is not None:
+        chat_env(tok, lm, gen, *episodes, prompt, system=system, show_prompt=show_prompt)
+        return
     session = ChatSession(tok, lm, gen, system=system)
     if prompt is not None:
         if not run_turn(session, prompt, show_prompt):

@@ -105,18 +105,25 @@ class RunConfig:
                               f"the RL actor (lora.rank={lo.rank}, lora.stages={lo.stages!r}): the adapters are fused "
                               f"into exactly gathered weights; use 'none'")
         self.model.check_dtype(ds.dtype)
+        if rl.padding_free and "batch_layout" not in RLSection.shared_with(self.algorithm()):
+            raise ConfigError(f"rl.padding_free: true, but algo.name={self.algo.name!r} has no padding-free learn "
+                              f"step (its config has no OnlineConfig.batch_layout); allowed: false, or an online "
+                              f"algorithm (ppo, grpo, dr_grpo, rloo, reinforce_pp, remax)")
         self.algorithm_config()  # the algo.<field> values fit the algorithm's config class, with the rl.* ones
 
     def algorithm(self):
         """The class registered as ``algo.name``."""
         return self.algo.algorithm()
 
-    def algorithm_config(self):
+    def algorithm_config(self, padding_free_layout: str = "rows"):
         """The chosen algorithm's frozen config: its defaults, the loop settings it shares with the run
-        (the rl.* keys of ``RLSection.ALGO_KEYS``, online algorithms only) and the algo.* settings."""
+        (the rl.* keys of ``RLSection.ALGO_KEYS``, online algorithms only) and the algo.* settings.
+
+        ``padding_free_layout``: the ``batch_layout`` rl.padding_free=true stands for (the actor's,
+        ``rlhf_hybrid.padding_free_layout``: "rows", or "one_row" under flash attention)."""
         cls = self.algorithm()
         try:
-            return cls.config_class(**self.rl.algorithm_values(cls), **self.algo.option_dict())
+            return cls.config_class(**self.rl.algorithm_values(cls, padding_free_layout), **self.algo.option_dict())
         except (TypeError, ValueError) as e:
             raise ConfigError(f"algo ({self.algo.name}): {e}") from None
 

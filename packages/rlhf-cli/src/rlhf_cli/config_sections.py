@@ -328,6 +328,12 @@ class RLSection(Section):
     ema_beta: float = option(0.0, "keep an exponential moving average of the actor, updated after every optimizer step "
                                   "(ema = beta * ema + (1 - beta) * weights; DeepSpeed-Chat's --enable_ema uses "
                                   "0.992), saved as <out>/<algo>_ema and scored on the held-out prompts too; 0 = off.")
+    padding_free: bool = option(False, "the learn step's actor and critic forwards on each rollout row's real tokens "
+                                       "packed into rows, position ids restarting per sequence (generation and the "
+                                       "rollout's scoring stay padded; the same losses and gradients; "
+                                       "rlhf_hybrid.padding_free_layout picks rows no longer than the longest "
+                                       "sequence for sdpa/eager attention, one row for flash attention). Online "
+                                       "algorithms only. Off by default (docs/performance.md).")
     ptx_coef: float = option(0.0, "weight of the ptx term: the SFT loss (as stage 1's, sft.mask_prompt) on a batch of "
                                   "rl.micro_batch_size demonstrations from the SFT split, drawn for every actor step "
                                   "and added to its loss (InstructGPT's PPO-ptx, DeepSpeed-Chat's unsupervised loss; "
@@ -360,7 +366,7 @@ class RLSection(Section):
     # run (set as rl.<key>, never as algo.<field>)
     ALGO_KEYS: ClassVar[dict[str, str]] = {
         "micro_batch_size": "micro_batch_size", "ppo_epochs": "epochs", "max_new_tokens": "max_new_tokens",
-        "temperature": "temperature", "ptx_coef": "ptx_coef",
+        "temperature": "temperature", "ptx_coef": "ptx_coef", "batch_layout": "padding_free",
     }
 
     def __post_init__(self) -> None:
@@ -404,9 +410,13 @@ class RLSection(Section):
         names = {f.name for f in dataclasses.fields(algorithm.config_class)}
         return {f: key for f, key in cls.ALGO_KEYS.items() if f in names}
 
-    def algorithm_values(self, algorithm) -> dict[str, object]:
-        """``{config field: value}`` of the rl.* settings ``algorithm`` takes (:meth:`shared_with`)."""
-        return {f: getattr(self, key) for f, key in self.shared_with(algorithm).items()}
+    def algorithm_values(self, algorithm, padding_free_layout: str = "rows") -> dict[str, object]:
+        """``{config field: value}`` of the rl.* settings ``algorithm`` takes (:meth:`shared_with`);
+        rl.padding_free (a bool) becomes ``batch_layout``: ``padding_free_layout`` when true, else "padded"."""
+        out = {f: getattr(self, key) for f, key in self.shared_with(algorithm).items()}
+        if "batch_layout" in out:
+            out["batch_layout"] = padding_free_layout if self.padding_free else "padded"
+        return out
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ from .packing import (
     collate_pairs_padding_free,
     collate_sft_padding_free,
     first_fit_rows,
+    pack_padded_batch,
     packed_positions,
+    unpack_to_padded,
 )
 from .records import (
     ChatRecord,
@@ -95,6 +97,7 @@ __all__ = [
     "get_source",
     "histogram",
     "inspect_stage_data",
+    "pack_padded_batch",
     "pack_sft",
     "packed_positions",
     "parse_data_spec",
@@ -110,5 +113,6 @@ __all__ = [
     "split_groups",
     "tokenize_records",
     "train_demo_tokenizer",
+    "unpack_to_padded",
     "uses_chat_template",
 ]

@@ -7,6 +7,9 @@ transformers' ``DataCollatorWithFlattening``; Kundu et al. 2024, "Enhancing trai
 using packing with flash attention"). Nothing else about the step changes (the same samples, the
 same loss terms, the same normalisation), so the loss and gradients equal the padded ones up to
 float rounding; ``tests/test_padding_free.py`` checks this against the padded path.
+:func:`pack_padded_batch` does the same for a batch that is already padded (the RL learn step's
+left-padded prompt + right-padded response rows) and :func:`unpack_to_padded` maps per-token
+outputs back to the padded layout (``tests/test_padding_free_rl.py``).
 
 How attention stays inside each sequence: the model is called with ``attention_mask=None``, these
 ``position_ids`` and no KV cache. transformers (5.x) then finds the sequences from the position ids
@@ -37,7 +40,7 @@ import torch
 from .collate import collate_packed, pack_sft
 
 __all__ = ["PADDING_FREE_LAYOUTS", "collate_pairs_padding_free", "collate_sft_padding_free", "first_fit_rows",
-           "packed_positions"]
+           "pack_padded_batch", "packed_positions", "unpack_to_padded"]
 
 PADDING_FREE_LAYOUTS = ("rows", "one_row")
 
@@ -45,7 +48,7 @@ PADDING_FREE_LAYOUTS = ("rows", "one_row")
 def _row_len(layout: str, lengths: list[int]) -> int | None:
     """The row capacity of ``layout`` for sequences of ``lengths`` (None: one row)."""
     if layout == "rows":
-        return max(lengths, default=1)
+        return max(max(lengths, default=1), 1)
     if layout == "one_row":
         return None
     raise ValueError(f"padding-free layout {layout!r} is not one of {', '.join(map(repr, PADDING_FREE_LAYOUTS))}")
@@ -136,19 +139,90 @@ def collate_pairs_padding_free(examples: list[dict], pad_id: int, layout: str = 
         if not s:
             which = "chosen_ids" if i < len(examples) else "rejected_ids"
             raise ValueError(f"collate_pairs_padding_free: example {i % max(len(examples), 1)} has empty {which}")
+    ids, pos, start = _lay_out([torch.tensor(s, dtype=torch.long) for s in seqs], pad_id, layout)
+    last = start.clone()
+    last[:, 1] += torch.tensor([len(s) - 1 for s in seqs])
+    return {"input_ids": ids, "position_ids": pos, "last_index": last}
+
+
+def _lay_out(seqs: list[torch.Tensor], pad_id: int, layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequences ``seqs`` (1-d long tensors) packed first-fit into right-padded rows of ``layout``.
+
+    Returns:
+        ``input_ids`` and ``position_ids`` (R, W), and ``start`` (N, 2) long: the ``(row, column)`` of
+        each sequence's first token.
+    """
     lengths = [len(s) for s in seqs]
     rows = first_fit_rows(lengths, _row_len(layout, lengths))
-    width = max(sum(lengths[i] for i in row) for row in rows)
+    width = max((sum(lengths[i] for i in row) for row in rows), default=0) or 1
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
-    last = torch.zeros((len(seqs), 2), dtype=torch.long)
+    start = torch.zeros((len(seqs), 2), dtype=torch.long)
     for r, row in enumerate(rows):
         col = 0
         for i in row:
-            n = len(seqs[i])
-            ids[r, col : col + n] = torch.tensor(seqs[i])
-            last[i] = torch.tensor([r, col + n - 1])
+            n = lengths[i]
+            ids[r, col : col + n] = seqs[i]
+            start[i, 0], start[i, 1] = r, col
             col += n
         pos[r] = packed_positions([lengths[i] for i in row], width)
-    return {"input_ids": ids, "position_ids": pos, "last_index": last}
+    return ids, pos, start
+
+
+def pack_padded_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int,
+                      layout: str = "rows") -> dict[str, torch.Tensor]:
+    """An already padded batch ``(N, L)`` (e.g. an RL rollout: left-padded prompt + right-padded response)
+    laid out padding-free: each row's real tokens (``attention_mask == 1``) packed into rows, as above.
+
+    The model run on the packed rows sees each sequence exactly as the padded forward does (positions
+    counted over real tokens from 0, attention over the sequence's own real tokens), so any per-token
+    output maps back to the padded layout through ``index`` (:func:`unpack_to_padded`).
+
+    Args:
+        input_ids: ``(N, L)`` token ids.
+        attention_mask: ``(N, L)``, 1 on real tokens; each row's real tokens must be one contiguous run
+            (left and/or right padding only).
+        pad_id: Fills the end of short rows.
+        layout: ``"rows"`` or ``"one_row"`` (see the module docstring).
+
+    Returns:
+        ``input_ids`` and ``position_ids`` (R, W), and ``index`` (N, L) long: the flat position
+        ``row * W + column`` in the packed rows of the token at each padded position, -1 on padding.
+
+    Raises:
+        ValueError: A row's real tokens are not contiguous (naming the row), or the shapes differ.
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(f"pack_padded_batch: input_ids {tuple(input_ids.shape)} and attention_mask "
+                         f"{tuple(attention_mask.shape)} must be the same (N, L)")
+    input_ids, mask = input_ids.cpu(), attention_mask.cpu() != 0
+    N, L = mask.shape
+    lengths = mask.sum(1)  # (N,)
+    first = torch.where(lengths > 0, mask.long().argmax(1), 0)  # (N,) first real column
+    cols = torch.arange(L)
+    run = (cols >= first[:, None]) & (cols < (first + lengths)[:, None])  # (N, L): one run per row
+    bad = (run != mask).any(1).nonzero().flatten()
+    if len(bad):
+        raise ValueError(f"pack_padded_batch: row {bad[0].item()}'s real tokens (attention_mask == 1) are not "
+                         f"contiguous; a padded row must be left and/or right padding around one run of tokens")
+    ids, pos, start = _lay_out([input_ids[i, run[i]] for i in range(N)], pad_id, layout)
+    flat_start = start[:, 0] * ids.shape[1] + start[:, 1]  # (N,)
+    index = torch.where(mask, flat_start[:, None] + (cols - first[:, None]), -1)  # (N, L)
+    return {"input_ids": ids, "position_ids": pos, "index": index}
+
+
+def unpack_to_padded(packed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Per-token values of packed rows back in the padded layout; differentiable.
+
+    Args:
+        packed: ``(R, W)`` one value per packed token (e.g. log-probs, values).
+        index: ``(N, T)`` flat packed positions (:func:`pack_padded_batch`'s ``index``, or columns of it); -1
+            where the padded layout has padding.
+
+    Returns:
+        ``(N, T)``: ``packed`` at each position of ``index``, 0 where ``index`` is -1 (no gradient flows there).
+    """
+    index = index.to(packed.device)
+    out = packed.reshape(-1)[index.clamp(min=0)]  # (N, T)
+    return torch.where(index >= 0, out, torch.zeros((), dtype=out.dtype, device=out.device))
 

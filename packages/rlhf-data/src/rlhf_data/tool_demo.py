@@ -28,16 +28,24 @@ import re
 from dataclasses import dataclass
 
 __all__ = ["CALC", "RESULT", "ToolAdditionTask", "ToolTaskConfig", "demonstration_example", "parse_calc",
-           "tool_use_stats", "verify_answer"]
+           "parse_question", "question", "tool_use_stats", "verify_answer"]
 
 CALC = re.compile(r"<calc>\s*(\d+)\s*\+\s*(\d+)\s*</calc>")
 RESULT = "<result>{}</result>"
 _ANSWER = re.compile(r"^\s*(-?\d+)\s*$")
+_QUESTION = re.compile(r"What is (\d+) \+ (\d+)\?")
 
 
 def question(a: int, b: int) -> str:
     """The user's message for ``a + b``."""
     return f"What is {a} + {b}?"
+
+
+def parse_question(text: str) -> tuple[int, int] | None:
+    """The operands of the first question :func:`question` writes (``What is a + b?``) in ``text``, or None:
+    a prompt record's ``prompt`` (the rendered prompt, chat format included) holds one."""
+    m = _QUESTION.search(text)
+    return None if m is None else (int(m.group(1)), int(m.group(2)))
 
 
 def parse_calc(text: str) -> tuple[int, int] | None:

@@ -111,7 +111,8 @@ class GenerationMixin:
         if return_logprobs:
             eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
             seqs = out.sequences
-            out = (seqs, _hf_logprobs(out.logits, seqs[:, input_ids.shape[1]:], temperature if do_sample else 1.0, eos))
+            out = (seqs, generated_logprobs(out.logits, seqs[:, input_ids.shape[1]:], temperature if do_sample else 1.0,
+                                            eos))
         t2 = time.perf_counter()
         self.timings["gather_s"] = t1 - t0
         self.timings["generate_s"] = t2 - t1
@@ -167,21 +168,46 @@ class GenerationMixin:
         self.timings["generate_s"] = t2 - t1
         return seqs, logprobs
 
+    def any_rank_active(self, active: bool) -> bool:
+        """Multi-turn rollouts on the re-prefill path (``rlhf_algos.trajectories.RePrefillSession``): is a
+        trajectory still active on this rank (``active``) or any other? Under ZeRO-3 every ``generate``
+        gathers the weights (a collective), so the ranks must run the same number of turns: an
+        all-reduce (MAX) over the world, once per turn (a host-device sync on NCCL). Otherwise each
+        rank's generation is its own and this is just ``active``, no collective."""
+        import torch.distributed as dist
+
+        if not (self.cfg.zero_stage == 3 and self.engine is not None and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return active
+        device = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        flag = torch.tensor([int(active)], dtype=torch.long, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def turn_session(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_total_tokens: int,
                      eos_token_id: int | None, do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0):
         """A multi-turn session continuing on one KV cache (:class:`~rlhf_hybrid.inference.turns.KVCacheSession`)
-        when ``generation="fast"``, the model is supported and generation is not tensor-parallel; else None,
-        and the caller re-prefills each turn (``rlhf_algos.trajectories.RePrefillSession``). Under ZeRO-3
-        the weights are gathered once here (collective) and held by the session until it is dropped."""
+        when ``generation="fast"`` and the model is supported; else None, and the caller re-prefills each
+        turn (``rlhf_algos.trajectories.RePrefillSession``, kept in step across ranks by
+        :meth:`any_rank_active`). Under ZeRO-3 the weights are gathered once here (collective) and held by
+        the session until it is dropped: its turns run no collective, so ranks may run different numbers.
+
+        Raises:
+            ValueError: ``inference_tp_size`` > 1 (tensor-parallel generation of multi-turn rollouts is not written).
+        """
         from . import inference
         from .inference.turns import KVCacheSession
 
         if isinstance(self.module, ValueModel):
             raise TypeError("turn_session: this engine holds a value model, not a causal LM")
+        if self.cfg.inference_tp_size != 1:
+            # a tensor-parallel group generates its ranks' rows together, so every rank would have to bring
+            # the same number of active rows and tokens every turn; not written
+            raise ValueError(f"inference_tp_size={self.cfg.inference_tp_size}: multi-turn rollouts (an environment) "
+                             "need inference_tp_size=1")
         length = prompt_ids.shape[1] + max_total_tokens + 1
-        if self.cfg.generation != "fast" or self.cfg.inference_tp_size != 1 \
-                or inference.supported(plain_model(self.module), max_length=length) is not None:
+        if self.cfg.generation != "fast" or inference.supported(plain_model(self.module), max_length=length) is not None:
             return None
         if eos_token_id is None:
             eos_token_id = getattr(getattr(self.module, "generation_config", None), "eos_token_id", None)
@@ -312,9 +338,10 @@ def _tp_own_rows(seqs: torch.Tensor, own, eos_token_id, logprobs: torch.Tensor |
     return mine[:, : P + width], None if logprobs is None else logprobs[rows, :width]
 
 
-def _hf_logprobs(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float, eos) -> torch.Tensor:
+def generated_logprobs(logits: tuple[torch.Tensor, ...], tokens: torch.Tensor, temperature: float, eos) -> torch.Tensor:
     """(B, R) float32 log-probs of the generated ``tokens`` (B, R) under ``softmax(logits / temperature)``
-    from transformers' raw per-step logits (R tensors of (B, V)), 0 after each row's first EOS."""
+    from transformers' raw per-step logits (R tensors of (B, V)), 0 after each row's first EOS. Public for
+    other callers of transformers ``generate`` that keep its log-probs (``rlhf chat --env``)."""
     from rlhf_kernels import fused_logprobs
 
     lp = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)

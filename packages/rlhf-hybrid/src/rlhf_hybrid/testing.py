@@ -58,6 +58,53 @@ def ragged_prompts(vocab: int, lengths: Sequence[int] = (5, 2, 7), *, pad: int =
     return ids, mask
 
 
+# -- one micro-batch's gradients, kept for comparison -------------------------------------------
+
+
+class GradOnly:
+    """Forwards to a :class:`~rlhf_hybrid.HybridEngine`, except ``step``, which does nothing: the gradients
+    of one micro-batch stay in the module's ``.grad`` to be compared (with :func:`grad_only`'s engine:
+    ZeRO-0, fp32, accumulation 1, so DeepSpeed leaves them unscaled). Implements the rlhf-algos
+    protocols the engine does (policy, value function, scorer)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def token_logprobs(self, *a, **kw):
+        return self.engine.token_logprobs(*a, **kw)
+
+    def values(self, *a, **kw):
+        return self.engine.values(*a, **kw)
+
+    def score(self, *a, **kw):
+        return self.engine.score(*a, **kw)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        pass
+
+    def train(self) -> None:
+        self.engine.module.train()
+
+    def eval(self) -> None:
+        self.engine.module.eval()
+
+
+def grad_only(module: torch.nn.Module) -> GradOnly:
+    """``module`` in a ZeRO-0 fp32 :class:`~rlhf_hybrid.HybridEngine` (SGD, lr 0), wrapped in :class:`GradOnly`.
+    Call inside :func:`world_of_one`."""
+    from .engine import EngineConfig, HybridEngine
+
+    return GradOnly(HybridEngine(module, EngineConfig(lr=0.0, micro_batch_size=2, optimizer="sgd", weight_decay=0.0)))
+
+
+def param_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``{name: a copy of .grad}`` of every parameter of ``module`` that has a gradient."""
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
 # -- tiny models of every family the fast generation path supports ----------------------------
 
 

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .engine import EngineConfig, _import_deepspeed, deepspeed_config
+from .hostmem import fix_mmap_threshold
 from .models import ValueModel, causal_lm_from_config, load_causal_lm
 
 
@@ -92,6 +93,7 @@ def _zero3_config(cfg: EngineConfig, trainable: bool) -> dict:
 
     if cfg.zero_stage != 3:
         raise ValueError(f"zero_stage: partitioned construction needs zero_stage=3, got {cfg.zero_stage}")
+    fix_mmap_threshold()  # freed whole parameters go back to the OS, not into heap fragments (hostmem.py)
     ds = _import_deepspeed()
     from deepspeed.accelerator import get_accelerator
 

@@ -63,7 +63,7 @@ def build_online(ctx: Context, algo_cls, data, tokenizer, sft_dir: Path, rm_dir:
     Returns:
         ``(algo, actor, reference, reward_fn)``.
     """
-    from rlhf_hybrid import HybridEngine, all_reduce_mean
+    from rlhf_hybrid import HybridEngine, all_reduce_mean, padding_free_layout
 
     cfg, p = ctx.cfg, ctx.cfg.rl
     engine = engine_config(cfg, lr=p.actor_lr, batch=p.micro_batch_size)
@@ -77,7 +77,8 @@ def build_online(ctx: Context, algo_cls, data, tokenizer, sft_dir: Path, rm_dir:
         critic_cfg = engine_config(cfg, lr=p.critic_lr, batch=p.micro_batch_size)
         critic = HybridEngine(load_model(ctx, rm_dir or sft_dir, "value", critic_cfg), critic_cfg, name="critic")
     monitor_fn = _monitor_fn(ctx, data, tokenizer)
-    algo = algo_cls(cfg.algorithm_config(), actor=actor, reference=reference, critic=critic, reward_fn=reward_fn,
+    # rl.padding_free: the packed layout the actor's attention keeps apart (one row under flash attention)
+    algo = algo_cls(cfg.algorithm_config(padding_free_layout(actor.module)), actor=actor, reference=reference, critic=critic, reward_fn=reward_fn,
                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                     reduce_metrics=all_reduce_mean, seed=cfg.seed + ctx.rank,
                     **({"monitor_fn": monitor_fn} if monitor_fn is not None else {}),
