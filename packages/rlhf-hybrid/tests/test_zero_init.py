@@ -101,3 +101,101 @@ def test_seeded_init_follows_the_models_scheme_and_leaves_the_rng_alone() -> Non
         w = v[1:] if "embed" in k else v  # the padding row (id 0) of the embedding is zero
         assert abs(float(w.std()) - 0.3) < 0.03 and abs(float(w.mean())) < 0.02, (k, float(w.std()))
     assert torch.equal(a["model.embed_tokens.weight"][0], torch.zeros(64))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_global_rng_build_equals_transformers_whole_build(dtype: str) -> None:
+    """``seed=None`` (the CLI's demo model): built partitioned, the weights equal transformers' own
+    ``from_config`` build from the same global RNG state, exactly, and the RNG is left where that build
+    leaves it (the CLI draws from it afterwards); the attention implementation reaches the config."""
+    from rlhf_hybrid.zero_init import build_causal_lm, is_partitioned
+    from transformers import AutoModelForCausalLM
+
+    cfg = EngineConfig(zero_stage=3, dtype=dtype)
+    config = _config(tie_word_embeddings=True)  # as the demo's tiny Llama
+    torch.manual_seed(31)
+    want = AutoModelForCausalLM.from_config(config, dtype=cfg.torch_dtype).state_dict()
+    want_next = torch.rand(4)
+    torch.manual_seed(31)
+    part = build_causal_lm(config, cfg, seed=None, attn_implementation="eager")
+    assert torch.equal(torch.rand(4), want_next), "the partitioned build drew another amount of random numbers"
+    assert is_partitioned(part) and part.config._attn_implementation == "eager"
+    got = HybridEngine(part, cfg, trainable=False).full_state_dict()
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    assert float(want["model.layers.0.mlp.up_proj.weight"].float().std()) > 0.1  # drawn, not zeros
+
+
+def test_older_format_value_model_loads_partitioned(tmp_path) -> None:
+    """A causal LM + value_head.safetensors checkpoint under ZeRO-3: built partitioned (head included), the
+    gathered weights equal the files' tensors exactly, and the scores equal transformers' backbone with that
+    head and the whole-loaded model's."""
+    from rlhf_hybrid import ValueModel
+    from rlhf_hybrid.zero_init import build_value_model, is_partitioned
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel, LlamaForCausalLM
+
+    torch.manual_seed(7)
+    LlamaForCausalLM(_config()).save_pretrained(tmp_path / "old")
+    w = torch.randn(1, 32)
+    save_file({"v_head.weight": w}, str(tmp_path / "old" / "value_head.safetensors"))
+    cfg = EngineConfig(zero_stage=3, micro_batch_size=3)
+    vm = build_value_model(tmp_path / "old", cfg, trainable=False)
+    assert is_partitioned(vm) and hasattr(vm.head.weight, "ds_id")
+    engine = HybridEngine(vm, cfg, trainable=False)
+    got = engine.full_state_dict()
+    files = {f"model.{k}": v for k, v in load_file(str(tmp_path / "old" / "model.safetensors")).items()
+             if not k.startswith("lm_head")} | {"model.score.weight": w}
+    assert got.keys() == files.keys()
+    for k, v in files.items():
+        assert torch.equal(got[k], v), k
+    ids = torch.randint(2, 61, (3, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        scores = engine.score(ids, mask)
+        backbone = AutoModel.from_pretrained(tmp_path / "old").eval()
+        torch.testing.assert_close(scores, backbone(ids).last_hidden_state[:, -1] @ w[0], atol=1e-5, rtol=1e-5)
+        whole = HybridEngine(ValueModel.from_pretrained(str(tmp_path / "old")), EngineConfig(), trainable=False)
+        assert torch.equal(scores, whole.score(ids, mask))
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("kind", ["causal_lm", "value"])
+def test_gradient_checkpointing_on_a_partitioned_build(kind: str, optimizer: str) -> None:
+    """A model built ZeRO-3 partitioned, with and without gradient checkpointing: the same loss (exactly: the
+    same forward) and, after one step, the same weights (atol 1e-6, rtol 1e-5: recomputed activations
+    give the same gradients up to fp32 summation order)."""
+    from rlhf_hybrid.zero_init import build_causal_lm, build_value_model
+
+    ids = torch.randint(1, 61, (3, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    results = []
+    for ckpt in (False, True):
+        cfg = EngineConfig(zero_stage=3, optimizer=optimizer, lr=0.5 if optimizer == "sgd" else 1e-2,
+                           micro_batch_size=3, max_grad_norm=0, gradient_checkpointing=ckpt,
+                           extra={"zero_allow_untested_optimizer": True})
+        build = build_value_model if kind == "value" else build_causal_lm
+        model = build(_config(), cfg, seed=3)
+        if kind == "value":  # a zero head would send no gradient into the backbone (this head is still whole)
+            with torch.no_grad():
+                model.head.weight.copy_(torch.randn(model.head.weight.shape, generator=torch.Generator().manual_seed(1)))
+        engine = HybridEngine(model, cfg)
+        layers = [m for m in engine.module.modules() if hasattr(m, "gradient_checkpointing")]
+        assert layers and all(m.gradient_checkpointing == ckpt for m in layers)
+        before = engine.full_state_dict()
+        engine.train()
+        if kind == "value":
+            loss = (engine.values(ids, mask) * mask - 1).pow(2).mean()
+        else:
+            loss = -(engine.token_logprobs(ids, mask) * mask[:, 1:]).mean()
+        engine.backward(loss)
+        engine.step()
+        results.append((loss.detach(), engine.full_state_dict()))
+    (loss0, w0), (loss1, w1) = results
+    assert torch.equal(loss1, loss0)
+    moved = [k for k in w0 if not torch.equal(w0[k], before[k])]
+    assert len(moved) > len(w0) // 2, moved
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], atol=1e-6, rtol=1e-5, msg=k)

@@ -84,11 +84,43 @@ def _worker(rank: int, world: int, port: int, out_dir: str, ckpt: str) -> None:
     res["hf_seqs"] = hf_off.generate(ids, mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
                                      pad_token_id=PAD)
     # 3. trainable, parameters and optimizer state offloaded: the same step as the whole-built engine's
-    off = EngineConfig(zero_stage=3, micro_batch_size=3, lr=1e-2, offload_param=True, offload_optimizer=True)
+    off = EngineConfig(zero_stage=3, micro_batch_size=3, lr=1e-2, offload_param=True, offload_optimizer=True,
+                       generation="fast")
     offloaded = HybridEngine(build_causal_lm(llama_config(), off, seed=7), off, name="offloaded")
     res["zero_conf"] = offloaded.engine.config["zero_optimization"]
+    res["fast_off_seqs"] = offloaded.generate(ids, mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                                              pad_token_id=PAD)
+    res["fast_off_path"] = offloaded.generation_used
     res["loss_off"] = _train_step(offloaded, rank)
     res["step_off"] = offloaded.full_state_dict()
+    # 4. the older value-model format (causal LM + value_head.safetensors): partitioned, the files' tensors
+    frozen = EngineConfig(zero_stage=3, micro_batch_size=3)
+    old = build_value_model(ckpt + "_old", frozen, trainable=False)
+    res["numel_old"] = local_numel(old)
+    old_engine = HybridEngine(old, frozen, trainable=False, name="old_rm")
+    res["old_state"] = old_engine.full_state_dict()
+    with torch.no_grad():
+        res["old_scores"] = old_engine.score(ids, mask)
+    # 5. gradient checkpointing on a partitioned build: the same loss and SGD step as without
+    for gc in (False, True):
+        sgd = EngineConfig(zero_stage=3, micro_batch_size=3, lr=0.5, optimizer="sgd", max_grad_norm=0,
+                           gradient_checkpointing=gc, extra={"zero_allow_untested_optimizer": True})
+        engine = HybridEngine(build_causal_lm(llama_config(), sgd, seed=7), sgd, name=f"gc{int(gc)}")
+        engine.train()
+        res[f"gc_loss{int(gc)}"] = _train_step(engine, rank)
+        res[f"gc_step{int(gc)}"] = engine.full_state_dict()
+    # 6. seed=None (the CLI's demo model): transformers' init from the global RNG, partitioned
+    torch.manual_seed(41)
+    drawn = build_causal_lm(llama_config(), cfg, seed=None)
+    res["rng_after_global"] = torch.rand(3)
+    res["numel_global"] = local_numel(drawn)
+    res["global_state"] = HybridEngine(drawn, cfg, trainable=False, name="global").full_state_dict()
+    torch.manual_seed(rank)  # ranks that would draw different weights: refused, not mixed
+    try:
+        build_causal_lm(llama_config(), cfg, seed=None)
+        res["rng_refusal"] = None
+    except ValueError as e:
+        res["rng_refusal"] = str(e)
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     import torch.distributed as dist
 
@@ -113,6 +145,14 @@ def test_zero3_partitioned_construction_two_ranks(tmp_path) -> None:
 
     ckpt = tmp_path / "ckpt"
     saved = _saved_checkpoint(ckpt)
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(ckpt, tmp_path / "ckpt_old")  # the older reward-model format: the causal LM + its value head
+    v_head = torch.randn(1, saved["model.embed_tokens.weight"].shape[1], generator=torch.Generator().manual_seed(2))
+    save_file({"v_head.weight": v_head}, str(tmp_path / "ckpt_old" / "value_head.safetensors"))
     # This file runs as a script (see the bottom) so that the spawned ranks can import `_worker`.
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                              "MASTER_PORT")}
@@ -124,6 +164,9 @@ def test_zero3_partitioned_construction_two_ranks(tmp_path) -> None:
     whole = build_causal_lm(llama_config(), EngineConfig(), seed=7, partition=False).eval()  # built whole, ZeRO-0
     hf_ckpt = type(whole).from_pretrained(ckpt).eval()
     rm = ValueModel.from_pretrained(str(ckpt)).eval()
+    torch.manual_seed(41)
+    global_whole = AutoModelForCausalLM.from_config(llama_config()).state_dict()
+    rng_after_global = torch.rand(3)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for rank, r in enumerate(results):
         for key in ("numel_built", "numel_loaded"):  # each rank holds half of every weight (padded to even)
@@ -150,6 +193,8 @@ def test_zero3_partitioned_construction_two_ranks(tmp_path) -> None:
         assert torch.equal(r["fast_seqs"], want), (rank, r["fast_seqs"], want)
         assert len(set(want[:, ids.shape[1]:].flatten().tolist())) > 2, "degenerate greedy tokens: a weak check"
         assert torch.equal(r["hf_seqs"], want_ckpt), (rank, r["hf_seqs"], want_ckpt)
+        # the trainable actor with its parameters offloaded, fast path: HF generate's greedy tokens too
+        assert r["fast_off_path"] == "fast" and torch.equal(r["fast_off_seqs"], want), (rank, r["fast_off_seqs"])
         torch.testing.assert_close(r["scores"], want_scores, rtol=1e-5, atol=1e-6)
         # training: the partitioned-built engine's step is the whole-built engine's step
         assert r["loss_part"] == r["loss_whole"]
@@ -162,6 +207,29 @@ def test_zero3_partitioned_construction_two_ranks(tmp_path) -> None:
         assert abs(r["loss_off"] - r["loss_whole"]) < 1e-6
         for k, v in r["step_whole"].items():
             torch.testing.assert_close(r["step_off"][k], v, rtol=1e-5, atol=1e-6)
+        # the older value-model format, partitioned: the files' tensors exactly, the whole-loaded model's scores
+        local, total = r["numel_old"]
+        assert local < 0.55 * total
+        want_old = {f"model.{k}": v for k, v in saved.items() if not k.startswith("lm_head")}
+        assert r["old_state"].keys() == want_old.keys() | {"model.score.weight"}
+        for k, v in (want_old | {"model.score.weight": v_head}).items():
+            assert torch.equal(r["old_state"][k], v), k
+        with torch.no_grad():
+            whole_old = ValueModel.from_pretrained(str(tmp_path / "ckpt_old")).eval()
+            torch.testing.assert_close(r["old_scores"], whole_old(ids, mask)[:, -1], rtol=1e-5, atol=1e-6)
+        # gradient checkpointing: the same forward (loss exactly), the same SGD step to fp32 rounding
+        assert r["gc_loss1"] == r["gc_loss0"]
+        assert sum(not torch.equal(v, r["init_state"][k]) for k, v in r["gc_step0"].items()) > len(r["gc_step0"]) // 2
+        for k, v in r["gc_step0"].items():
+            torch.testing.assert_close(r["gc_step1"][k], v, atol=1e-6, rtol=1e-5, msg=k)
+        # seed=None: transformers' own whole build from the same global RNG state, and the RNG after it
+        local, total = r["numel_global"]
+        assert local < 0.55 * total
+        assert torch.equal(r["rng_after_global"], rng_after_global)
+        for k, v in global_whole.items():
+            assert torch.equal(r["global_state"][k], v), k
+        assert r["rng_refusal"] and r["rng_refusal"].startswith("seed: None draws the model's weights from the global "
+                                                                "RNG, but the ranks' torch RNG states differ")
 
 
 if __name__ == "__main__":

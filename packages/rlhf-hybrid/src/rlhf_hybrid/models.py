@@ -296,8 +296,16 @@ class ValueModel(nn.Module):
 
 
 def _init_head(score: nn.Linear, legacy: Path, name: str) -> None:
-    """A checkpoint without a ``score`` head: the older format's ``value_head.safetensors``, else zeros."""
-    with torch.no_grad():
+    """A checkpoint without a ``score`` head: the older format's ``value_head.safetensors``, else zeros.
+    A head built ZeRO-3 partitioned (``rlhf_hybrid.zero_init``) is written whole and re-partitioned
+    (``deepspeed.zero.GatheredParameters``: collective; every rank reads the small head file)."""
+    params = list(score.parameters())
+    whole = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        whole = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    with whole, torch.no_grad():
         score.weight.zero_()
         if score.bias is not None:
             score.bias.zero_()

@@ -21,6 +21,13 @@ partitioned as soon as its module is built:
   order the constructor drew random numbers in. (transformers' own ZeRO-3 init draws in another order
   than its whole-model init, so the two would differ.)
 
+* from a config with ``seed=None`` (the CLI's demo model): transformers' own initialisation, drawn from
+  the caller's global RNG in transformers' order, as ``causal_lm_from_config`` builds it whole. Under
+  ``zero.Init`` each module's parameters are partitioned as soon as its constructor returns, so
+  transformers' per-module initialiser (run by ``post_init``) is given that module's whole parameters on
+  every rank (:func:`_whole_modules_init`) and each rank keeps its partition: the same weights, and the
+  same global RNG state after, as the whole build (the ranks' RNG states must agree: checked).
+
 Outside ZeRO-3 the builders return the whole model. The ``HfDeepSpeedConfig`` is alive only while a
 builder runs: transformers reads it globally (``is_deepspeed_zero3_enabled``), and a later
 ``generate`` on a plain copy must not think it is under ZeRO-3.
@@ -37,7 +44,7 @@ from torch import nn
 
 from .engine import EngineConfig, _import_deepspeed, deepspeed_config
 from .hostmem import fix_mmap_threshold
-from .models import ValueModel, load_causal_lm
+from .models import ValueModel, causal_lm_from_config, load_causal_lm
 
 
 def is_partitioned(module: nn.Module) -> bool:
@@ -180,7 +187,7 @@ def to_engine_dtype(module: nn.Module, cfg: EngineConfig, name: str) -> nn.Modul
     return cast_partitioned_(module, cfg.torch_dtype)
 
 
-def build_causal_lm(source, cfg: EngineConfig, *, trainable: bool = True, seed: int = 0,
+def build_causal_lm(source, cfg: EngineConfig, *, trainable: bool = True, seed: int | None = 0,
                     partition: bool | None = None, **load_kwargs) -> nn.Module:
     """A causal LM for an engine of ``cfg``, partitioned from the first byte under ZeRO-3.
 
@@ -190,11 +197,13 @@ def build_causal_lm(source, cfg: EngineConfig, *, trainable: bool = True, seed: 
         cfg: The engine's config: its ``zero_stage``, ``dtype`` and offload settings shape the
             DeepSpeed config the model is built with.
         trainable: Whether the engine will train it (the DeepSpeed config differs: clipping).
-        seed: Random init only.
+        seed: Random init only: :func:`seeded_init_`'s seed, or None: transformers' initialisation from the
+            global RNG, equal to ``causal_lm_from_config`` whole or partitioned (every rank's RNG state the same).
         partition: Build partitioned (default: when ``cfg.zero_stage == 3``). ``False`` builds whole
             (today's path, the reference the tests compare with).
         **load_kwargs: for a checkpoint, :func:`~rlhf_hybrid.models.load_causal_lm`'s settings (dtype,
             attn_implementation, ...); partitioned, the dtype is the engine's (``zero.Init`` casts to it).
+            From a config, ``attn_implementation`` only (the dtype is the engine's).
 
     Returns:
         The model in ``cfg``'s dtype; under ZeRO-3 each rank holds its partition of every parameter.
@@ -204,76 +213,112 @@ def build_causal_lm(source, cfg: EngineConfig, *, trainable: bool = True, seed: 
     if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
         with zero3_init(cfg, trainable=trainable) if partition else contextlib.nullcontext():
             return load_causal_lm(str(source), **_load_kw(cfg, partition, load_kwargs))
-    return _from_config(source, cfg.torch_dtype, seed, _zero3_config(cfg, trainable) if partition else None)
+    unknown = set(load_kwargs) - {"attn_implementation", "dtype", "trust_remote_code", "revision"}
+    if unknown:
+        raise TypeError(f"build_causal_lm: unexpected keyword argument(s) {sorted(unknown)}")
+    return _from_config(source, cfg.torch_dtype, seed, _zero3_config(cfg, trainable) if partition else None,
+                        load_kwargs.get("attn_implementation"))
 
 
-def _from_config(config, dtype: torch.dtype, seed: int, ds_config: dict | None) -> nn.Module:
-    """A random model of ``config``: built under ``zero.Init(ds_config)`` (partitioned) or whole, without
-    transformers' initialisation (its ZeRO-3 one would gather every module once more), then
-    :func:`seeded_init_`."""
-    from transformers import AutoModelForCausalLM
-
+def _from_config(config, dtype: torch.dtype, seed: int | None, ds_config: dict | None,
+                 attn_implementation: str | None = None) -> nn.Module:
+    """A random model of ``config``: built under ``zero.Init(ds_config)`` (partitioned) or whole. With a
+    ``seed``, without transformers' initialisation (its ZeRO-3 one would gather every module once more),
+    then :func:`seeded_init_`; with None, transformers' initialisation from the global RNG
+    (:func:`_whole_modules_init` when partitioned)."""
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers 4
         from transformers.modeling_utils import no_init_weights
 
-    contexts = [torch.random.fork_rng(devices=[]), no_init_weights()]  # the caller's RNG is left alone
+    contexts: list = []
+    if seed is not None:
+        contexts += [torch.random.fork_rng(devices=[]), no_init_weights()]  # the caller's RNG is left alone
     if ds_config is not None:
         import deepspeed
 
+        if seed is None:
+            _check_same_rng()
         with contextlib.suppress(ImportError):  # transformers 5: keeps rotary tables out of zero.Init's dtype cast
             from transformers.integrations.deepspeed import prevent_arange_dtype_change
 
             contexts.append(prevent_arange_dtype_change())
+        if seed is None:  # entered first: its transformers import must not run under zero.Init's patched torch
+            contexts.append(_whole_modules_init())
         contexts.append(deepspeed.zero.Init(config_dict_or_path=ds_config))
     with contextlib.ExitStack() as stack:
         for c in contexts:
             stack.enter_context(c)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    seeded_init_(model, seed)
-    model.tie_weights()
+        model = causal_lm_from_config(config, dtype, attn_implementation=attn_implementation)
+    if seed is not None:
+        seeded_init_(model, seed)
+        model.tie_weights()
     return model
+
+
+@contextlib.contextmanager
+def _whole_modules_init() -> Iterator[None]:
+    """Inside (and inside ``zero.Init``), transformers' per-module initialiser
+    (``PreTrainedModel._initialize_weights``, which ``post_init`` runs over every module) sees the module's
+    whole parameters (:func:`_whole_here`) instead of the empty placeholders ``zero.Init`` left after the
+    module's constructor: the same random numbers are drawn, in the same order, as in a whole build. A
+    module already initialised (transformers' ``_is_hf_initialized``; a sub-model's ``post_init`` ran first)
+    is skipped as transformers skips it, before its partitions could be overwritten. The patch is undone on
+    exit. A parameter an initialiser leaves alone would keep zeros here, not its constructor's values:
+    the tests compare the demo's Llama with its whole build."""
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel._initialize_weights
+
+    def initialize(self, module, *args, **kwargs):
+        params = [p for p in module.parameters(recurse=False) if hasattr(p, "ds_id")]
+        if not params or getattr(module, "_is_hf_initialized", False):
+            return original(self, module, *args, **kwargs)
+        with _whole_here(params):
+            return original(self, module, *args, **kwargs)
+
+    PreTrainedModel._initialize_weights = initialize
+    try:
+        yield
+    finally:
+        PreTrainedModel._initialize_weights = original
+
+
+def _check_same_rng() -> None:
+    """Every rank's global torch RNG state is the same (a partitioned build from it keeps each rank's own
+    draws). Collective.
+
+    Raises:
+        ValueError: they differ.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, zlib.crc32(torch.get_rng_state().numpy().tobytes()))
+    if len(set(states)) > 1:
+        raise ValueError("seed: None draws the model's weights from the global RNG, but the ranks' torch RNG states "
+                         "differ; seed every rank alike (torch.manual_seed) before building, or pass a seed")
 
 
 def _load_kw(cfg: EngineConfig, partition: bool, load_kwargs: dict) -> dict:
     return {"dtype": cfg.torch_dtype} | load_kwargs | ({"dtype": cfg.torch_dtype} if partition else {})
 
 
-def build_value_model(source, cfg: EngineConfig, *, trainable: bool = True, seed: int = 0,
+def build_value_model(source, cfg: EngineConfig, *, trainable: bool = True, seed: int | None = 0,
                       partition: bool | None = None, **load_kwargs) -> ValueModel:
     """A value model (reward model, critic) for an engine of ``cfg``, partitioned from the first byte
     under ZeRO-3: its causal-LM backbone as :func:`build_causal_lm` builds it; from a checkpoint
-    directory, ``ValueModel.from_pretrained`` (with its value head) built inside ZeRO-3's init. The
-    value head of a config-built one (hidden_size x 1) is built whole and partitioned by the engine. A
-    checkpoint in the older causal LM + ``value_head.safetensors`` format is loaded whole (its head file is
-    checked against the whole head's shape)."""
+    directory, ``ValueModel.from_pretrained`` built inside ZeRO-3's init, in any of its formats (a
+    sequence-classification checkpoint, the older causal LM + ``value_head.safetensors``, a plain causal
+    LM with a zero head: a head not in the checkpoint is written whole and re-partitioned). The value
+    head of a config-built one (hidden_size x 1) is built whole and partitioned by the engine."""
     partition = cfg.zero_stage == 3 if partition is None else partition
     if not (isinstance(source, (str, bytes)) or hasattr(source, "__fspath__")):
         return ValueModel(build_causal_lm(source, cfg, trainable=trainable, seed=seed, partition=partition))
-    head = _head_format(str(source), load_kwargs) if partition else None
-    partition = partition and head != "value_head"
     with zero3_init(cfg, trainable=trainable) if partition else contextlib.nullcontext():
-        model = ValueModel.from_pretrained(str(source), **_load_kw(cfg, partition, load_kwargs))
-    if partition and head is None:  # no trained head: ValueModel zeroed the placeholder only; zero the partitions
-        import deepspeed
-
-        params = list(model.head.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0), torch.no_grad():
-            for p in params:
-                p.zero_()
-    return model
-
-
-def _head_format(path: str, load_kwargs: dict) -> str | None:
-    """``rlhf_hybrid.models.reward_head_of`` for the checkpoint at ``path``."""
-    from transformers import AutoConfig
-
-    from .models import resolve_model_path, reward_head_of
-
-    local = resolve_model_path(path)
-    kw = {k: load_kwargs[k] for k in ("trust_remote_code", "revision") if load_kwargs.get(k) is not None}
-    return reward_head_of(AutoConfig.from_pretrained(local, **kw), local)
+        return ValueModel.from_pretrained(str(source), **_load_kw(cfg, partition, load_kwargs))
 
 
 __all__ = ["build_causal_lm", "cast_partitioned_", "to_engine_dtype", "build_value_model", "is_partitioned", "local_numel", "seeded_init_", "zero3_init"]

@@ -24,16 +24,16 @@ from .epochs import train_epochs
 
 def _starting_model(ctx: Context, data):
     """The tokenizer and causal LM SFT starts from: model.actor_model, else the demo's tiny Llama with a
-    tokenizer trained on the data (its weights are drawn from the seeded global RNG)."""
+    tokenizer trained on the data (its weights are drawn from the seeded global RNG by transformers' own
+    init; under deepspeed.zero_stage=3 built partitioned, the same weights: ``rlhf_hybrid.zero_init``)."""
     from rlhf_data import train_demo_tokenizer
-    from rlhf_hybrid import causal_lm_from_config, tiny_llama_config
+    from rlhf_hybrid import build_causal_lm, tiny_llama_config
 
-    cfg, m = ctx.cfg, ctx.cfg.model
+    cfg, m, s = ctx.cfg, ctx.cfg.model, ctx.cfg.sft
+    engine = engine_config(cfg, lr=s.lr, batch=s.batch_size, grad_accum=s.grad_accum)
     if m.actor_model:
         tokenizer = load_run_tokenizer(ctx, m.actor_model)
-        s = cfg.sft
-        model = load_model(ctx, m.actor_model, engine=engine_config(cfg, lr=s.lr, batch=s.batch_size,
-                                                                    grad_accum=s.grad_accum), lora_stage="sft")
+        model = load_model(ctx, m.actor_model, engine=engine, lora_stage="sft")
     else:
         from ..data_report import tiny_vocab_size
 
@@ -41,8 +41,10 @@ def _starting_model(ctx: Context, data):
         config = tiny_llama_config(len(tokenizer), hidden_size=m.hidden_size, num_layers=m.num_layers,
                                    num_heads=m.num_heads, intermediate_size=m.intermediate_size,
                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        load = m.load_kwargs(cfg.deepspeed.dtype)
-        model = causal_lm_from_config(config, load["dtype"], attn_implementation=load["attn_implementation"])
+        # in the engine's dtype (model.dtype agrees with deepspeed.dtype); whole when LoRA adapters go on first
+        partition = engine.zero_stage == 3 and not cfg.lora.applies_to("sft")
+        model = build_causal_lm(config, engine, seed=None, partition=partition,
+                                attn_implementation=m.load_kwargs(cfg.deepspeed.dtype)["attn_implementation"])
     if len(tokenizer) > model.config.vocab_size:
         raise PipelineError(f"model.actor_model: tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                             f"{model.config.vocab_size}")
