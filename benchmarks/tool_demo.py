@@ -58,7 +58,7 @@ class _Demo:
                                                     seed=seed))
         demos = self.task.demonstrations()
         self.fmt = "Human: {}\n\nAssistant: ".format
-        self.tok = tok = train_demo_tokenizer([self.fmt(q) + "".join(t for _, t in turns) for q, turns, _ in demos])
+        self.tok = tok = train_demo_tokenizer(self.task.corpus())  # the same texts as fmt(q) + turns
         self.pad, self.eos = tok.pad_token_id, tok.eos_token_id
         self.examples = [demonstration_example(self.encode, self.encode(self.fmt(q)), turns, self.eos)
                          for q, turns, _ in demos]
