@@ -31,13 +31,17 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--seeds", default="1", help="comma-separated seeds, one whole run (SFT + RL + evaluations) each")
     ap.add_argument("--num-sft", type=int, default=3000)
     ap.add_argument("--num-eval", type=int, default=100)
-    ap.add_argument("--sft-epochs", type=int, default=4)
+    ap.add_argument("--skip-tool", type=float, default=None, help="ToolTaskConfig.skip_tool (default: its default)")
+    ap.add_argument("--copy-error", type=float, default=None, help="ToolTaskConfig.copy_error (default: its default)")
+    ap.add_argument("--wrong-operands", type=float, default=None,
+                    help="ToolTaskConfig.wrong_operands (default: its default)")
+    ap.add_argument("--sft-epochs", type=int, default=6)
     ap.add_argument("--sft-batch", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
-    ap.add_argument("--iterations", type=int, default=30)
+    ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--prompts-per-iteration", type=int, default=16)
     ap.add_argument("--samples-per-prompt", type=int, default=4)
     ap.add_argument("--rl-lr", type=float, default=3e-4)
@@ -54,8 +58,9 @@ class _Demo:
         from rlhf_data import train_demo_tokenizer
         from rlhf_data.tool_demo import ToolAdditionTask, ToolTaskConfig, demonstration_example
 
+        mix = {k: getattr(args, k) for k in ("skip_tool", "copy_error", "wrong_operands") if getattr(args, k) is not None}
         self.task = ToolAdditionTask(ToolTaskConfig(num_sft=args.num_sft, num_rl=2000, num_eval=args.num_eval,
-                                                    seed=seed))
+                                                    seed=seed, **mix))
         demos = self.task.demonstrations()
         self.fmt = "Human: {}\n\nAssistant: ".format
         self.tok = tok = train_demo_tokenizer(self.task.corpus())  # the same texts as fmt(q) + turns
