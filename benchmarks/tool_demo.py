@@ -37,6 +37,9 @@ def _args() -> argparse.Namespace:
                     help="ToolTaskConfig.wrong_operands (default: its default)")
     ap.add_argument("--sft-epochs", type=int, default=6)
     ap.add_argument("--sft-batch", type=int, default=32)
+    ap.add_argument("--sft-warmup", type=int, default=0, help="SFT linear warm-up steps")
+    ap.add_argument("--sft-cosine", type=int, default=0,
+                    help="1: SFT lr decays (cosine) to 10%% over all SFT steps (EngineConfig.decay_steps); 0: constant")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
@@ -164,8 +167,10 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
     out: dict = {"seed": seed}
     budget = EpisodeBudget(max_turns=2, max_turn_tokens=args.max_turn_tokens, max_total_tokens=60)
     with world_of_one():
+        steps = args.sft_epochs * -(-len(demo.examples) // args.sft_batch)
         actor = HybridEngine(model, EngineConfig(zero_stage=0, lr=args.sft_lr, micro_batch_size=args.sft_batch,
-                                                 generation="fast"))
+                                                 warmup_steps=args.sft_warmup,
+                                                 decay_steps=steps if args.sft_cosine else 0, generation="fast"))
         t0 = time.time()
         out["sft_final_loss"] = _sft(demo, actor, args)
         out["sft_s"] = round(time.time() - t0, 1)
