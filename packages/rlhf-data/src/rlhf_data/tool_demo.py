@@ -138,6 +138,15 @@ class ToolAdditionTask:
             raise ValueError(f"tool_demo split: unknown split {split!r}; allowed: {sorted(self.splits)}")
         return [(question(a, b), {"a": a, "b": b}) for a, b in self.splits[split]]
 
+    def corpus(self) -> list[str]:
+        """Plain text for training the demo tokenizer (``rlhf_data.train_demo_tokenizer``): each SFT
+        demonstration as one string, prompt in the plain ``Human:/Assistant:`` format, turns joined.
+
+        That tokenizer splits digits one per token, so the tool's ``<result>19134</result>`` and the
+        answer ``19134`` hold the same digit ids: copying the result is a token copy."""
+        return [f"Human: {q}\n\nAssistant: " + "".join(text for _, text in turns)
+                for q, turns, _ in self.demonstrations()]
+
     def demonstrations(self) -> list[tuple[str, list[tuple[str, str]], str]]:
         """``(question, turns, kind)`` per SFT problem: ``turns`` alternate ``("model", text)`` and
         ``("tool", text)``; ``kind`` is ``correct``, ``skip_tool``, ``copy_error`` or ``wrong_operands``."""
