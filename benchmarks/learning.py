@@ -7,6 +7,8 @@ For each seed S (the seed changes the data split, the model init and the samplin
 ``rlhf run --stage all --seed S`` (SFT -> reward model -> PPO on the reward model) into
 ``<root>/seed-S/base``, then every other variant of VARIANTS below from that run's SFT model (and
 reward model) into ``<root>/seed-S/<name>``, whose ``sft/`` and ``rm/`` are symlinks to the base's.
+The ``tool_demo`` variant is its own pipeline (``rlhf run --stage all --data tool-demo``: SFT -> GRPO
+against the calculator, issue 16); its report adds the tool-call and copy-error rates before/after.
 Each run's output goes to ``run.log`` in its directory. From the runs' summary.json files it
 collects the SFT eval loss before/after, the SFT model's held-out greedy verifier score (a stage-3
 ``verifier_score_before``), the reward model's held-out accuracy, and per variant the held-out
@@ -17,6 +19,7 @@ PASS/MISS checks against the thresholds below.
 
     python benchmarks/learning.py --seeds 1 2 3 4 5 --root runs/learning
     python benchmarks/learning.py --seeds 1 2 3 4 5 --root runs/learning --resume   # continue
+    python benchmarks/learning.py --seeds 1 2 3 --root runs/learning-tool --variants tool_demo   # the tool demo only
     python benchmarks/learning.py --root runs/learning --report-only                # rebuild the report
     python benchmarks/learning.py --seeds 1 --root /tmp/lb --variants grpo --set rl.iterations=2
     # plumbing smoke test (scores stay near 0 at this size; 10 runs, 10-20 min on 2 cores)
@@ -61,8 +64,12 @@ VARIANTS = [
     ("grpo", "grpo", ["rl.reward=verifier", "rl.rollout_batch_size=32"], "GRPO on the verifier (32 prompts x 4)"),
     ("rloo", "rloo", ["rl.reward=verifier", "rl.rollout_batch_size=32"], "RLOO on the verifier (32 prompts x 4)"),
     ("dpo", "dpo", [], "DPO on the reward-model pairs"),
+    ("tool_demo", "all", ["--data", "tool-demo"],
+     "Tool demo: SFT -> GRPO against the calculator (its own data and model, docs/environments.md)"),
 ]
 BASE = "base"
+# Variants with their own data: no link to the base run's sft/ and rm/; their stages (summary sections).
+INDEPENDENT = {"tool_demo": ["sft", "grpo"]}
 SFT = "sft"  # pseudo-variant in TARGETS: the per-seed SFT / reward-model numbers
 
 # Targets. "lift" = held-out verifier score after - before (greedy unless "sampled").
@@ -73,6 +80,7 @@ SFT_GREEDY_MIN = 0.50  # SFT model's held-out greedy score, every seed
 RM_ACCURACY_MIN = 0.80  # reward model's held-out accuracy (true labels), every seed
 RM_VS_VERIFIER_GAP = 0.05  # |mean lift PPO-RM - mean lift PPO-verifier| <= this
 OTHER_LIFT_ABOVE = 0.0  # GRPO, RLOO, DPO greedy lift > this on every seed
+TOOL_DEMO_LIFT_MIN = 0.25  # issue 16: the tool demo's held-out greedy lift, every seed
 TARGETS = [  # label, variant, metric, aggregate over seeds ("gap": |mean BASE - mean variant|), op, threshold
     ("PPO-RM greedy lift, mean", BASE, "greedy_lift", "mean", ">=", PPO_RM_GREEDY_LIFT_MEAN),
     ("PPO-RM greedy lift, every seed", BASE, "greedy_lift", "min", ">=", PPO_RM_GREEDY_LIFT_MIN),
@@ -84,18 +92,21 @@ TARGETS = [  # label, variant, metric, aggregate over seeds ("gap": |mean BASE -
     ("GRPO greedy lift, every seed", "grpo", "greedy_lift", "min", ">", OTHER_LIFT_ABOVE),
     ("RLOO greedy lift, every seed", "rloo", "greedy_lift", "min", ">", OTHER_LIFT_ABOVE),
     ("DPO greedy lift, every seed", "dpo", "greedy_lift", "min", ">", OTHER_LIFT_ABOVE),
+    ("Tool demo greedy lift, every seed", "tool_demo", "greedy_lift", "min", ">=", TOOL_DEMO_LIFT_MIN),
 ]
 RUN_RECORD = "benchmark_run.json"  # per run dir: command, exit code, wall time (read by --report-only)
 REPO = Path(__file__).resolve().parent.parent
 
 
 # ---------------------------------------------------------------------------------------------- runs
-def section(stage: str) -> str:
-    """The summary.json section of a run's third stage (``--stage all`` ends with ppo)."""
-    return "ppo" if stage == "all" else stage
+def section(stage: str, name: str = BASE) -> str:
+    """The summary.json section of a run's last stage (``--stage all`` ends with ppo; see INDEPENDENT)."""
+    return required_sections(stage, name)[-1]
 
 
-def required_sections(stage: str) -> list[str]:
+def required_sections(stage: str, name: str = BASE) -> list[str]:
+    if name in INDEPENDENT:
+        return INDEPENDENT[name]
     return ["sft", "rm", "ppo"] if stage == "all" else [stage]
 
 
@@ -131,10 +142,10 @@ def run_one(args, seed: int, variant: tuple, env: dict) -> None:
     seed_dir = Path(args.root) / f"seed-{seed}"
     out, tag = seed_dir / name, f"[seed {seed}] {name}"
     summary = read_json(out / "summary.json")
-    if args.resume and all(s in summary for s in required_sections(stage)):
+    if args.resume and all(s in summary for s in required_sections(stage, name)):
         print(f"{tag}: already done (--resume), skipped", flush=True)
         return
-    if name != BASE:
+    if name != BASE and name not in INDEPENDENT:
         if not (seed_dir / BASE / "sft" / "config.json").is_file():
             print(f"{tag}: FAILED: the base run has no sft/ model; not started", flush=True)
             write_record(out, {"status": "failed", "rc": None, "wall_seconds": 0, "command": None,
@@ -149,7 +160,7 @@ def run_one(args, seed: int, variant: tuple, env: dict) -> None:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False).returncode
     wall = round(time.perf_counter() - t0, 1)
     summary = read_json(out / "summary.json")
-    ok = rc == 0 and all(s in summary for s in required_sections(stage))
+    ok = rc == 0 and all(s in summary for s in required_sections(stage, name))
     write_record(out, {"status": "ok" if ok else "failed", "rc": rc, "wall_seconds": wall,
                        "command": shlex.join(cmd), "log": str(out / "run.log")})
     if ok:
@@ -183,35 +194,37 @@ def diff(after, before):
     return None if after is None or before is None else after - before
 
 
-def run_metrics(summary: dict, stage: str) -> dict:
-    s = summary.get(section(stage)) or {}
+def run_metrics(summary: dict, stage: str, name: str = BASE) -> dict:
+    s = summary.get(section(stage, name)) or {}
     g0, g1 = s.get("verifier_score_before"), s.get("verifier_score_after")
     p0, p1 = s.get("verifier_score_sampled_before"), s.get("verifier_score_sampled_after")
     kept = (f"it. {s['selected_iteration']}" if "selected_iteration" in s
             else f"epoch {s['selected_epoch']}" if "selected_epoch" in s else None)
     return {"greedy_before": g0, "greedy_after": g1, "greedy_lift": diff(g1, g0), "sampled_before": p0,
             "sampled_after": p1, "sampled_lift": diff(p1, p0), "kl_after": s.get("kl_to_ref_after"), "kept": kept,
-            "stage_seconds": summary.get("wall_seconds", {}).get(section(stage))}
+            "stage_seconds": summary.get("wall_seconds", {}).get(section(stage, name)),
+            **{f"{rate}_{when}": s.get(f"{rate}_{when}") for rate in ("tool_call_rate", "copy_error_rate")
+               for when in ("before", "after") if f"{rate}_before" in s}}
 
 
-def collect_run(out: Path, stage: str) -> dict:
+def collect_run(out: Path, stage: str, name: str = BASE) -> dict:
     summary = read_json(out / "summary.json")
     record = read_json(out / RUN_RECORD)
-    done = all(s in summary for s in required_sections(stage))
+    done = all(s in summary for s in required_sections(stage, name))
     status = record.get("status") or ("ok" if done else "missing" if not out.exists() else "failed")
     if status == "ok" and not done:
         status = "failed"
-    return record | {"status": status, "metrics": run_metrics(summary, stage) if status == "ok" else {},
+    return record | {"status": status, "metrics": run_metrics(summary, stage, name) if status == "ok" else {},
                      "summary": summary}
 
 
 def collect_seed(root: Path, seed: int, variants: list[tuple]) -> dict:
-    runs = {name: collect_run(root / f"seed-{seed}" / name, stage) for name, stage, _, _ in variants}
+    runs = {name: collect_run(root / f"seed-{seed}" / name, stage, name) for name, stage, _, _ in variants}
     base = runs.get(BASE, {}).get("summary", {})
     sft, rm = base.get("sft", {}), base.get("rm", {})
     # the SFT model's held-out greedy score: every stage 3 of this seed measures it before training
-    greedy = next((r["metrics"]["greedy_before"] for r in runs.values()
-                   if r["metrics"].get("greedy_before") is not None), None)
+    greedy = next((r["metrics"]["greedy_before"] for n, r in runs.items()
+                   if n not in INDEPENDENT and r["metrics"].get("greedy_before") is not None), None)
     return {"sft": {"loss_before": sft.get("eval_loss_before"), "loss_after": sft.get("eval_loss_after"),
                     "greedy": greedy, "rm_accuracy": rm.get("heldout_accuracy"),
                     "sft_seconds": base.get("wall_seconds", {}).get("sft"),
@@ -324,6 +337,7 @@ def md_variant(data: dict, variant: tuple) -> list[str]:
     lines = [f"## {title}", "", f"`{name}`: `{shlex.join(['rlhf', 'run', '--stage', stage, '--seed', 'S', *extra])}`",
              "", "| seed | greedy before -> after (lift) | sampled before -> after (lift) | KL after | kept | "
              "stage wall s |", "|---|---|---|---|---|---|"]
+    rates: list[str] = []
     for s, d in data.items():
         r = d["runs"][name]
         if r["status"] != "ok":
@@ -331,18 +345,23 @@ def md_variant(data: dict, variant: tuple) -> list[str]:
             lines.append(f"| {s} | {r['status'].upper()}{rc} | | | | |")
             continue
         m = r["metrics"]
+        if "tool_call_rate_before" in m:  # the tool demo's rates, greedy (before -> after)
+            rates.append(f"| {s} | {fmt(m['tool_call_rate_before'])} -> {fmt(m['tool_call_rate_after'])} | "
+                         f"{fmt(m['copy_error_rate_before'])} -> {fmt(m['copy_error_rate_after'])} |")
         lines.append(f"| {s} | {arrow(m['greedy_before'], m['greedy_after'], m['greedy_lift'])} | "
                      f"{arrow(m['sampled_before'], m['sampled_after'], m['sampled_lift'])} | {fmt(m['kl_after'])} | "
                      f"{m['kept'] or '-'} | {fmt(m['stage_seconds'], '.0f')} |")
     lines += agg_rows(data, name, [("greedy_before", "greedy_after", "greedy_lift"),
                                    ("sampled_before", "sampled_after", "sampled_lift"), ("kl_after",), (),
                                    ("stage_seconds",)])
+    if rates:
+        lines += ["", "| seed | tool-call rate, greedy | copy-error rate, greedy |", "|---|---|---|", *rates]
     return lines + [""]
 
 
 def md_wall(data: dict, variants: list[tuple]) -> list[str]:
     names = [n for n, *_ in variants]
-    head = ["sft", "rm", *[f"{n} ({section(st)})" for n, st, *_ in variants], "all runs (commands)"]
+    head = ["sft", "rm", *[f"{n} ({section(st, n)})" for n, st, *_ in variants], "all runs (commands)"]
     lines = ["## Wall time per stage (s)", "", "| seed | " + " | ".join(head) + " |",
              "|---|" + "---|" * len(head)]
     for s, d in data.items():
@@ -406,7 +425,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rlhf", help="the rlhf executable (default: rlhf on PATH, else next to this Python)")
     p.add_argument("--jobs", type=int, default=1, help="seeds run concurrently (default 1)")
     p.add_argument("--variants", nargs="+", metavar="NAME", choices=[n for n, *_ in VARIANTS],
-                   help=f"a subset of: {', '.join(n for n, *_ in VARIANTS)} (the base run always runs)")
+                   help=f"a subset of: {', '.join(n for n, *_ in VARIANTS)} (the base run always runs, "
+                        f"unless every one chosen has its own data: {', '.join(INDEPENDENT)})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
     p.add_argument("--resume", action="store_true", help="skip runs whose summary.json has their stage(s)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from existing run dirs")
@@ -432,9 +452,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = Path(args.root)
     json_path = Path(args.json) if args.json else root / "learning.json"
-    chosen = set(args.variants or [n for n, *_ in VARIANTS]) | {BASE}
+    chosen = set(args.variants or [n for n, *_ in VARIANTS])
     if args.report_only and not args.variants:  # the variants that left a directory
-        chosen = {n for n, *_ in VARIANTS if any((root / f"seed-{s}" / n).exists() for s in args.seeds)} | {BASE}
+        chosen = {n for n, *_ in VARIANTS if any((root / f"seed-{s}" / n).exists() for s in args.seeds)}
+    if not chosen <= set(INDEPENDENT):
+        chosen.add(BASE)
     variants = [v for v in VARIANTS if v[0] in chosen]
     if args.report_only:
         old = read_json(json_path)

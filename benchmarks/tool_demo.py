@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 r"""Tool-use learning check: SFT on imperfect calculator demonstrations, then GRPO against the calculator.
 
-Not part of the test suite (it trains for real). From Python (no `rlhf run` wiring yet): the tool
-demo's task (rlhf_data.tool_demo), a tiny Llama, the demo's in-process tokenizer (one token per
-digit), SFT on the demonstrations laid out as trajectories (tool turns out of the loss), then GRPO
-with ``rlhf_algos.multiturn.EnvRollout`` on ``rlhf_algos.calculator.CalculatorEnv``. Held-out greedy
-episodes are scored before RL (the SFT model) and after: verifier score, tool-call rate and
-copy-error rate (rlhf_data.tool_demo.tool_use_stats). Prints one JSON object per seed, then a
-summary line (the lift = after - before verifier score: mean/min/max over the seeds).
+Not part of the test suite (it trains for real). From Python; `rlhf run --data tool-demo` runs the
+same recipe (its settings: rlhf_cli.tool_demo_preset). The tool demo's task (rlhf_data.tool_demo), a
+tiny Llama, the demo's in-process tokenizer (one token per digit), SFT on the demonstrations laid
+out as trajectories (tool turns out of the loss), then GRPO with ``rlhf_algos.multiturn.EnvRollout``
+on ``rlhf_algos.calculator.CalculatorEnv``. Held-out greedy episodes are scored before RL (the SFT
+model) and after: verifier score, tool-call rate and copy-error rate
+(rlhf_data.tool_demo.tool_use_stats). Prints one JSON object per seed, then a summary line (the lift
+= after - before verifier score: mean/min/max over the seeds).
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python benchmarks/tool_demo.py --seeds 1,2,3
 """

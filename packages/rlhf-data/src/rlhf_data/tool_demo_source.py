@@ -78,6 +78,6 @@ class ToolDemoSource(SourceAdapter):
         return StagedParts(
             sft=sft[:n_sft], rm=[], rl=[PromptRecord(q, m) for q, m in task.prompts("rl")], sft_eval=sft[n_sft:],
             rm_eval=[], rl_valid=held[:n_valid], rl_eval=held[n_valid:],
-            corpus=[f"Human: {r.prompt}\n\nAssistant: " + "".join(t for _, t in r.meta["turns"]) for r in sft[:n_sft]],
+            corpus=task.corpus()[:n_sft],  # the SFT demonstrations' texts (not the held-out ones)
             verifier=verify_answer,
         )
