@@ -191,7 +191,9 @@ def run_all(args, variants: list[tuple]) -> None:
 
 # ---------------------------------------------------------------------------------------------- collect
 def diff(after, before):
-    return None if after is None or before is None else after - before
+    """after - before, rounded to 1e-9 (scores are fractions of episode counts: 0.58 - 0.33 is 0.25, not
+    0.2499999...)."""
+    return None if after is None or before is None else round(after - before, 9)
 
 
 def run_metrics(summary: dict, stage: str, name: str = BASE) -> dict:
@@ -250,7 +252,7 @@ def check_targets(data: dict, names: list[str]) -> list[dict]:
     for label, variant, metric, agg, op, threshold in TARGETS:
         row = {"target": label, "variant": variant, "metric": metric, "aggregate": agg, "op": op,
                "threshold": threshold, "value": None, "missing_seeds": []}
-        if variant not in (SFT, *names) or (agg == "gap" and BASE not in names):
+        if variant not in (SFT, *names) or (variant == SFT or agg == "gap") and BASE not in names:
             out.append(row | {"result": "SKIP"})
             continue
         vals = values(data, variant, metric)
@@ -391,7 +393,7 @@ def markdown(report: dict, variants: list[tuple]) -> str:
              f"{env.get('cpu_model')} x {env.get('cpu_count')} cores"
              + "".join(f", {k} {val}" for k, val in v.items() if val and k != "error") + ".",
              f"Overrides for every run: `{' '.join(report['settings']['set']) or '(none)'}`.", ""]
-    lines += md_sft(data)
+    lines += md_sft(data) if any(n == BASE for n, *_ in variants) else []
     for variant in variants:
         lines += md_variant(data, variant)
     lines += md_wall(data, variants) + md_targets(report["targets"])
