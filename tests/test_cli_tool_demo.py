@@ -258,6 +258,10 @@ def no_training(monkeypatch):
     (["--stage", "rm", "--data", "tool-demo"], "--stage rm: the tool demo"),
     (["--stage", "all", "--data", "tool-demo", "env.name="], "env.name: the tool demo"),
     (["--stage", "all", "--data", "tool-demo", "rl.ptx_coef=0.5"], "rl.ptx_coef: 0.5 is not supported on the tool demo"),
+    (["--stage", "all", "--data", "tool-demo[num_sft=-1]"], "option num_sft=-1 is not allowed; allowed: >= 1"),
+    (["--stage", "all", "--data", "tool-demo[num_rl=0]"], "option num_rl=0 is not allowed; allowed: >= 1"),
+    (["--stage", "all", "--data", "tool-demo[num_eval=-5]"], "option num_eval=-5 is not allowed; allowed: >= 1"),
+    (["--stage", "all", "--data", "tool-demo[copy_error=0.9]"], "skip_tool/copy_error/wrong_operands"),
     (["--stage", "grpo", "--data", "LOCAL", "algo.name=grpo", "rl.reward=verifier", "env.name=calculator"],
      "env.name: 'calculator' needs data with a ground-truth verifier"),
 ])

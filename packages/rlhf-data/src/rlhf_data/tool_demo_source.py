@@ -55,7 +55,7 @@ class ToolDemoSource(SourceAdapter):
                 kw[key] = self.OPTIONS[key](value)
             except (TypeError, ValueError):
                 raise DataError(f"source 'tool-demo': option {key}={value!r} is not a {self.OPTIONS[key].__name__}") from None
-        for key in ("num_sft_eval", "num_valid"):
+        for key in ("num_sft", "num_sft_eval", "num_rl", "num_valid", "num_eval"):  # a negative one would slice
             if kw[key] < 1:
                 raise DataError(f"source 'tool-demo': option {key}={kw[key]!r} is not allowed; allowed: >= 1")
         return kw
