@@ -95,14 +95,23 @@ class EnvRollout:
     def _episodes(self, algo: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, meta: list[dict], *,
                   do_sample: bool) -> TrajectoryBatch:
         c = algo.config
-        session = make_session(algo.actor, prompt_ids, prompt_mask, max_total_tokens=self.budget.max_total_tokens,
-                               eos_token_id=algo.eos_token_id, pad_token_id=algo.pad_token_id, do_sample=do_sample,
-                               temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
+        return self.episodes(algo.actor, prompt_ids, prompt_mask, meta, eos_token_id=algo.eos_token_id,
+                             pad_token_id=algo.pad_token_id, do_sample=do_sample, temperature=c.temperature,
+                             top_k=c.top_k, top_p=c.top_p)
+
+    def episodes(self, policy: Any, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, meta: list[dict], *,
+                 eos_token_id: int | None, pad_token_id: int, do_sample: bool, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0) -> TrajectoryBatch:
+        """One episode per prompt row of ``policy`` against a fresh environment each (the rollout's and the
+        held-out evaluation's one driver); ``meta`` gets the decoded prompt as ``"prompt"``."""
+        session = make_session(policy, prompt_ids, prompt_mask, max_total_tokens=self.budget.max_total_tokens,
+                               eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample,
+                               temperature=temperature, top_k=top_k, top_p=top_p)
         records = [{**m, "prompt": self.decode(row[mk.bool()].tolist())}
                    for m, row, mk in zip(meta, prompt_ids.cpu(), prompt_mask.cpu(), strict=True)]
         batch = run_episodes(session, [self.env_factory() for _ in meta], records, budget=self.budget,
                              decode=self.decode, encode=self.encode, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                             pad_token_id=algo.pad_token_id, vocab_size=self.vocab_size)
+                             pad_token_id=pad_token_id, vocab_size=self.vocab_size)
         del session  # the KV cache (and ZeRO-3 gathered weights) go before scoring
         return batch
 

@@ -55,19 +55,25 @@ def run_turn(session: ChatSession, text: str, show_prompt: bool, lead: str = "")
     return True
 
 
-def session_loop(session: ChatSession, read: Callable[[str], str], show_prompt: bool) -> None:
-    """Read a message with ``read("you> ")`` (EOFError ends), answer it as ``model> ...``; the commands of
-    :data:`COMMANDS` act on the session; an empty line is skipped."""
+def read_messages(read: Callable[[str], str]):
+    """The user's messages, each read with ``read("you> ")`` and stripped, until EOFError (Ctrl-D) or
+    ``/exit``; empty lines are skipped. Shared by the chat and the environment episodes."""
     while True:
         try:
             text = read("you> ").strip()
         except EOFError:
             _say("")
             return
-        if not text:
-            continue
         if text == "/exit":
             return
+        if text:
+            yield text
+
+
+def session_loop(session: ChatSession, read: Callable[[str], str], show_prompt: bool) -> None:
+    """Read a message with ``read("you> ")`` (EOFError ends), answer it as ``model> ...``; the commands of
+    :data:`COMMANDS` act on the session; an empty line is skipped."""
+    for text in read_messages(read):
         if text == "/reset":
             session.reset()
             _note("(history cleared)")

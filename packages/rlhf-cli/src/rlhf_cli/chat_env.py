@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import typer
 import yaml
 
-from .chat import _note, _say
+from .chat import _note, _say, read_messages
 from .chat_session import ChatSession, ContextError, GenerationSettings, TextStream, reply_text
 from .errors import fail
 
@@ -255,16 +255,7 @@ class EpisodeRunner:
 def episode_loop(run: Callable[[str], object], read: Callable[[str], str]) -> None:
     """Read a task with ``read("you> ")`` (EOFError or ``/exit`` ends; an empty line is skipped) and run
     one episode on it."""
-    while True:
-        try:
-            text = read("you> ").strip()
-        except EOFError:
-            _say("")
-            return
-        if not text:
-            continue
-        if text == "/exit":
-            return
+    for text in read_messages(read):
         if text.startswith("/") and " " not in text:
             _note(f"unknown command {text!r}; commands: /exit")
         else:

@@ -91,23 +91,14 @@ class EnvEvaluator:
     def episodes(self, prompts: list[dict], batch: int = 256) -> list[dict]:
         """Greedy episodes of ``prompts``: one dict per episode (its prompt, turns, score, end reason, the last
         step's info)."""
-        from rlhf_algos.trajectories import make_session, run_episodes
         from rlhf_data import collate_prompts
 
-        cfg, tok = self.ctx.cfg, self.tokenizer
-        decode, encode = _codec(tok)
-        env_cls, budget, out = cfg.env.environment(), cfg.env.budget(), []
+        tok, rollout, out = self.tokenizer, env_rollout(self.ctx, self.tokenizer), []
         self.actor.eval()
         for i in range(0, len(prompts), batch):
             b = collate_prompts(prompts[i : i + batch], tok.pad_token_id)
-            ids, mask = b["input_ids"], b["attention_mask"]
-            session = make_session(self.actor, ids, mask, max_total_tokens=budget.max_total_tokens,
-                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False)
-            records = [{**m, "prompt": decode(r[k.bool()].tolist())} for m, r, k in zip(b["meta"], ids, mask, strict=True)]
-            tb = run_episodes(session, [env_cls() for _ in records], records, budget=budget, decode=decode,
-                              encode=encode, prompt_ids=ids, prompt_mask=mask, pad_token_id=tok.pad_token_id,
-                              vocab_size=len(tok))
-            del session
+            tb = rollout.episodes(self.actor, b["input_ids"], b["attention_mask"], b["meta"],
+                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False)
             out += [_episode_row(tb, j, m) for j, m in enumerate(b["meta"])]
         self.actor.train()
         return out
